@@ -1,0 +1,55 @@
+//! Wiring: each command's run function, from parsed arguments to an exit code.
+
+mod demo;
+mod output;
+pub mod replay;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command};
+
+/// Exit codes (`DESIGN.md`): 0 success, 1 runtime failure, 2 bad usage, configuration or
+/// policy.
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn runtime(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_FAILURE,
+            error: error.into(),
+        }
+    }
+
+    pub fn usage(error: impl Into<anyhow::Error>) -> Failure {
+        Failure {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Replay(args) => replay::run(args),
+        Command::Export(args) => output::export(&args.data_dir),
+        Command::Deadletters(args) => output::dead_letters(&args.data_dir),
+        Command::Generate(args) => output::generate(&args),
+        Command::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("twinwatch: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The commands that read a data directory (`export`, `deadletters`) or write files
+//! (`generate`).
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use serde_json::json;
+
+use super::Failure;
+use crate::cli::GenerateArgs;
+use crate::generate::{write_json_lines, GenerateOptions};
+use crate::model::SourceId;
+use crate::store::Store;
+use crate::twin::export_value;
+
+fn open(data_dir: &Path) -> Result<Store, Failure> {
+    if !data_dir.join("CURRENT").exists() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "{} is not a twinwatch data directory",
+            data_dir.display()
+        )));
+    }
+    Store::open_read_only(data_dir)
+        .with_context(|| format!("opening {}", data_dir.display()))
+        .map_err(Failure::runtime)
+}
+
+/// A closed pipe (`twinwatch export | head`) ends the output quietly.
+fn finish_output(result: io::Result<()>) -> Result<ExitCode, Failure> {
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(Failure::runtime(e)),
+    }
+}
+
+/// `twinwatch export`: every twin, one JSON object per line, in key order.
+pub fn export(data_dir: &Path) -> Result<ExitCode, Failure> {
+    let store = open(data_dir)?;
+    let stdout = io::stdout().lock();
+    let mut out = BufWriter::with_capacity(1 << 20, stdout);
+    let twins = store.twins().map_err(Failure::runtime)?;
+    let result = (|| -> io::Result<()> {
+        for item in twins {
+            let (key, record) = item.map_err(io::Error::other)?;
+            let value = export_value(key.as_key(), record.version, &record.doc);
+            serde_json::to_writer(&mut out, &value)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    })();
+    finish_output(result)
+}
+
+/// `twinwatch deadletters`: every dead letter with its reason and position.
+pub fn dead_letters(data_dir: &Path) -> Result<ExitCode, Failure> {
+    let store = open(data_dir)?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    let letters = store.dead_letters().map_err(Failure::runtime)?;
+    let result = (|| -> io::Result<()> {
+        for item in letters {
+            let (source, index, record) = item.map_err(io::Error::other)?;
+            let mut line = match SourceId::from_text(&source) {
+                Some(SourceId::File(path)) => json!({"file": path, "record": index}),
+                Some(SourceId::Partition(id)) => json!({"partition": id, "sequenceNumber": index}),
+                None => json!({"source": source, "index": index}),
+            };
+            line["reason"] = json!(record.reason);
+            match String::from_utf8(record.raw) {
+                Ok(text) => line["raw"] = json!(text),
+                Err(e) => {
+                    line["rawBase64"] =
+                        json!(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()))
+                }
+            }
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    })();
+    finish_output(result)
+}
+
+/// `twinwatch generate`.
+pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
+    if !(0.0..=1.0).contains(&args.noise) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--noise must be between 0 and 1, not {}",
+            args.noise
+        )));
+    }
+    let options = GenerateOptions {
+        devices: args.devices,
+        events: args.events,
+        seed: args.seed,
+        hub: args.hub.clone(),
+        noise: args.noise,
+    };
+    let result = if args.out.as_os_str() == "-" {
+        let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
+        write_json_lines(&options, &mut out).and_then(|stats| out.flush().map(|()| stats))
+    } else {
+        let file = File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))
+            .map_err(Failure::runtime)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        write_json_lines(&options, &mut out).and_then(|stats| out.flush().map(|()| stats))
+    };
+    match result {
+        Ok(stats) => {
+            eprintln!(
+                "generated {} messages ({} lifecycle, {} twin changes, {} noise) for {} devices",
+                stats.messages, stats.lifecycle, stats.twin_changes, stats.noise, args.devices
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => finish_output(Err(e)),
+    }
+}

@@ -1,0 +1,133 @@
+//! The command line (`DESIGN.md`, "Command line"): argument types only; `app` runs them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "twinwatch",
+    version,
+    about = "A live snapshot of an Azure IoT Hub fleet's device and security-module twins, with compliance alerts",
+    long_about = "twinwatch reads IoT Hub twin-change and lifecycle notifications (from captured files, \
+                  or from the Event Hub-compatible endpoint), applies them in batches to a RocksDB \
+                  snapshot of every twin, and dead-letters what it cannot use.\n\n\
+                  Exit codes: 0 success, 1 runtime failure, 2 bad usage, configuration or policy."
+)]
+pub struct Cli {
+    /// Log format: `text` for people, `json` for collectors; by default text on a terminal
+    /// and JSON otherwise. The level comes from RUST_LOG (default `info`).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Replay captured files (storage-route JSON lines) into a data directory
+    Replay(ReplayArgs),
+    /// Write every twin of a data directory, one JSON object per line, sorted by key
+    Export(DataDirArgs),
+    /// Write every dead letter of a data directory with its reason and position
+    Deadletters(DataDirArgs),
+    /// Write a deterministic synthetic fleet's notifications (storage-route JSON lines)
+    Generate(GenerateArgs),
+    /// A first look: generate a fleet, replay it into a fresh data directory, show the result
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataDirArgs {
+    /// The snapshot's data directory
+    #[arg(long, env = "TWINWATCH_DATA_DIR")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The snapshot's data directory (created if missing)
+    #[arg(long, env = "TWINWATCH_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Also write the run's counts here as JSON
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+
+    /// Files or directories (walked recursively, in path order) to replay, in order
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// Batching and memory; the defaults suit most fleets.
+#[derive(Debug, Args)]
+pub struct TuningArgs {
+    /// Commit a batch after this many messages
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch_size: u64,
+
+    /// ...or when the open batch is this old (milliseconds)
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub batch_interval_ms: u64,
+
+    /// Bodies larger than this are dead letters (body_too_large); IoT Hub's maximum by default
+    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub max_body_bytes: u64,
+
+    /// Memory for the cache of recently used twins, MiB
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    pub cache_mib: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Devices in the fleet
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u64,
+
+    /// Messages to write
+    #[arg(long, default_value_t = 10_000)]
+    pub events: u64,
+
+    /// Seed: the same options give the same bytes
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// The hub's name
+    #[arg(long, default_value = "contoso-hub")]
+    pub hub: String,
+
+    /// Fraction (0 to 1) of extra messages: duplicates, stale versions, telemetry, malformed
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f64,
+
+    /// Output file; `-` for standard output
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Devices in the generated fleet
+    #[arg(long, default_value_t = 20_000)]
+    pub devices: u64,
+
+    /// Messages to generate
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+
+    /// Where to keep the fleet and the snapshot (default: a new temporary directory, removed
+    /// at the end)
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}

@@ -1,0 +1,177 @@
+//! The vocabulary every stage shares: twin keys, events, operations, dead-letter reasons and
+//! source positions.
+
+use std::fmt;
+
+use simd_json::Node;
+
+use crate::time::Ticks;
+
+/// A twin's identity: `(hub, deviceId, moduleId)`, case-sensitive; `module_id == ""` is the
+/// device twin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TwinKey<'a> {
+    pub hub: &'a str,
+    pub device_id: &'a str,
+    pub module_id: &'a str,
+}
+
+impl<'a> TwinKey<'a> {
+    pub fn is_device_twin(&self) -> bool {
+        self.module_id.is_empty()
+    }
+
+    /// The device twin of the same hub and device.
+    pub fn device_twin(&self) -> TwinKey<'a> {
+        TwinKey {
+            module_id: "",
+            ..*self
+        }
+    }
+
+    pub fn to_owned_key(&self) -> OwnedTwinKey {
+        OwnedTwinKey {
+            hub: self.hub.into(),
+            device_id: self.device_id.into(),
+            module_id: self.module_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for TwinKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_device_twin() {
+            write!(f, "{}/{}", self.hub, self.device_id)
+        } else {
+            write!(
+                f,
+                "{}/{}/modules/{}",
+                self.hub, self.device_id, self.module_id
+            )
+        }
+    }
+}
+
+/// A [`TwinKey`] that owns its strings.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnedTwinKey {
+    pub hub: Box<str>,
+    pub device_id: Box<str>,
+    pub module_id: Box<str>,
+}
+
+impl OwnedTwinKey {
+    pub fn as_key(&self) -> TwinKey<'_> {
+        TwinKey {
+            hub: &self.hub,
+            device_id: &self.device_id,
+            module_id: &self.module_id,
+        }
+    }
+}
+
+/// What a twin event does (`SEMANTICS.md` §1, `opType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    UpdateTwin,
+    ReplaceTwin,
+    /// `createDeviceIdentity` or `createModuleIdentity`: the module id alone says which twin.
+    CreateIdentity,
+    /// `deleteDeviceIdentity` or `deleteModuleIdentity`.
+    DeleteIdentity,
+}
+
+/// One decoded twin-change or lifecycle notification, borrowing from the message it came from.
+#[derive(Debug)]
+pub struct TwinEvent<'a> {
+    pub key: TwinKey<'a>,
+    pub op: Op,
+    pub op_time: Ticks,
+    /// The body's top-level `version` (0 for a lifecycle body without one).
+    pub version: i64,
+    /// The body, an object, as simd-json tape nodes.
+    pub body: &'a [Node<'a>],
+}
+
+/// Why a message was dead-lettered. The names are part of the contract (`SEMANTICS.md` §1),
+/// except `bad_record`: a record that is not a message at all (a line that is not JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeadLetterReason {
+    BodyTooLarge,
+    MissingDeviceId,
+    BadOpType,
+    BadOperationTimestamp,
+    BadBody,
+    BadVersion,
+    BadRecord,
+}
+
+impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 7] = [
+        DeadLetterReason::BodyTooLarge,
+        DeadLetterReason::MissingDeviceId,
+        DeadLetterReason::BadOpType,
+        DeadLetterReason::BadOperationTimestamp,
+        DeadLetterReason::BadBody,
+        DeadLetterReason::BadVersion,
+        DeadLetterReason::BadRecord,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::BodyTooLarge => "body_too_large",
+            DeadLetterReason::MissingDeviceId => "missing_device_id",
+            DeadLetterReason::BadOpType => "bad_op_type",
+            DeadLetterReason::BadOperationTimestamp => "bad_operation_timestamp",
+            DeadLetterReason::BadBody => "bad_body",
+            DeadLetterReason::BadVersion => "bad_version",
+            DeadLetterReason::BadRecord => "bad_record",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeadLetterReason> {
+        DeadLetterReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a message came from: the unit of checkpoints, dead-letter keys and alert ids.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SourceId {
+    /// A captured file, by its canonical path.
+    File(String),
+    /// An Event Hub partition.
+    Partition(String),
+}
+
+impl SourceId {
+    /// A stable text form: `file:<path>` or `partition:<id>`.
+    pub fn to_text(&self) -> String {
+        match self {
+            SourceId::File(path) => format!("file:{path}"),
+            SourceId::Partition(id) => format!("partition:{id}"),
+        }
+    }
+
+    pub fn from_text(s: &str) -> Option<SourceId> {
+        if let Some(path) = s.strip_prefix("file:") {
+            Some(SourceId::File(path.to_owned()))
+        } else {
+            s.strip_prefix("partition:")
+                .map(|id| SourceId::Partition(id.to_owned()))
+        }
+    }
+}
+
+/// A message's place in its source: the record index in a file, or the sequence number in a
+/// partition (with the opaque offset beside it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// Record index in a file, or sequence number in a partition.
+    pub index: u64,
+}

@@ -1,0 +1,383 @@
+//! The apply thread: decode → apply → batch → store, for any source.
+//!
+//! An [`Engine`] is driven by one thread that hands it records in source order. It decodes
+//! each (parsing a JSON body once, into a reused tape), applies the event to the
+//! [`Snapshot`], and cuts batches by size and time. A batch (every changed twin and
+//! tombstone, the dead letters and each source's checkpoint) is handed to the writer thread
+//! as one `WriteBatch`, so the apply thread goes on while RocksDB writes; the bounded channel
+//! between them is the backpressure.
+
+pub mod snapshot;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use simd_json::Node;
+
+use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
+use crate::model::{DeadLetterReason, SourceId};
+use crate::source::storage_json::StorageJsonMessage;
+use crate::store::{Batch, Checkpoint, Store, StoreError};
+use crate::twin::{apply, Outcome};
+pub use snapshot::{Directory, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the store writer stopped")]
+    WriterGone,
+}
+
+impl PipelineError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Store(e) => e.kind(),
+            PipelineError::WriterGone => "writer_gone",
+        }
+    }
+}
+
+/// How batches are cut and how much is kept in memory.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Commit after this many messages...
+    pub batch_messages: usize,
+    /// ...or when the open batch is this old.
+    pub batch_interval: Duration,
+    /// Bodies larger than this are dead letters (`body_too_large`).
+    pub max_body_bytes: usize,
+    /// The encoded-twin cache, bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            batch_messages: 8192,
+            batch_interval: Duration::from_millis(200),
+            max_body_bytes: crate::decode::DEFAULT_MAX_BODY_BYTES,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Counts of what happened to messages (`SEMANTICS.md` §5: every message is one of these).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub messages: u64,
+    pub applied: u64,
+    pub stale: u64,
+    pub ignored: u64,
+    pub dead_lettered: BTreeMap<DeadLetterReason, u64>,
+    pub batches: u64,
+}
+
+impl Counters {
+    pub fn n_dead_lettered(&self) -> u64 {
+        self.dead_lettered.values().sum()
+    }
+}
+
+/// A source known to the engine, with the position to commit for it.
+struct SourceState {
+    id: SourceId,
+    text: String,
+    checkpoint: Checkpoint,
+    dirty: bool,
+}
+
+/// Handle of a source registered with [`Engine::add_source`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceHandle(usize);
+
+type WriteResult = Result<u64, StoreError>;
+
+/// Everything but the parsing buffers, so that a parsed tape and the state can be borrowed
+/// at once.
+struct State {
+    store: Arc<Store>,
+    snapshot: Snapshot,
+    options: EngineOptions,
+    counters: Counters,
+    sources: Vec<SourceState>,
+    batch: Batch,
+    n_in_batch: usize,
+    batch_started: Option<Instant>,
+    batch_no: u64,
+    to_writer: Option<Sender<(u64, Batch)>>,
+    from_writer: Receiver<WriteResult>,
+    writer: Option<JoinHandle<()>>,
+    body_parser: BodyParser,
+}
+
+/// The apply engine; see the module docs.
+pub struct Engine {
+    line_buf: Vec<u8>,
+    buffers: simd_json::Buffers,
+    spare_tape: Option<simd_json::Tape<'static>>,
+    state: State,
+}
+
+impl Engine {
+    /// Loads the directory of slots from the store and starts the writer thread.
+    pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
+        let directory = Directory::load(&store)?;
+        let snapshot = Snapshot::new(store.clone(), directory, options.cache_bytes);
+        // Two batches may wait for the writer: the apply thread builds the next one while
+        // RocksDB writes the last, and is slowed down only when it gets further ahead.
+        let (to_writer, writer_input) = crossbeam_channel::bounded::<(u64, Batch)>(1);
+        let (writer_output, from_writer) = crossbeam_channel::bounded::<WriteResult>(4);
+        let writer_store = store.clone();
+        let writer = std::thread::Builder::new()
+            .name("twinwatch-writer".into())
+            .spawn(move || {
+                for (batch_no, mut batch) in writer_input {
+                    let result = writer_store.write(&mut batch).map(|()| batch_no);
+                    let failed = result.is_err();
+                    if writer_output.send(result).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|_| PipelineError::WriterGone)?;
+        Ok(Engine {
+            line_buf: Vec::new(),
+            buffers: simd_json::Buffers::with_max_depth(4096, usize::MAX >> 8),
+            spare_tape: Some(simd_json::Tape::null()),
+            state: State {
+                store,
+                snapshot,
+                options,
+                counters: Counters::default(),
+                sources: Vec::new(),
+                batch: Batch::default(),
+                n_in_batch: 0,
+                batch_started: None,
+                batch_no: 0,
+                to_writer: Some(to_writer),
+                from_writer,
+                writer: Some(writer),
+                body_parser: BodyParser::default(),
+            },
+        })
+    }
+
+    /// Registers a source; returns its handle and its committed checkpoint.
+    pub fn add_source(
+        &mut self,
+        id: SourceId,
+    ) -> Result<(SourceHandle, Checkpoint), PipelineError> {
+        let checkpoint = self.state.store.checkpoint(&id)?.unwrap_or_default();
+        self.state.sources.push(SourceState {
+            text: id.to_text(),
+            id,
+            checkpoint: checkpoint.clone(),
+            dirty: false,
+        });
+        Ok((SourceHandle(self.state.sources.len() - 1), checkpoint))
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.state.counters
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.state.snapshot
+    }
+
+    /// One line of a storage-route JSON file: record `index` of `source`, ending at
+    /// `next_byte_offset`.
+    pub fn ingest_json_line(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        next_byte_offset: u64,
+        line: &[u8],
+    ) -> Result<(), PipelineError> {
+        self.line_buf.clear();
+        self.line_buf.extend_from_slice(line);
+        self.line_buf
+            .resize(line.len() + simd_json::INPUT_PADDING, 0);
+        let mut tape = self
+            .spare_tape
+            .take()
+            .unwrap_or_else(simd_json::Tape::null)
+            .reset();
+        let parsed = simd_json::fill_tape_padded(
+            &mut self.line_buf,
+            line.len(),
+            &mut self.buffers,
+            &mut tape,
+        );
+        let state = &mut self.state;
+        let message = match parsed {
+            Ok(()) => StorageJsonMessage::new(&tape.0, line.len()),
+            Err(_) => None,
+        };
+        let result = match message {
+            Some(message) => state.handle(source, index, &message, line),
+            None => {
+                state.counters.messages += 1;
+                state.dead_letter(source, index, DeadLetterReason::BadRecord, line)
+            }
+        };
+        self.spare_tape = Some(tape.reset());
+        result?;
+        let checkpoint = &mut self.state.sources[source.0];
+        checkpoint.checkpoint.next_index = index + 1;
+        checkpoint.checkpoint.byte_offset = Some(next_byte_offset);
+        checkpoint.dirty = true;
+        self.state.after_message()
+    }
+
+    /// Marks a source's position without a message (a file's end, past blank lines).
+    pub fn set_position(&mut self, source: SourceHandle, checkpoint: Checkpoint) {
+        let state = &mut self.state.sources[source.0];
+        if state.checkpoint != checkpoint {
+            state.checkpoint = checkpoint;
+            state.dirty = true;
+        }
+    }
+
+    /// Commits the open batch if its time is up (call it when input is idle).
+    pub fn tick(&mut self) -> Result<(), PipelineError> {
+        let state = &mut self.state;
+        if state
+            .batch_started
+            .is_some_and(|t| t.elapsed() >= state.options.batch_interval)
+        {
+            state.commit()?;
+        }
+        state.drain_acks(false)
+    }
+
+    /// Commits what is open and waits until the writer has written everything.
+    pub fn finish(mut self) -> Result<Counters, PipelineError> {
+        self.state.commit()?;
+        self.state.to_writer = None;
+        if let Some(writer) = self.state.writer.take() {
+            writer.join().map_err(|_| PipelineError::WriterGone)?;
+        }
+        self.state.drain_acks(true)?;
+        Ok(self.state.counters.clone())
+    }
+}
+
+impl State {
+    fn handle<'a>(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        message: &impl Message<'a>,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        self.counters.messages += 1;
+        let header = match decode_header(message, self.options.max_body_bytes) {
+            Ok(header) => header,
+            Err(Decoded::DeadLetter(reason)) => {
+                return self.dead_letter(source, index, reason, raw)
+            }
+            Err(_) => {
+                self.counters.ignored += 1;
+                return Ok(());
+            }
+        };
+        let parsed;
+        let body: &[Node<'_>] = match header.body {
+            Body::Tape(nodes) => nodes,
+            Body::Absent => &[],
+            other => match self.body_parser.parse(other) {
+                Some(tape) => {
+                    parsed = tape;
+                    &parsed.0
+                }
+                None => &[],
+            },
+        };
+        let event = match decode_body(&header, body) {
+            Ok(event) => event,
+            Err(reason) => return self.dead_letter(source, index, reason, raw),
+        };
+        match apply(&event, &mut self.snapshot)? {
+            Outcome::Stale => self.counters.stale += 1,
+            Outcome::Upserted { .. } | Outcome::Removed { .. } => self.counters.applied += 1,
+        }
+        Ok(())
+    }
+
+    fn dead_letter(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        reason: DeadLetterReason,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        *self.counters.dead_lettered.entry(reason).or_default() += 1;
+        let text = &self.sources[source.0].text;
+        self.store
+            .put_dead_letter(&mut self.batch, text, index, reason, raw)?;
+        Ok(())
+    }
+
+    fn after_message(&mut self) -> Result<(), PipelineError> {
+        self.n_in_batch += 1;
+        let started = *self.batch_started.get_or_insert_with(Instant::now);
+        if self.n_in_batch >= self.options.batch_messages
+            || started.elapsed() >= self.options.batch_interval
+        {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), PipelineError> {
+        let any_source_moved = self.sources.iter().any(|s| s.dirty);
+        if self.n_in_batch == 0 && !any_source_moved && self.batch.is_empty() {
+            self.batch_started = None;
+            return Ok(());
+        }
+        self.batch_no += 1;
+        let mut batch = std::mem::take(&mut self.batch);
+        self.snapshot.drain_into(&mut batch, self.batch_no)?;
+        for source in self.sources.iter_mut().filter(|s| s.dirty) {
+            self.store
+                .put_checkpoint(&mut batch, &source.id, &source.checkpoint)?;
+            source.dirty = false;
+        }
+        let to_writer = self.to_writer.as_ref().ok_or(PipelineError::WriterGone)?;
+        // A full channel blocks here: the backpressure that keeps the apply thread at most
+        // two batches ahead of RocksDB.
+        to_writer
+            .send((self.batch_no, batch))
+            .map_err(|_| PipelineError::WriterGone)?;
+        self.counters.batches += 1;
+        self.n_in_batch = 0;
+        self.batch_started = None;
+        self.drain_acks(false)
+    }
+
+    fn drain_acks(&mut self, until_closed: bool) -> Result<(), PipelineError> {
+        loop {
+            let result = if until_closed {
+                match self.from_writer.recv() {
+                    Ok(result) => result,
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                match self.from_writer.try_recv() {
+                    Ok(result) => result,
+                    Err(crossbeam_channel::TryRecvError::Empty) => return Ok(()),
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        return Err(PipelineError::WriterGone)
+                    }
+                }
+            };
+            let batch_no = result?;
+            self.snapshot.committed(batch_no);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The live snapshot as the apply thread sees it: the [`Twins`] implementation over
+//! an in-memory directory of slots, the current batch, a bounded cache of encoded twins, the
+//! batches still being written, and RocksDB.
+//!
+//! The directory holds every key's [`Slot`] (version, `createdAt` or tombstone), so staleness,
+//! existence and a device's module list never need a read. Documents are read only for
+//! `updateTwin`, looked up in this order: the current batch, the cache (write-through, newest),
+//! the batches in flight, then RocksDB.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use foldhash::fast::RandomState;
+use lru::LruCache;
+
+use crate::model::TwinKey;
+use crate::store::keys::encode_twin_key;
+use crate::store::{decode_twin_doc, encode_twin, Batch, Store, StoreError};
+use crate::time::Ticks;
+use crate::twin::{Slot, Twins};
+use crate::value::Map;
+
+type FastMap<K, V> = HashMap<K, V, RandomState>;
+
+/// Every key's slot, by hub, then device, then module id (a device's twins sorted).
+#[derive(Default)]
+pub struct Directory {
+    hubs: FastMap<Box<str>, FastMap<Box<str>, Vec<(Box<str>, Slot)>>>,
+    n_live: usize,
+    n_dead: usize,
+}
+
+impl Directory {
+    fn device(&self, hub: &str, device_id: &str) -> Option<&Vec<(Box<str>, Slot)>> {
+        self.hubs.get(hub)?.get(device_id)
+    }
+
+    pub fn slot(&self, key: TwinKey<'_>) -> Option<Slot> {
+        let twins = self.device(key.hub, key.device_id)?;
+        let i = twins
+            .binary_search_by(|(m, _)| m.as_bytes().cmp(key.module_id.as_bytes()))
+            .ok()?;
+        Some(twins[i].1)
+    }
+
+    pub fn set(&mut self, key: TwinKey<'_>, slot: Slot) {
+        let devices = match self.hubs.get_mut(key.hub) {
+            Some(devices) => devices,
+            None => self.hubs.entry(key.hub.into()).or_default(),
+        };
+        let twins = match devices.get_mut(key.device_id) {
+            Some(twins) => twins,
+            None => devices.entry(key.device_id.into()).or_default(),
+        };
+        let old = match twins.binary_search_by(|(m, _)| m.as_bytes().cmp(key.module_id.as_bytes()))
+        {
+            Ok(i) => Some(std::mem::replace(&mut twins[i].1, slot)),
+            Err(i) => {
+                twins.insert(i, (key.module_id.into(), slot));
+                None
+            }
+        };
+        match old {
+            Some(Slot::Live { .. }) => self.n_live -= 1,
+            Some(Slot::Dead { .. }) => self.n_dead -= 1,
+            None => {}
+        }
+        match slot {
+            Slot::Live { .. } => self.n_live += 1,
+            Slot::Dead { .. } => self.n_dead += 1,
+        }
+    }
+
+    pub fn live_modules(&self, hub: &str, device_id: &str) -> Vec<Box<str>> {
+        self.device(hub, device_id)
+            .map(|twins| {
+                twins
+                    .iter()
+                    .filter(|(m, slot)| !m.is_empty() && matches!(slot, Slot::Live { .. }))
+                    .map(|(m, _)| m.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Twins that exist.
+    pub fn n_live(&self) -> usize {
+        self.n_live
+    }
+
+    /// Tombstones.
+    pub fn n_dead(&self) -> usize {
+        self.n_dead
+    }
+
+    pub fn load(store: &Store) -> Result<Directory, StoreError> {
+        let mut directory = Directory::default();
+        store.for_each_slot(|key, slot| directory.set(key.as_key(), slot))?;
+        Ok(directory)
+    }
+}
+
+/// A key's final state in the current batch.
+enum Pending {
+    Live {
+        version: i64,
+        created_at: Option<Ticks>,
+        doc: Map,
+    },
+    Dead {
+        version: i64,
+        deleted_at: Ticks,
+    },
+}
+
+/// Encoded twin bytes as the cache and the in-flight batches share them.
+type Encoded = Arc<[u8]>;
+
+/// The encoded documents of a batch being written: `None` for a removed twin.
+type InFlight = FastMap<Box<[u8]>, Option<Encoded>>;
+
+/// The [`Twins`] of the running pipeline.
+pub struct Snapshot {
+    store: Arc<Store>,
+    pub directory: Directory,
+    pending: FastMap<Box<[u8]>, Pending>,
+    cache: LruCache<Box<[u8]>, Encoded, RandomState>,
+    cache_bytes: usize,
+    cache_limit: usize,
+    in_flight: VecDeque<(u64, InFlight)>,
+    key_buf: Vec<u8>,
+    /// Reads from RocksDB (cache misses), for metrics and tuning.
+    pub n_store_reads: u64,
+}
+
+impl Snapshot {
+    pub fn new(store: Arc<Store>, directory: Directory, cache_limit: usize) -> Snapshot {
+        Snapshot {
+            store,
+            directory,
+            pending: FastMap::default(),
+            cache: LruCache::unbounded_with_hasher(RandomState::default()),
+            cache_bytes: 0,
+            cache_limit,
+            in_flight: VecDeque::new(),
+            key_buf: Vec::with_capacity(128),
+            n_store_reads: 0,
+        }
+    }
+
+    fn encode_key(&mut self, key: TwinKey<'_>) {
+        self.key_buf.clear();
+        encode_twin_key(key, &mut self.key_buf);
+    }
+
+    /// Keys changed in the current batch.
+    pub fn n_pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Moves the current batch's twins into `batch`, the cache and the in-flight list.
+    pub fn drain_into(&mut self, batch: &mut Batch, batch_no: u64) -> Result<(), StoreError> {
+        let mut in_flight =
+            InFlight::with_capacity_and_hasher(self.pending.len(), RandomState::default());
+        let mut buf = Vec::with_capacity(1024);
+        for (key, pending) in self.pending.drain() {
+            match pending {
+                Pending::Live {
+                    version,
+                    created_at,
+                    doc,
+                } => {
+                    buf.clear();
+                    encode_twin(version, created_at, &doc, &mut buf);
+                    self.store.put_twin(batch, &key, &buf)?;
+                    // A live twin has no tombstone; deleting an absent key is harmless, and
+                    // cheaper than tracking which keys had one.
+                    self.store.delete_tombstone(batch, &key)?;
+                    let encoded: Encoded = Arc::from(&buf[..]);
+                    if let Some(old) = self.cache.put(key.clone(), encoded.clone()) {
+                        self.cache_bytes -= old.len() + key.len();
+                    }
+                    self.cache_bytes += encoded.len() + key.len();
+                    in_flight.insert(key, Some(encoded));
+                }
+                Pending::Dead {
+                    version,
+                    deleted_at,
+                } => {
+                    self.store.delete_twin(batch, &key)?;
+                    self.store.put_tombstone(batch, &key, version, deleted_at)?;
+                    if let Some(old) = self.cache.pop(&key) {
+                        self.cache_bytes -= old.len() + key.len();
+                    }
+                    in_flight.insert(key, None);
+                }
+            }
+        }
+        while self.cache_bytes > self.cache_limit {
+            match self.cache.pop_lru() {
+                Some((k, v)) => self.cache_bytes -= v.len() + k.len(),
+                None => break,
+            }
+        }
+        self.in_flight.push_back((batch_no, in_flight));
+        Ok(())
+    }
+
+    /// The writer committed every batch up to `batch_no`.
+    pub fn committed(&mut self, batch_no: u64) {
+        while self.in_flight.front().is_some_and(|(n, _)| *n <= batch_no) {
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Bytes held by the document cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
+    }
+}
+
+impl Twins for Snapshot {
+    type Error = StoreError;
+
+    fn slot(&self, key: TwinKey<'_>) -> Option<Slot> {
+        self.directory.slot(key)
+    }
+
+    fn take_doc(&mut self, key: TwinKey<'_>) -> Result<Map, StoreError> {
+        self.encode_key(key);
+        if let Some(Pending::Live { doc, .. }) = self.pending.get_mut(&self.key_buf[..]) {
+            return Ok(std::mem::take(doc));
+        }
+        if let Some(encoded) = self.cache.get(&self.key_buf[..]) {
+            return decode_twin_doc(encoded);
+        }
+        for (_, batch) in self.in_flight.iter().rev() {
+            if let Some(entry) = batch.get(&self.key_buf[..]) {
+                return match entry {
+                    Some(encoded) => decode_twin_doc(encoded),
+                    // The directory says live, so a later batch re-created it; that batch
+                    // would have been found first. Treat as empty rather than fail.
+                    None => Ok(Map::new()),
+                };
+            }
+        }
+        self.n_store_reads += 1;
+        match self.store.twin_bytes(&self.key_buf)? {
+            Some(bytes) => decode_twin_doc(&bytes),
+            None => Err(StoreError::Corrupt {
+                what: "twin",
+                detail: format!("{key} is live in the directory but absent from the store"),
+            }),
+        }
+    }
+
+    fn put_live(&mut self, key: TwinKey<'_>, version: i64, created_at: Option<Ticks>, doc: Map) {
+        self.directory.set(
+            key,
+            Slot::Live {
+                version,
+                created_at,
+            },
+        );
+        self.encode_key(key);
+        let pending = Pending::Live {
+            version,
+            created_at,
+            doc,
+        };
+        match self.pending.get_mut(&self.key_buf[..]) {
+            Some(slot) => *slot = pending,
+            None => {
+                self.pending.insert(self.key_buf.as_slice().into(), pending);
+            }
+        }
+    }
+
+    fn put_dead(&mut self, key: TwinKey<'_>, version: i64, deleted_at: Ticks) {
+        self.directory.set(
+            key,
+            Slot::Dead {
+                version,
+                deleted_at,
+            },
+        );
+        self.encode_key(key);
+        let pending = Pending::Dead {
+            version,
+            deleted_at,
+        };
+        match self.pending.get_mut(&self.key_buf[..]) {
+            Some(slot) => *slot = pending,
+            None => {
+                self.pending.insert(self.key_buf.as_slice().into(), pending);
+            }
+        }
+    }
+
+    fn live_modules(&self, hub: &str, device_id: &str) -> Vec<Box<str>> {
+        self.directory.live_modules(hub, device_id)
+    }
+}

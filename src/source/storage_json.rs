@@ -1,0 +1,75 @@
+//! IoT Hub's storage-route JSON encoding: one object per line,
+//! `{"EnqueuedTimeUtc", "Properties", "SystemProperties", "Body"}` (reference §7.2).
+//!
+//! A line is parsed once into a simd-json tape; [`StorageJsonMessage`] is the [`Message`] view
+//! over it, and an embedded JSON `Body` is handed to decoding as a slice of the same tape.
+
+use simd_json::{Node, StaticNode};
+
+use crate::decode::{Body, Message, Prop};
+use crate::value::{tape_get, tape_is_object};
+
+/// A [`Message`] view over the tape of one storage-route JSON line.
+pub struct StorageJsonMessage<'t, 'i> {
+    properties: Option<&'t [Node<'i>]>,
+    system_properties: Option<&'t [Node<'i>]>,
+    enqueued_time_utc: Option<&'t [Node<'i>]>,
+    body: Option<&'t [Node<'i>]>,
+    line_len: usize,
+}
+
+impl<'t, 'i> StorageJsonMessage<'t, 'i> {
+    /// The view of a parsed line, `None` when the line is not a JSON object.
+    pub fn new(nodes: &'t [Node<'i>], line_len: usize) -> Option<Self> {
+        if !tape_is_object(nodes) {
+            return None;
+        }
+        Some(Self {
+            properties: tape_get(nodes, "Properties").filter(|p| tape_is_object(p)),
+            system_properties: tape_get(nodes, "SystemProperties").filter(|p| tape_is_object(p)),
+            enqueued_time_utc: tape_get(nodes, "EnqueuedTimeUtc"),
+            body: tape_get(nodes, "Body"),
+            line_len,
+        })
+    }
+}
+
+fn prop<'t>(nodes: &'t [Node<'_>]) -> Prop<'t> {
+    match nodes.first() {
+        Some(Node::String(s)) => Prop::Str(s),
+        Some(Node::Static(StaticNode::I64(n))) => Prop::Int(*n),
+        Some(Node::Static(StaticNode::U64(n))) => i64::try_from(*n).map_or(Prop::Other, Prop::Int),
+        _ => Prop::Other,
+    }
+}
+
+impl<'t, 'i: 't> Message<'t> for StorageJsonMessage<'t, 'i> {
+    fn app_property(&self, name: &str) -> Option<Prop<'t>> {
+        self.properties.and_then(|p| tape_get(p, name)).map(prop)
+    }
+
+    fn system_property(&self, name: &str, storage_name: &str) -> Option<Prop<'t>> {
+        let system = self.system_properties?;
+        tape_get(system, storage_name)
+            .or_else(|| tape_get(system, name))
+            .map(prop)
+    }
+
+    fn eventhubs_enqueued_time(&self) -> Option<Prop<'t>> {
+        self.enqueued_time_utc.map(prop)
+    }
+
+    fn body_size(&self) -> usize {
+        self.line_len
+    }
+
+    fn body(&self) -> Body<'t> {
+        match self.body {
+            None => Body::Absent,
+            Some(nodes) => match nodes.first() {
+                Some(Node::String(s)) => Body::Base64(s),
+                _ => Body::Tape(nodes),
+            },
+        }
+    }
+}

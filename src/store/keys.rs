@@ -1,0 +1,143 @@
+//! Column family names and key encodings: the one place that knows how keys are laid out.
+//!
+//! Twin keys use an order-preserving tuple encoding: each component's bytes with `0x00`
+//! escaped as `0x00 0xFF`, then the terminator `0x00 0x01`. Byte order of encoded keys is
+//! then the order of `(hub, deviceId, moduleId)` as byte strings (the export order), a device
+//! twin (`moduleId = ""`) sorts right before its modules, and `(hub, deviceId)` is a prefix of
+//! all of a device's twins.
+
+use crate::model::{OwnedTwinKey, TwinKey};
+
+pub const CF_TWINS: &str = "twins";
+pub const CF_TOMBSTONES: &str = "tombstones";
+pub const CF_CHECKPOINTS: &str = "checkpoints";
+pub const CF_DEAD_LETTERS: &str = "deadletters";
+pub const CF_META: &str = "meta";
+
+pub const ALL_CFS: [&str; 5] = [
+    CF_TWINS,
+    CF_TOMBSTONES,
+    CF_CHECKPOINTS,
+    CF_DEAD_LETTERS,
+    CF_META,
+];
+
+/// Key of the data format marker in [`CF_META`].
+pub const META_FORMAT: &[u8] = b"format";
+
+fn put_component(out: &mut Vec<u8>, component: &[u8]) {
+    for &b in component {
+        out.push(b);
+        if b == 0 {
+            out.push(0xFF);
+        }
+    }
+    out.extend_from_slice(&[0x00, 0x01]);
+}
+
+/// Appends the encoded twin key to `out`.
+pub fn encode_twin_key(key: TwinKey<'_>, out: &mut Vec<u8>) {
+    put_component(out, key.hub.as_bytes());
+    put_component(out, key.device_id.as_bytes());
+    put_component(out, key.module_id.as_bytes());
+}
+
+pub fn twin_key(key: TwinKey<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.hub.len() + key.device_id.len() + key.module_id.len() + 6);
+    encode_twin_key(key, &mut out);
+    out
+}
+
+/// Splits one component off the front of `bytes`.
+fn take_component(bytes: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        match (bytes.get(i)?, bytes.get(i + 1)) {
+            (0x00, Some(0x01)) => return Some((out, &bytes[i + 2..])),
+            (0x00, Some(0xFF)) => {
+                out.push(0);
+                i += 2;
+            }
+            (0x00, _) => return None,
+            (&b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+}
+
+/// Decodes a key written by [`encode_twin_key`].
+pub fn decode_twin_key(bytes: &[u8]) -> Option<OwnedTwinKey> {
+    let (hub, rest) = take_component(bytes)?;
+    let (device_id, rest) = take_component(rest)?;
+    let (module_id, rest) = take_component(rest)?;
+    if !rest.is_empty() {
+        return None;
+    }
+    Some(OwnedTwinKey {
+        hub: String::from_utf8(hub).ok()?.into(),
+        device_id: String::from_utf8(device_id).ok()?.into(),
+        module_id: String::from_utf8(module_id).ok()?.into(),
+    })
+}
+
+/// Key of a dead letter: the source's text form, then the record index big-endian, so dead
+/// letters list in source and position order.
+pub fn dead_letter_key(source: &str, index: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(source.len() + 10);
+    put_component(&mut out, source.as_bytes());
+    out.extend_from_slice(&index.to_be_bytes());
+    out
+}
+
+pub fn decode_dead_letter_key(bytes: &[u8]) -> Option<(String, u64)> {
+    let (source, rest) = take_component(bytes)?;
+    let index = u64::from_be_bytes(rest.try_into().ok()?);
+    Some((String::from_utf8(source).ok()?, index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key<'a>(hub: &'a str, device_id: &'a str, module_id: &'a str) -> TwinKey<'a> {
+        TwinKey {
+            hub,
+            device_id,
+            module_id,
+        }
+    }
+
+    #[test]
+    fn encoding_preserves_tuple_order() {
+        let mut keys = vec![
+            key("h", "d", ""),
+            key("h", "d", "m"),
+            key("h", "d\0", ""),
+            key("h", "d0", ""),
+            key("h", "", "z"),
+            key("h\0x", "a", ""),
+            key("", "zz", ""),
+            key("h", "d", "\0"),
+            key("h", "da", "a"),
+        ];
+        let mut encoded: Vec<Vec<u8>> = keys.iter().map(|k| twin_key(*k)).collect();
+        keys.sort();
+        encoded.sort();
+        let decoded: Vec<OwnedTwinKey> = encoded
+            .iter()
+            .map(|e| decode_twin_key(e).expect("decodes"))
+            .collect();
+        let expected: Vec<OwnedTwinKey> = keys.iter().map(|k| k.to_owned_key()).collect();
+        assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn dead_letter_keys_round_trip() {
+        let k = dead_letter_key("file:/a\0b", 7);
+        assert_eq!(decode_dead_letter_key(&k), Some(("file:/a\0b".into(), 7)));
+        assert!(dead_letter_key("s", 2) < dead_letter_key("s", 10));
+    }
+}

@@ -1,0 +1,473 @@
+//! The snapshot on disk: the only module that touches RocksDB.
+//!
+//! Column families (names in [`keys`]): `twins` (key → version, `createdAt`, document),
+//! `tombstones` (key → version, `deletedAt`), `checkpoints` (source → position),
+//! `deadletters` (source and position → reason and raw bytes) and `meta` (the data format).
+//! Every change of one batch goes into one [`Batch`] and is written atomically with the
+//! sources' checkpoints, so a crash at any point leaves the snapshot at a batch boundary.
+
+pub mod keys;
+
+use std::path::Path;
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{DeadLetterReason, OwnedTwinKey, SourceId};
+use crate::time::Ticks;
+use crate::twin::Slot;
+use crate::value::{CodecError, Map};
+use keys::*;
+
+/// The data format this build reads and writes. A directory written by another format is
+/// refused rather than misread.
+pub const FORMAT: &str = "twinwatch-snapshot-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("data directory {path} holds format {found:?}; this twinwatch reads {FORMAT:?}")]
+    Format { path: String, found: String },
+    #[error("corrupt {what} record in the data directory: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("column family {0} is missing")]
+    MissingColumnFamily(&'static str),
+}
+
+impl StoreError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Rocks(_) => "rocksdb",
+            StoreError::Format { .. } => "format",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::MissingColumnFamily(_) => "missing_cf",
+        }
+    }
+}
+
+impl From<CodecError> for StoreError {
+    fn from(e: CodecError) -> Self {
+        StoreError::Corrupt {
+            what: "twin",
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Tuning that callers may set.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// RocksDB block cache, bytes.
+    pub block_cache_bytes: usize,
+    /// Size of one memtable, bytes.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            block_cache_bytes: 64 << 20,
+            write_buffer_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A source's position, committed with the state it produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The index of the next record to read: record index in a file, or the last applied
+    /// sequence number plus one in a partition.
+    pub next_index: u64,
+    /// Files: the byte offset where the next record starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byte_offset: Option<u64>,
+    /// Partitions: the opaque offset of the last applied event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<String>,
+}
+
+/// A twin as stored.
+#[derive(Debug)]
+pub struct TwinRecord {
+    pub version: i64,
+    pub created_at: Option<Ticks>,
+    pub doc: Map,
+}
+
+const TWIN_HEADER: usize = 17;
+
+/// Encodes a twin record: version, `createdAt`, then the document.
+pub fn encode_twin(version: i64, created_at: Option<Ticks>, doc: &Map, out: &mut Vec<u8>) {
+    out.extend_from_slice(&version.to_le_bytes());
+    out.push(u8::from(created_at.is_some()));
+    out.extend_from_slice(&created_at.unwrap_or_default().0.to_le_bytes());
+    doc.encode(out);
+}
+
+fn twin_header(bytes: &[u8]) -> Result<(i64, Option<Ticks>), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "twin",
+        detail: format!("{} bytes, shorter than its header", bytes.len()),
+    };
+    let header = bytes.get(..TWIN_HEADER).ok_or_else(corrupt)?;
+    let version = i64::from_le_bytes(header[0..8].try_into().map_err(|_| corrupt())?);
+    let created = i64::from_le_bytes(header[9..17].try_into().map_err(|_| corrupt())?);
+    Ok((version, (header[8] == 1).then_some(Ticks(created))))
+}
+
+pub fn decode_twin(bytes: &[u8]) -> Result<TwinRecord, StoreError> {
+    let (version, created_at) = twin_header(bytes)?;
+    Ok(TwinRecord {
+        version,
+        created_at,
+        doc: Map::decode(&bytes[TWIN_HEADER..])?,
+    })
+}
+
+/// Just the document of an encoded twin.
+pub fn decode_twin_doc(bytes: &[u8]) -> Result<Map, StoreError> {
+    twin_header(bytes)?;
+    Ok(Map::decode(&bytes[TWIN_HEADER..])?)
+}
+
+fn encode_tombstone(version: i64, deleted_at: Ticks) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&version.to_le_bytes());
+    out[8..].copy_from_slice(&deleted_at.0.to_le_bytes());
+    out
+}
+
+fn decode_tombstone(bytes: &[u8]) -> Result<(i64, Ticks), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "tombstone",
+        detail: format!("{} bytes, not 16", bytes.len()),
+    };
+    let raw: [u8; 16] = bytes.try_into().map_err(|_| corrupt())?;
+    let version = i64::from_le_bytes(raw[..8].try_into().map_err(|_| corrupt())?);
+    let deleted_at = i64::from_le_bytes(raw[8..].try_into().map_err(|_| corrupt())?);
+    Ok((version, Ticks(deleted_at)))
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetterRecord {
+    pub reason: String,
+    /// The raw record: the JSON line, or the message body.
+    #[serde(with = "base64_bytes")]
+    pub raw: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One atomic write: build it with the `Store` methods, then [`Store::write`] it.
+#[derive(Default)]
+pub struct Batch {
+    inner: WriteBatch,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.inner.clear();
+    }
+}
+
+/// The RocksDB snapshot.
+pub struct Store {
+    db: DB,
+    write_options: WriteOptions,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory for reading and writing.
+    pub fn open(path: &Path, options: &StoreOptions) -> Result<Store, StoreError> {
+        let mut db_options = Options::default();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        db_options.set_max_background_jobs(2);
+        db_options.set_bytes_per_sync(1 << 20);
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_compression_type(DBCompressionType::Lz4);
+            let mut table = BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            if *name == CF_TWINS || *name == CF_TOMBSTONES {
+                // A point read on a key that is absent from a file costs a bloom probe, not a
+                // block read.
+                table.set_bloom_filter(10.0, false);
+                table.set_cache_index_and_filter_blocks(true);
+                table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+                cf.set_write_buffer_size(options.write_buffer_bytes);
+            }
+            cf.set_block_based_table_factory(&table);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&db_options, path, cfs)?;
+        let store = Store::from_db(db);
+        store.check_format(path, true)?;
+        Ok(store)
+    }
+
+    /// Opens an existing data directory read-only (export, queries); works beside a running
+    /// writer.
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        let db = DB::open_cf_for_read_only(&Options::default(), path, ALL_CFS, false)?;
+        let store = Store::from_db(db);
+        store.check_format(path, false)?;
+        Ok(store)
+    }
+
+    fn from_db(db: DB) -> Store {
+        let mut write_options = WriteOptions::default();
+        // The WAL is on and survives a process crash; syncing each batch would only protect
+        // against a machine crash, at the cost of a disk flush per batch.
+        write_options.set_sync(false);
+        Store { db, write_options }
+    }
+
+    fn check_format(&self, path: &Path, writable: bool) -> Result<(), StoreError> {
+        let meta = self.cf(CF_META)?;
+        match self.db.get_cf(meta, META_FORMAT)? {
+            Some(found) if found == FORMAT.as_bytes() => Ok(()),
+            Some(found) => Err(StoreError::Format {
+                path: path.display().to_string(),
+                found: String::from_utf8_lossy(&found).into_owned(),
+            }),
+            None if writable => {
+                self.db.put_cf(meta, META_FORMAT, FORMAT)?;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StoreError> {
+        self.db
+            .cf_handle(name)
+            .ok_or(StoreError::MissingColumnFamily(name))
+    }
+
+    /// The encoded twin record at an encoded key.
+    pub fn twin_bytes(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_TWINS)?, key)?)
+    }
+
+    pub fn checkpoint(&self, source: &SourceId) -> Result<Option<Checkpoint>, StoreError> {
+        let Some(raw) = self
+            .db
+            .get_cf(self.cf(CF_CHECKPOINTS)?, source.to_text().as_bytes())?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                what: "checkpoint",
+                detail: e.to_string(),
+            })
+    }
+
+    /// Every committed checkpoint, by source.
+    pub fn checkpoints(&self) -> Result<Vec<(SourceId, Checkpoint)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CHECKPOINTS)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                what: "checkpoint",
+                detail,
+            };
+            let source = std::str::from_utf8(&k)
+                .ok()
+                .and_then(SourceId::from_text)
+                .ok_or_else(|| corrupt("bad source key".into()))?;
+            let checkpoint = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+            out.push((source, checkpoint));
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every key's [`Slot`]: each twin's header and each tombstone.
+    pub fn for_each_slot(&self, mut f: impl FnMut(OwnedTwinKey, Slot)) -> Result<(), StoreError> {
+        let bad_key = |k: &[u8]| StoreError::Corrupt {
+            what: "key",
+            detail: format!("{k:?}"),
+        };
+        for item in self.db.iterator_cf(self.cf(CF_TWINS)?, IteratorMode::Start) {
+            let (k, v) = item?;
+            let key = decode_twin_key(&k).ok_or_else(|| bad_key(&k))?;
+            let (version, created_at) = twin_header(&v)?;
+            f(
+                key,
+                Slot::Live {
+                    version,
+                    created_at,
+                },
+            );
+        }
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_TOMBSTONES)?, IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let key = decode_twin_key(&k).ok_or_else(|| bad_key(&k))?;
+            let (version, deleted_at) = decode_tombstone(&v)?;
+            f(
+                key,
+                Slot::Dead {
+                    version,
+                    deleted_at,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Every twin in key order (the export order).
+    pub fn twins(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<(OwnedTwinKey, TwinRecord), StoreError>> + '_, StoreError>
+    {
+        let iter = self.db.iterator_cf(self.cf(CF_TWINS)?, IteratorMode::Start);
+        Ok(iter.map(|item| {
+            let (k, v) = item?;
+            let key = decode_twin_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "key",
+                detail: format!("{k:?}"),
+            })?;
+            Ok((key, decode_twin(&v)?))
+        }))
+    }
+
+    /// Every dead letter in source and position order: `(source, index, record)`.
+    pub fn dead_letters(
+        &self,
+    ) -> Result<
+        impl Iterator<Item = Result<(String, u64, DeadLetterRecord), StoreError>> + '_,
+        StoreError,
+    > {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(CF_DEAD_LETTERS)?, IteratorMode::Start);
+        Ok(iter.map(|item| {
+            let (k, v) = item?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                what: "dead letter",
+                detail,
+            };
+            let (source, index) =
+                decode_dead_letter_key(&k).ok_or_else(|| corrupt(format!("key {k:?}")))?;
+            let record = serde_json::from_slice(&v).map_err(|e| corrupt(e.to_string()))?;
+            Ok((source, index, record))
+        }))
+    }
+
+    // Batch building --------------------------------------------------------------------------
+
+    pub fn put_twin(&self, batch: &mut Batch, key: &[u8], record: &[u8]) -> Result<(), StoreError> {
+        batch.inner.put_cf(self.cf(CF_TWINS)?, key, record);
+        Ok(())
+    }
+
+    pub fn delete_twin(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
+        batch.inner.delete_cf(self.cf(CF_TWINS)?, key);
+        Ok(())
+    }
+
+    pub fn put_tombstone(
+        &self,
+        batch: &mut Batch,
+        key: &[u8],
+        version: i64,
+        deleted_at: Ticks,
+    ) -> Result<(), StoreError> {
+        batch.inner.put_cf(
+            self.cf(CF_TOMBSTONES)?,
+            key,
+            encode_tombstone(version, deleted_at),
+        );
+        Ok(())
+    }
+
+    pub fn delete_tombstone(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
+        batch.inner.delete_cf(self.cf(CF_TOMBSTONES)?, key);
+        Ok(())
+    }
+
+    pub fn put_checkpoint(
+        &self,
+        batch: &mut Batch,
+        source: &SourceId,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(checkpoint).map_err(|e| StoreError::Corrupt {
+            what: "checkpoint",
+            detail: e.to_string(),
+        })?;
+        batch
+            .inner
+            .put_cf(self.cf(CF_CHECKPOINTS)?, source.to_text().as_bytes(), value);
+        Ok(())
+    }
+
+    pub fn put_dead_letter(
+        &self,
+        batch: &mut Batch,
+        source: &str,
+        index: u64,
+        reason: DeadLetterReason,
+        raw: &[u8],
+    ) -> Result<(), StoreError> {
+        let record = DeadLetterRecord {
+            reason: reason.as_str().to_owned(),
+            raw: raw.to_vec(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            what: "dead letter",
+            detail: e.to_string(),
+        })?;
+        batch.inner.put_cf(
+            self.cf(CF_DEAD_LETTERS)?,
+            dead_letter_key(source, index),
+            value,
+        );
+        Ok(())
+    }
+
+    /// Writes a batch atomically.
+    pub fn write(&self, batch: &mut Batch) -> Result<(), StoreError> {
+        let inner = std::mem::take(&mut batch.inner);
+        self.db.write_opt(inner, &self.write_options)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,803 @@
+//! The JSON value that twins are made of.
+//!
+//! Twins are kept as [`Map`]s: objects whose entries are sorted by key bytes. Twin objects are
+//! small (a few to a few dozen keys), so a sorted vector is both the most compact layout and
+//! the fastest to look up, merge, encode and decode; it also makes every serialisation
+//! deterministic. Values come from simd-json tapes ([`from_tape`]), with `$metadata` removed
+//! on the way in, and are merged with RFC 7386 JSON merge patch straight from a tape
+//! ([`merge_from_tape`]), so a patch never becomes a value of its own.
+//!
+//! The binary codec ([`Map::encode`], [`Map::decode`]) is what the store keeps on disk and in
+//! its cache: tagged, length-prefixed, no escaping, about the size of the JSON text.
+
+use std::fmt;
+
+use serde::ser::{SerializeMap, SerializeSeq};
+use simd_json::{Node, StaticNode};
+
+/// The key that IoT Hub's twin documents use for per-property metadata. It is never stored.
+pub const METADATA_KEY: &str = "$metadata";
+
+/// A JSON value.
+#[derive(Clone, Debug, Default)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    String(Box<str>),
+    Array(Vec<Value>),
+    Object(Map),
+}
+
+/// A JSON object, its entries sorted by key bytes, keys unique.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Map {
+    entries: Vec<(Box<str>, Value)>,
+}
+
+impl Map {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(capacity),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.entries
+            .binary_search_by(|(k, _)| k.as_bytes().cmp(key.as_bytes()))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.position(key).ok().map(|i| &self.entries[i].1)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Value> {
+        match self.position(key) {
+            Ok(i) => Some(&mut self.entries[i].1),
+            Err(_) => None,
+        }
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` to `value`, returning the previous value.
+    pub fn insert(&mut self, key: &str, value: Value) -> Option<Value> {
+        match self.position(key) {
+            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, value)),
+            Err(i) => {
+                self.entries.insert(i, (key.into(), value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        match self.position(key) {
+            Ok(i) => Some(self.entries.remove(i).1),
+            Err(_) => None,
+        }
+    }
+
+    /// The value at `key`, inserted as `default()` first when absent.
+    pub fn entry_or_insert_with(
+        &mut self,
+        key: &str,
+        default: impl FnOnce() -> Value,
+    ) -> &mut Value {
+        let i = match self.position(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.entries.insert(i, (key.into(), default()));
+                i
+            }
+        };
+        &mut self.entries[i].1
+    }
+
+    /// The object at `key`: an existing object, or a new empty one that replaces whatever
+    /// was there (merge patch treats a non-object target as `{}`).
+    pub fn object_mut(&mut self, key: &str) -> &mut Map {
+        let value = self.entry_or_insert_with(key, || Value::Object(Map::new()));
+        if !matches!(value, Value::Object(_)) {
+            *value = Value::Object(Map::new());
+        }
+        match value {
+            Value::Object(map) => map,
+            _ => unreachable!("the value was just made an object"),
+        }
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &Value)> {
+        self.entries.iter().map(|(k, v)| (&**k, v))
+    }
+
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.entries.iter().map(|(k, _)| &**k)
+    }
+
+    /// Builds a map from entries in any order; of duplicate keys the last wins, as in most
+    /// JSON parsers.
+    pub fn from_entries(mut entries: Vec<(Box<str>, Value)>) -> Self {
+        if !entries.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
+            // A stable sort keeps duplicates in input order; keep the last of each run.
+            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            let mut deduped: Vec<(Box<str>, Value)> = Vec::with_capacity(entries.len());
+            for entry in entries {
+                match deduped.last_mut() {
+                    Some(last) if last.0 == entry.0 => *last = entry,
+                    _ => deduped.push(entry),
+                }
+            }
+            entries = deduped;
+        }
+        Self { entries }
+    }
+}
+
+impl Value {
+    pub fn as_object(&self) -> Option<&Map> {
+        match self {
+            Value::Object(map) => Some(map),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// The value as an `f64`, for any number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::I64(n) => Some(n as f64),
+            Value::U64(n) => Some(n as f64),
+            Value::F64(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The value as an integer, for a number with no fractional part that fits in an `i128`.
+    pub fn as_integer(&self) -> Option<i128> {
+        match *self {
+            Value::I64(n) => Some(n.into()),
+            Value::U64(n) => Some(n.into()),
+            Value::F64(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1.7e38 => {
+                Some(f as i128)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn is_number(&self) -> bool {
+        matches!(self, Value::I64(_) | Value::U64(_) | Value::F64(_))
+    }
+
+    /// The JSON type name: `null`, `boolean`, `number`, `string`, `array` or `object`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::I64(_) | Value::U64(_) | Value::F64(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        }
+    }
+
+    /// Resolves an already split RFC 6901 pointer (unescaped reference tokens).
+    pub fn pointer<'a, S: AsRef<str>>(&'a self, tokens: &[S]) -> Option<&'a Value> {
+        let mut current = self;
+        for token in tokens {
+            current = current.child(token.as_ref())?;
+        }
+        Some(current)
+    }
+
+    /// One step of a JSON pointer: a key of an object, or an index of an array (`0`, or a
+    /// decimal without a leading zero).
+    pub fn child(&self, token: &str) -> Option<&Value> {
+        match self {
+            Value::Object(map) => map.get(token),
+            Value::Array(items) => {
+                let valid = !token.is_empty()
+                    && token.bytes().all(|b| b.is_ascii_digit())
+                    && (token == "0" || !token.starts_with('0'));
+                if !valid {
+                    return None;
+                }
+                token.parse::<usize>().ok().and_then(|i| items.get(i))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// JSON equality: numbers by numeric value, objects regardless of key order.
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Null, Value::Null) => true,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::String(a), Value::String(b)) => a == b,
+            (Value::Array(a), Value::Array(b)) => a == b,
+            (Value::Object(a), Value::Object(b)) => a == b,
+            (a, b) if a.is_number() && b.is_number() => numbers_equal(a, b),
+            _ => false,
+        }
+    }
+}
+
+fn numbers_equal(a: &Value, b: &Value) -> bool {
+    match (a.as_integer(), b.as_integer()) {
+        (Some(x), Some(y)) => x == y,
+        // At least one side has a fraction (or is out of the integer range).
+        _ => a.as_f64() == b.as_f64(),
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::String(s.into())
+    }
+}
+
+impl From<Map> for Value {
+    fn from(map: Map) -> Self {
+        Value::Object(map)
+    }
+}
+
+impl serde::Serialize for Value {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::I64(n) => serializer.serialize_i64(*n),
+            Value::U64(n) => serializer.serialize_u64(*n),
+            Value::F64(n) => serializer.serialize_f64(*n),
+            Value::String(s) => serializer.serialize_str(s),
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Value::Object(map) => map.serialize(serializer),
+        }
+    }
+}
+
+impl serde::Serialize for Map {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut out = serializer.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
+            out.serialize_entry(k, v)?;
+        }
+        out.end()
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_string(self).map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+/// Converts a `serde_json::Value` (tests, fixtures, policy files).
+impl From<&serde_json::Value> for Value {
+    fn from(v: &serde_json::Value) -> Self {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Value::I64(i)
+                } else if let Some(u) = n.as_u64() {
+                    Value::U64(u)
+                } else {
+                    Value::F64(n.as_f64().unwrap_or(f64::NAN))
+                }
+            }
+            serde_json::Value::String(s) => Value::String(s.as_str().into()),
+            serde_json::Value::Array(items) => {
+                Value::Array(items.iter().map(Value::from).collect())
+            }
+            serde_json::Value::Object(map) => Value::Object(Map::from_entries(
+                map.iter()
+                    .map(|(k, v)| (k.as_str().into(), Value::from(v)))
+                    .collect(),
+            )),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tapes
+
+/// The number of tape nodes that the value starting at `nodes[0]` spans (itself included).
+pub fn tape_span(nodes: &[Node<'_>]) -> usize {
+    match nodes.first() {
+        Some(Node::Object { count, .. }) | Some(Node::Array { count, .. }) => count + 1,
+        Some(_) => 1,
+        None => 0,
+    }
+}
+
+/// The container nesting depth of the value at `nodes[0]`: 0 for a scalar, 1 for an object or
+/// array holding only scalars, and so on. Iterative, so any depth is safe.
+pub fn tape_depth(nodes: &[Node<'_>]) -> usize {
+    let end = tape_span(nodes).min(nodes.len());
+    // Each open container and the index at which it ends.
+    let mut open_until: Vec<usize> = Vec::new();
+    let mut max_depth = 0;
+    for (i, node) in nodes[..end].iter().enumerate() {
+        while open_until.last().is_some_and(|&until| i >= until) {
+            open_until.pop();
+        }
+        if let Node::Object { count, .. } | Node::Array { count, .. } = node {
+            open_until.push(i + 1 + count);
+            max_depth = max_depth.max(open_until.len());
+        }
+    }
+    max_depth
+}
+
+/// Converts the value at `nodes[0]` into a [`Value`], dropping every `$metadata` key at any
+/// depth. The caller bounds the depth first ([`tape_depth`]): this recurses.
+pub fn from_tape(nodes: &[Node<'_>]) -> Value {
+    match nodes.first() {
+        Some(Node::Static(s)) => from_static(*s),
+        Some(Node::String(s)) => Value::String((*s).into()),
+        Some(Node::Array { len, .. }) => {
+            let mut items = Vec::with_capacity(*len);
+            let mut i = 1;
+            for _ in 0..*len {
+                items.push(from_tape(&nodes[i..]));
+                i += tape_span(&nodes[i..]);
+            }
+            Value::Array(items)
+        }
+        Some(Node::Object { .. }) => Value::Object(map_from_tape(nodes)),
+        None => Value::Null,
+    }
+}
+
+/// Converts an object on the tape into a [`Map`] (an empty map for anything else).
+pub fn map_from_tape(nodes: &[Node<'_>]) -> Map {
+    let mut entries = Vec::new();
+    for (key, value) in object_entries(nodes) {
+        if key != METADATA_KEY {
+            entries.push((key.into(), from_tape(value)));
+        }
+    }
+    Map::from_entries(entries)
+}
+
+fn from_static(s: StaticNode) -> Value {
+    match s {
+        StaticNode::Null => Value::Null,
+        StaticNode::Bool(b) => Value::Bool(b),
+        StaticNode::I64(n) => Value::I64(n),
+        StaticNode::U64(n) => Value::U64(n),
+        StaticNode::F64(n) => Value::F64(n),
+        #[allow(unreachable_patterns)]
+        _ => Value::Null,
+    }
+}
+
+/// The entries of the object at `nodes[0]`: each key with the tape slice of its value.
+pub fn object_entries<'t, 'i>(nodes: &'t [Node<'i>]) -> ObjectEntries<'t, 'i> {
+    match nodes.first() {
+        Some(Node::Object { len, .. }) => ObjectEntries {
+            nodes,
+            next: 1,
+            remaining: *len,
+        },
+        _ => ObjectEntries {
+            nodes,
+            next: 0,
+            remaining: 0,
+        },
+    }
+}
+
+/// Iterator over an object's entries on a tape; see [`object_entries`].
+pub struct ObjectEntries<'t, 'i> {
+    nodes: &'t [Node<'i>],
+    next: usize,
+    remaining: usize,
+}
+
+impl<'t, 'i> Iterator for ObjectEntries<'t, 'i> {
+    type Item = (&'i str, &'t [Node<'i>]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let key = match self.nodes.get(self.next) {
+            Some(Node::String(key)) => *key,
+            _ => return None,
+        };
+        let value = &self.nodes[self.next + 1..];
+        self.next += 1 + tape_span(value);
+        Some((key, value))
+    }
+}
+
+/// The value of `key` in the object at `nodes[0]`; of duplicate keys the last wins.
+pub fn tape_get<'t, 'i>(nodes: &'t [Node<'i>], key: &str) -> Option<&'t [Node<'i>]> {
+    object_entries(nodes)
+        .filter(|(k, _)| *k == key)
+        .last()
+        .map(|(_, v)| v)
+}
+
+pub fn tape_is_object(nodes: &[Node<'_>]) -> bool {
+    matches!(nodes.first(), Some(Node::Object { .. }))
+}
+
+pub fn tape_is_null(nodes: &[Node<'_>]) -> bool {
+    matches!(nodes.first(), Some(Node::Static(StaticNode::Null)))
+}
+
+/// RFC 7386 merge patch of the patch on the tape into `target`, with `$metadata` keys of the
+/// patch dropped at any depth (as if they had been removed from the patch first).
+pub fn merge_from_tape(target: &mut Value, patch: &[Node<'_>]) {
+    if tape_is_object(patch) {
+        if !matches!(target, Value::Object(_)) {
+            *target = Value::Object(Map::new());
+        }
+        let Value::Object(map) = target else {
+            unreachable!("the target was just made an object")
+        };
+        merge_map_from_tape(map, patch);
+    } else {
+        *target = from_tape(patch);
+    }
+}
+
+/// [`merge_from_tape`] for a target that is an object and a patch that is one.
+pub fn merge_map_from_tape(target: &mut Map, patch: &[Node<'_>]) {
+    for (key, value) in object_entries(patch) {
+        if key == METADATA_KEY {
+            continue;
+        }
+        if tape_is_null(value) {
+            target.remove(key);
+        } else {
+            let slot = target.entry_or_insert_with(key, || Value::Null);
+            merge_from_tape(slot, value);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Binary codec
+
+const TAG_NULL: u8 = 0;
+const TAG_FALSE: u8 = 1;
+const TAG_TRUE: u8 = 2;
+const TAG_I64: u8 = 3;
+const TAG_U64: u8 = 4;
+const TAG_F64: u8 = 5;
+const TAG_STRING: u8 = 6;
+const TAG_ARRAY: u8 = 7;
+const TAG_OBJECT: u8 = 8;
+
+/// Deeper data than this is refused by the decoder (the encoder only ever sees bodies that
+/// decoding bounded to 64 levels).
+const MAX_DECODE_DEPTH: usize = 128;
+
+/// Stored bytes that do not decode: a corrupt or foreign record.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt twin document at byte {offset}")]
+pub struct CodecError {
+    pub offset: usize,
+}
+
+impl Map {
+    /// Appends the binary encoding of this object to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.len() as u64);
+        for (k, v) in self.iter() {
+            put_str(out, k);
+            v.encode(out);
+        }
+    }
+
+    /// Decodes an object written by [`Map::encode`]; the whole input must be used.
+    pub fn decode(bytes: &[u8]) -> Result<Map, CodecError> {
+        let mut reader = Reader { bytes, pos: 0 };
+        let map = reader.map(0)?;
+        if reader.pos != bytes.len() {
+            return Err(CodecError { offset: reader.pos });
+        }
+        Ok(map)
+    }
+}
+
+impl Value {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Value::Null => out.push(TAG_NULL),
+            Value::Bool(false) => out.push(TAG_FALSE),
+            Value::Bool(true) => out.push(TAG_TRUE),
+            Value::I64(n) => {
+                out.push(TAG_I64);
+                put_varint(out, ((n << 1) ^ (n >> 63)) as u64);
+            }
+            Value::U64(n) => {
+                out.push(TAG_U64);
+                put_varint(out, *n);
+            }
+            Value::F64(n) => {
+                out.push(TAG_F64);
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            Value::String(s) => {
+                out.push(TAG_STRING);
+                put_str(out, s);
+            }
+            Value::Array(items) => {
+                out.push(TAG_ARRAY);
+                put_varint(out, items.len() as u64);
+                for item in items {
+                    item.encode(out);
+                }
+            }
+            Value::Object(map) => {
+                out.push(TAG_OBJECT);
+                map.encode(out);
+            }
+        }
+    }
+}
+
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn error(&self) -> CodecError {
+        CodecError { offset: self.pos }
+    }
+
+    fn byte(&mut self) -> Result<u8, CodecError> {
+        let b = *self.bytes.get(self.pos).ok_or_else(|| self.error())?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, CodecError> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            n |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(n);
+            }
+        }
+        Err(self.error())
+    }
+
+    fn len(&mut self) -> Result<usize, CodecError> {
+        let n = self.varint()?;
+        // Every element takes at least one byte: a longer length is corrupt, and this bound
+        // keeps a corrupt length from reserving unbounded memory.
+        if n > (self.bytes.len() - self.pos) as u64 {
+            return Err(self.error());
+        }
+        Ok(n as usize)
+    }
+
+    fn str(&mut self) -> Result<&'a str, CodecError> {
+        let n = self.len()?;
+        let raw = &self.bytes[self.pos..self.pos + n];
+        let s = std::str::from_utf8(raw).map_err(|_| self.error())?;
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn map(&mut self, depth: usize) -> Result<Map, CodecError> {
+        if depth > MAX_DECODE_DEPTH {
+            return Err(self.error());
+        }
+        let n = self.len()?;
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = self.str()?;
+            let value = self.value(depth + 1)?;
+            entries.push((Box::<str>::from(key), value));
+        }
+        if !entries.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
+            return Err(self.error());
+        }
+        Ok(Map { entries })
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, CodecError> {
+        if depth > MAX_DECODE_DEPTH {
+            return Err(self.error());
+        }
+        Ok(match self.byte()? {
+            TAG_NULL => Value::Null,
+            TAG_FALSE => Value::Bool(false),
+            TAG_TRUE => Value::Bool(true),
+            TAG_I64 => {
+                let z = self.varint()?;
+                Value::I64(((z >> 1) as i64) ^ -((z & 1) as i64))
+            }
+            TAG_U64 => Value::U64(self.varint()?),
+            TAG_F64 => {
+                let end = self.pos + 8;
+                let raw = self.bytes.get(self.pos..end).ok_or_else(|| self.error())?;
+                let n = f64::from_le_bytes(raw.try_into().expect("the slice has 8 bytes"));
+                self.pos = end;
+                Value::F64(n)
+            }
+            TAG_STRING => Value::String(self.str()?.into()),
+            TAG_ARRAY => {
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            TAG_OBJECT => Value::Object(self.map(depth + 1)?),
+            _ => {
+                return Err(CodecError {
+                    offset: self.pos - 1,
+                })
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tape_value(json: &str) -> Value {
+        let mut bytes = json.as_bytes().to_vec();
+        let tape = simd_json::to_tape(&mut bytes).expect("valid json");
+        from_tape(&tape.0)
+    }
+
+    fn json(v: &Value) -> serde_json::Value {
+        serde_json::to_value(v).expect("serializable")
+    }
+
+    #[test]
+    fn metadata_is_dropped_at_every_depth() {
+        let v = tape_value(
+            r#"{"a":{"$metadata":{"x":1},"b":[{"$metadata":2,"c":3}]},"$metadata":{},"$version":4}"#,
+        );
+        assert_eq!(
+            json(&v),
+            serde_json::json!({"a":{"b":[{"c":3}]},"$version":4})
+        );
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7386() {
+        // The examples of RFC 7386 section 3, with $metadata added to the patch.
+        let mut target = tape_value(
+            r#"{"title":"Goodbye!","author":{"givenName":"John","familyName":"Doe"},"tags":["example","sample"],"content":"This will be unchanged"}"#,
+        );
+        let mut patch = br#"{"title":"Hello!","phoneNumber":"+01-234-567-8910","author":{"familyName":null,"$metadata":1},"tags":["example"]}"#.to_vec();
+        let tape = simd_json::to_tape(&mut patch).expect("valid json");
+        merge_from_tape(&mut target, &tape.0);
+        assert_eq!(
+            json(&target),
+            serde_json::json!({"title":"Hello!","author":{"givenName":"John"},"tags":["example"],"content":"This will be unchanged","phoneNumber":"+01-234-567-8910"})
+        );
+    }
+
+    #[test]
+    fn merge_into_non_object_target_starts_from_empty() {
+        let mut target = Value::I64(5);
+        let mut patch = br#"{"a":{"b":null,"c":1}}"#.to_vec();
+        let tape = simd_json::to_tape(&mut patch).expect("valid json");
+        merge_from_tape(&mut target, &tape.0);
+        assert_eq!(json(&target), serde_json::json!({"a":{"c":1}}));
+    }
+
+    #[test]
+    fn codec_round_trips() {
+        let v = tape_value(
+            r#"{"s":"x\u0000y","n":-5,"u":18446744073709551615,"f":1.5,"b":true,"z":null,"a":[1,[2,{"k":"v"}]],"e":{}}"#,
+        );
+        let Value::Object(map) = v else {
+            panic!("object")
+        };
+        let mut bytes = Vec::new();
+        map.encode(&mut bytes);
+        assert_eq!(Map::decode(&bytes).expect("decodes"), map);
+        for cut in 0..bytes.len() {
+            assert!(
+                Map::decode(&bytes[..cut]).is_err(),
+                "prefix {cut} must not decode"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last() {
+        let v = tape_value(r#"{"a":1,"b":2,"a":3}"#);
+        assert_eq!(json(&v), serde_json::json!({"a":3,"b":2}));
+    }
+
+    #[test]
+    fn depth_counts_containers() {
+        let depth = |s: &str| {
+            let mut bytes = s.as_bytes().to_vec();
+            let tape = simd_json::to_tape(&mut bytes).expect("valid json");
+            tape_depth(&tape.0)
+        };
+        assert_eq!(depth("1"), 0);
+        assert_eq!(depth("{}"), 1);
+        assert_eq!(depth(r#"{"a":[1,{"b":{}}],"c":{}}"#), 4);
+        assert_eq!(depth(r#"[[],[[]],{}]"#), 3);
+    }
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert_eq!(Value::I64(1), Value::F64(1.0));
+        assert_eq!(Value::U64(7), Value::I64(7));
+        assert_ne!(Value::F64(1.5), Value::I64(1));
+    }
+}

@@ -1,0 +1,141 @@
+//! The real binary, killed: a replay SIGKILLed at random moments and started again with the
+//! same arguments ends with the same export as an uninterrupted run, and replaying the same
+//! files again changes nothing.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use crate::support::binary;
+
+fn twinwatch(args: &[&str]) -> std::process::Output {
+    let output = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run twinwatch");
+    assert!(
+        output.status.success(),
+        "twinwatch {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn generate(dir: &Path, devices: u64, events: u64) -> std::path::PathBuf {
+    let fleet = dir.join("fleet.json");
+    twinwatch(&[
+        "generate",
+        "--devices",
+        &devices.to_string(),
+        "--events",
+        &events.to_string(),
+        "--seed",
+        "7",
+        "--noise",
+        "0.05",
+        "--out",
+        path(&fleet),
+    ]);
+    fleet
+}
+
+#[test]
+fn a_replay_killed_repeatedly_ends_with_the_same_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate(dir.path(), 20_000, 200_000);
+    let clean = dir.path().join("clean");
+    let started = Instant::now();
+    twinwatch(&[
+        "replay",
+        "--data-dir",
+        path(&clean),
+        "--batch-size",
+        "500",
+        path(&fleet),
+    ]);
+    let uninterrupted = started.elapsed();
+
+    let killed = dir.path().join("killed");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let mut kills = 0;
+    for attempt in 0..40 {
+        let mut child = Command::new(binary())
+            .args([
+                "replay",
+                "--data-dir",
+                path(&killed),
+                "--batch-size",
+                "500",
+                path(&fleet),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn replay");
+        // Early attempts die at a random point of the first half of a whole run's time (a
+        // restart also pays for opening the store); later ones are left to finish.
+        if attempt < 6 {
+            let fraction = rng.gen_range(0.05..0.5);
+            std::thread::sleep(
+                uninterrupted
+                    .mul_f64(fraction)
+                    .max(Duration::from_millis(30)),
+            );
+        } else {
+            let status = child.wait().expect("wait");
+            assert!(status.success(), "the final replay failed: {status}");
+            break;
+        }
+        match child.try_wait().expect("try_wait") {
+            Some(status) => assert!(status.success(), "replay failed: {status}"),
+            None => {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap");
+                kills += 1;
+            }
+        }
+    }
+    assert!(kills >= 3, "only {kills} replays were killed mid-way");
+    let expected = twinwatch(&["export", "--data-dir", path(&clean)]).stdout;
+    let actual = twinwatch(&["export", "--data-dir", path(&killed)]).stdout;
+    assert!(!expected.is_empty());
+    assert!(
+        expected == actual,
+        "the export after {kills} kills differs from the uninterrupted run"
+    );
+    let expected = twinwatch(&["deadletters", "--data-dir", path(&clean)]).stdout;
+    let actual = twinwatch(&["deadletters", "--data-dir", path(&killed)]).stdout;
+    assert!(!expected.is_empty());
+    assert!(expected == actual, "the dead letters differ");
+}
+
+#[test]
+fn replaying_the_same_files_again_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate(dir.path(), 500, 5_000);
+    let data = dir.path().join("data");
+    let summary = dir.path().join("summary.json");
+    twinwatch(&["replay", "--data-dir", path(&data), path(&fleet)]);
+    let first = twinwatch(&["export", "--data-dir", path(&data)]).stdout;
+    twinwatch(&[
+        "replay",
+        "--data-dir",
+        path(&data),
+        "--summary",
+        path(&summary),
+        path(&fleet),
+    ]);
+    let second = twinwatch(&["export", "--data-dir", path(&data)]).stdout;
+    assert!(first == second, "a second replay changed the export");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary")).expect("json");
+    assert_eq!(summary["messages"], 0, "{summary}");
+}

@@ -1,0 +1,147 @@
+//! Shared helpers: building storage-route JSON lines from a compact case notation, running
+//! the real pipeline into a temporary RocksDB, and reading its outputs back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+use twinwatch::app::replay::{replay, ReplayReport};
+use twinwatch::pipeline::EngineOptions;
+use twinwatch::store::{Store, StoreOptions};
+use twinwatch::twin::export_value;
+
+pub const HUB: &str = "hub";
+
+/// Expands one message of a case file into a line of the storage-route JSON encoding.
+///
+/// Forms: `{"text": "..."}` is the raw line; `{"line": {...}}` the whole line object;
+/// otherwise a shorthand `{"op", "device", "module"?, "time"?, "version"?, "body"?,
+/// "properties"?, "system"?}` where `version` goes into the body, and `properties` and
+/// `system` are merged over the generated ones (a `null` removes a key).
+pub fn expand(message: &Value) -> String {
+    if let Some(text) = message.get("text").and_then(Value::as_str) {
+        return text.to_owned();
+    }
+    if let Some(line) = message.get("line") {
+        return line.to_string();
+    }
+    let op = message["op"].as_str().unwrap_or("updateTwin");
+    let (schema, source) = match op {
+        "updateTwin" | "replaceTwin" => ("twinChangeNotification", "twinChangeEvents"),
+        _ => ("deviceLifecycleNotification", "deviceLifecycleEvents"),
+    };
+    let device = message["device"].as_str().unwrap_or("d1");
+    let time = message["time"]
+        .as_str()
+        .unwrap_or("2024-01-01T00:00:00.0000000Z");
+    let mut properties = json!({
+        "hubName": HUB, "deviceId": device, "opType": op,
+        "iothub-message-schema": schema, "operationTimestamp": time,
+    });
+    let mut system = json!({
+        "connectionDeviceId": device, "enqueuedTime": time,
+        "contentType": "application/json", "contentEncoding": "utf-8",
+        "iothub-message-source": source,
+    });
+    if let Some(module) = message.get("module").and_then(Value::as_str) {
+        properties["moduleId"] = json!(module);
+        system["connectionModuleId"] = json!(module);
+    }
+    let mut body = message.get("body").cloned().unwrap_or_else(|| json!({}));
+    if let (Some(version), Some(obj)) = (message.get("version"), body.as_object_mut()) {
+        obj.insert("version".into(), version.clone());
+    }
+    overlay(&mut properties, message.get("properties"));
+    overlay(&mut system, message.get("system"));
+    let mut line = json!({
+        "EnqueuedTimeUtc": time,
+        "Properties": properties,
+        "SystemProperties": system,
+        "Body": body,
+    });
+    if let Some(extra) = message.get("envelope").and_then(Value::as_object) {
+        for (k, v) in extra {
+            if v.is_null() {
+                line.as_object_mut().expect("object").remove(k);
+            } else {
+                line[k] = v.clone();
+            }
+        }
+    }
+    line.to_string()
+}
+
+fn overlay(target: &mut Value, patch: Option<&Value>) {
+    let (Some(target), Some(Value::Object(patch))) = (target.as_object_mut(), patch) else {
+        return;
+    };
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            target.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// Writes lines to a file.
+pub fn write_lines(path: &Path, lines: &[String]) {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).expect("write input");
+}
+
+/// Replays files into `data_dir` with the library's pipeline and real RocksDB.
+pub fn replay_files(data_dir: &Path, files: &[PathBuf], options: EngineOptions) -> ReplayReport {
+    let store = Store::open(data_dir, &StoreOptions::default()).expect("open store");
+    replay(Arc::new(store), files, options).expect("replay")
+}
+
+/// Every twin of a data directory in export form.
+pub fn export(data_dir: &Path) -> Vec<Value> {
+    let store = Store::open_read_only(data_dir).expect("open read-only");
+    store
+        .twins()
+        .expect("iterate")
+        .map(|item| {
+            let (key, record) = item.expect("twin");
+            serde_json::to_value(export_value(key.as_key(), record.version, &record.doc))
+                .expect("json")
+        })
+        .collect()
+}
+
+/// Every dead letter of a data directory as `{"record", "reason"}`.
+pub fn dead_letters(data_dir: &Path) -> Vec<Value> {
+    let store = Store::open_read_only(data_dir).expect("open read-only");
+    store
+        .dead_letters()
+        .expect("iterate")
+        .map(|item| {
+            let (_, index, record) = item.expect("dead letter");
+            json!({"record": index, "reason": record.reason})
+        })
+        .collect()
+}
+
+/// The counts a summary file holds.
+pub fn summary(report: &ReplayReport) -> Value {
+    let c = &report.counters;
+    let dead: Map<String, Value> = c
+        .dead_lettered
+        .iter()
+        .map(|(r, n)| (r.as_str().to_owned(), json!(n)))
+        .collect();
+    json!({"messages": c.messages, "applied": c.applied, "stale": c.stale, "ignored": c.ignored, "dead_lettered": dead})
+}
+
+/// The path of the built binary (cargo builds it for integration tests).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_twinwatch"))
+}
+
+pub fn data_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(relative)
+}
