@@ -152,10 +152,10 @@ pub fn replay(
     } else {
         ProgressBar::hidden()
     };
-    let (events, reader) = spawn_reader(starts)?;
+    let reader = spawn_reader(starts)?;
     let mut failed = Vec::new();
     loop {
-        let event = match events.recv_timeout(tick) {
+        let event = match reader.events.recv_timeout(tick) {
             Ok(event) => event,
             Err(RecvTimeoutError::Timeout) => {
                 engine.tick()?;
@@ -167,13 +167,14 @@ pub fn replay(
             ReadEvent::Chunk(chunk) => {
                 let handle = handles[chunk.file];
                 for (i, &(start, end)) in chunk.lines.iter().enumerate() {
-                    let line = &chunk.data[start as usize..end as usize];
+                    let raw = &chunk.data[start as usize..end as usize];
                     let next_offset = chunk.base_offset + u64::from(chunk.line_ends[i]);
-                    engine.ingest_json_line(
+                    engine.ingest_parsed_line(
                         handle,
                         chunk.first_record + i as u64,
                         next_offset,
-                        line,
+                        chunk.parsed.line_nodes(i),
+                        raw,
                     )?;
                 }
                 progress.inc(chunk.data.len() as u64);
@@ -182,6 +183,9 @@ pub fn replay(
                     "{:.0} msg/s",
                     engine.counters().messages as f64 / seconds
                 ));
+                // The reader may have stopped already; then the buffers are simply dropped.
+                let _ = reader.recycle.try_send(chunk.data);
+                let _ = reader.recycle.try_send(chunk.parsed.into_buffer());
             }
             ReadEvent::FileEnd {
                 file,
@@ -199,6 +203,7 @@ pub fn replay(
         }
     }
     reader
+        .handle
         .join()
         .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
     let counters = engine.finish()?;

@@ -190,7 +190,8 @@ impl Engine {
     }
 
     /// One line of a storage-route JSON file: record `index` of `source`, ending at
-    /// `next_byte_offset`.
+    /// `next_byte_offset`. Parses the line; see [`Engine::ingest_parsed_line`] for lines
+    /// parsed elsewhere.
     pub fn ingest_json_line(
         &mut self,
         source: SourceHandle,
@@ -213,25 +214,26 @@ impl Engine {
             &mut self.buffers,
             &mut tape,
         );
-        let state = &mut self.state;
-        let message = match parsed {
-            Ok(()) => StorageJsonMessage::new(&tape.0, line.len()),
-            Err(_) => None,
-        };
-        let result = match message {
-            Some(message) => state.handle(source, index, &message, line),
-            None => {
-                state.counters.messages += 1;
-                state.dead_letter(source, index, DeadLetterReason::BadRecord, line)
-            }
-        };
+        let nodes = parsed.ok().map(|()| &tape.0[..]);
+        let result = self
+            .state
+            .ingest_line(source, index, next_byte_offset, nodes, line);
         self.spare_tape = Some(tape.reset());
-        result?;
-        let checkpoint = &mut self.state.sources[source.0];
-        checkpoint.checkpoint.next_index = index + 1;
-        checkpoint.checkpoint.byte_offset = Some(next_byte_offset);
-        checkpoint.dirty = true;
-        self.state.after_message()
+        result
+    }
+
+    /// One line of a storage-route JSON file, already parsed (`nodes` is `None` when it is
+    /// not JSON); `raw` is the line as read, kept for a dead letter.
+    pub fn ingest_parsed_line(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        next_byte_offset: u64,
+        nodes: Option<&[Node<'_>]>,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        self.state
+            .ingest_line(source, index, next_byte_offset, nodes, raw)
     }
 
     /// Marks a source's position without a message (a file's end, past blank lines).
@@ -268,6 +270,28 @@ impl Engine {
 }
 
 impl State {
+    fn ingest_line(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        next_byte_offset: u64,
+        nodes: Option<&[Node<'_>]>,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        match nodes.and_then(|nodes| StorageJsonMessage::new(nodes, raw.len())) {
+            Some(message) => self.handle(source, index, &message, raw)?,
+            None => {
+                self.counters.messages += 1;
+                self.dead_letter(source, index, DeadLetterReason::BadRecord, raw)?;
+            }
+        }
+        let checkpoint = &mut self.sources[source.0];
+        checkpoint.checkpoint.next_index = index + 1;
+        checkpoint.checkpoint.byte_offset = Some(next_byte_offset);
+        checkpoint.dirty = true;
+        self.after_message()
+    }
+
     fn handle<'a>(
         &mut self,
         source: SourceHandle,

@@ -22,16 +22,19 @@ use crate::value::Map;
 
 type FastMap<K, V> = HashMap<K, V, RandomState>;
 
-/// Every key's slot, by hub, then device, then module id (a device's twins sorted).
+/// A device's twins: module id (`""` for the device twin) and slot, sorted by module id.
+type DeviceTwins = Vec<(Box<str>, Slot)>;
+
+/// Every key's slot, by hub, then device, then module id.
 #[derive(Default)]
 pub struct Directory {
-    hubs: FastMap<Box<str>, FastMap<Box<str>, Vec<(Box<str>, Slot)>>>,
+    hubs: FastMap<Box<str>, FastMap<Box<str>, DeviceTwins>>,
     n_live: usize,
     n_dead: usize,
 }
 
 impl Directory {
-    fn device(&self, hub: &str, device_id: &str) -> Option<&Vec<(Box<str>, Slot)>> {
+    fn device(&self, hub: &str, device_id: &str) -> Option<&DeviceTwins> {
         self.hubs.get(hub)?.get(device_id)
     }
 
@@ -106,6 +109,8 @@ enum Pending {
         version: i64,
         created_at: Option<Ticks>,
         doc: Map,
+        /// The key had a tombstone, which the write must delete.
+        clear_tombstone: bool,
     },
     Dead {
         version: i64,
@@ -162,20 +167,25 @@ impl Snapshot {
     pub fn drain_into(&mut self, batch: &mut Batch, batch_no: u64) -> Result<(), StoreError> {
         let mut in_flight =
             InFlight::with_capacity_and_hasher(self.pending.len(), RandomState::default());
+        // Keys in order: RocksDB inserts sorted keys into its memtable skiplist much faster
+        // (each insert starts from the last one's position).
+        let mut pending: Vec<(Box<[u8]>, Pending)> = self.pending.drain().collect();
+        pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut buf = Vec::with_capacity(1024);
-        for (key, pending) in self.pending.drain() {
+        for (key, pending) in pending {
             match pending {
                 Pending::Live {
                     version,
                     created_at,
                     doc,
+                    clear_tombstone,
                 } => {
                     buf.clear();
                     encode_twin(version, created_at, &doc, &mut buf);
                     self.store.put_twin(batch, &key, &buf)?;
-                    // A live twin has no tombstone; deleting an absent key is harmless, and
-                    // cheaper than tracking which keys had one.
-                    self.store.delete_tombstone(batch, &key)?;
+                    if clear_tombstone {
+                        self.store.delete_tombstone(batch, &key)?;
+                    }
                     let encoded: Encoded = Arc::from(&buf[..]);
                     if let Some(old) = self.cache.put(key.clone(), encoded.clone()) {
                         self.cache_bytes -= old.len() + key.len();
@@ -255,6 +265,7 @@ impl Twins for Snapshot {
     }
 
     fn put_live(&mut self, key: TwinKey<'_>, version: i64, created_at: Option<Ticks>, doc: Map) {
+        let had_tombstone = matches!(self.directory.slot(key), Some(Slot::Dead { .. }));
         self.directory.set(
             key,
             Slot::Live {
@@ -263,14 +274,33 @@ impl Twins for Snapshot {
             },
         );
         self.encode_key(key);
-        let pending = Pending::Live {
-            version,
-            created_at,
-            doc,
-        };
         match self.pending.get_mut(&self.key_buf[..]) {
-            Some(slot) => *slot = pending,
+            Some(slot) => {
+                // A tombstone written by an earlier batch stays to be deleted even after the
+                // key went dead and live again within this one.
+                let clear_tombstone = had_tombstone
+                    || matches!(
+                        slot,
+                        Pending::Live {
+                            clear_tombstone: true,
+                            ..
+                        }
+                    )
+                    || matches!(slot, Pending::Dead { .. });
+                *slot = Pending::Live {
+                    version,
+                    created_at,
+                    doc,
+                    clear_tombstone,
+                };
+            }
             None => {
+                let pending = Pending::Live {
+                    version,
+                    created_at,
+                    doc,
+                    clear_tombstone: had_tombstone,
+                };
                 self.pending.insert(self.key_buf.as_slice().into(), pending);
             }
         }

@@ -78,14 +78,16 @@ impl PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.file)?;
+        let mut line = format!("{}: ", self.file);
         if let Some(rule) = &self.rule {
-            write!(f, "rule {rule}: ")?;
+            line.push_str(&format!("rule {rule}: "));
         }
         if !self.at.is_empty() {
-            write!(f, "{}: ", self.at)?;
+            line.push_str(&format!("{}: ", self.at));
         }
-        write!(f, "{}", self.problem)
+        line.push_str(&self.problem.to_string());
+        // One line per error, whatever the policy text quoted in it holds.
+        f.write_str(&line.replace('\n', "\\n").replace('\r', "\\r"))
     }
 }
 

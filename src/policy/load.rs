@@ -221,11 +221,18 @@ fn describe_key(key: &Yaml) -> String {
     }
 }
 
-/// A short rendering of a YAML value for a message.
+/// A short rendering of a YAML value for a message: a string as it is, anything else as
+/// compact JSON (or, if it is not JSON, as YAML on one line).
 fn describe(yaml: &Yaml) -> String {
-    match serde_yaml_ng::to_string(yaml) {
-        Ok(text) => text.trim_end().to_string(),
-        Err(_) => "?".to_string(),
+    if let Yaml::String(text) = yaml {
+        return text.clone();
+    }
+    match to_value(yaml) {
+        Ok(value) => value.to_string(),
+        Err(_) => match serde_yaml_ng::to_string(yaml) {
+            Ok(text) => text.split_whitespace().collect::<Vec<_>>().join(" "),
+            Err(_) => "?".to_string(),
+        },
     }
 }
 
@@ -544,28 +551,31 @@ fn compile_test(place: &mut Place<'_>, at: &str, fields: &serde_yaml_ng::Mapping
             }
         }
         OpKind::Duration(order) => {
-            let left_default = match default_yaml {
-                Some(yaml) => Some(compile_duration(place, &format!("{at}.default"), yaml)?),
-                None => None,
+            // Every operand is checked before giving up, so that all their problems show.
+            let mut ok = true;
+            let mut duration = |place: &mut Place<'_>, field: &str, yaml: Option<&Yaml>| {
+                let parsed =
+                    yaml.map(|yaml| compile_duration(place, &format!("{at}.{field}"), yaml));
+                ok &= !matches!(parsed, Some(None));
+                parsed.flatten()
             };
-            let rhs = match (value, other) {
-                (Some(yaml), _) => {
-                    DurationOperand::Literal(compile_duration(place, &format!("{at}.value"), yaml)?)
-                }
-                (None, Some(other)) => {
-                    let pointer = compile_pointer(place, &format!("{at}.other"), other)?;
-                    let default = match other_default {
-                        Some(yaml) => Some(compile_duration(
-                            place,
-                            &format!("{at}.other_default"),
-                            yaml,
-                        )?),
-                        None => None,
-                    };
-                    DurationOperand::Other { pointer, default }
-                }
-                (None, None) => unreachable!("a missing operand was reported above"),
+            let left_default = duration(place, "default", default_yaml);
+            let literal = duration(place, "value", value);
+            let pointer =
+                other.and_then(|other| compile_pointer(place, &format!("{at}.other"), other));
+            let other_default = duration(place, "other_default", other_default);
+            let rhs = match (literal, pointer) {
+                (Some(literal), _) => DurationOperand::Literal(literal),
+                (None, Some(pointer)) => DurationOperand::Other {
+                    pointer,
+                    default: other_default,
+                },
+                // A problem with the operand was reported.
+                (None, None) => return None,
             };
+            if !ok {
+                return None;
+            }
             Check::Duration {
                 default: left_default,
                 rhs,

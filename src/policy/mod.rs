@@ -10,7 +10,8 @@
 //! - everything that can be checked in a policy is checked at load, and every problem of every
 //!   file is reported, each naming its file and rule;
 //! - evaluation re-parses nothing and allocates nothing (except for a test on the empty
-//!   pointer, which needs the whole exported twin built);
+//!   pointer, which needs the whole exported twin built), and looks each pointer prefix that
+//!   several tests share up once per twin;
 //! - a twin value that does not fit an op makes the test false, never an error.
 
 mod condition;
@@ -27,8 +28,14 @@ use std::path::PathBuf;
 use crate::value::{Map, Value};
 
 use condition::Condition;
-use pointer::{Pointer, Resolver};
 pub use error::{PolicyError, PolicyErrors, PolicyProblem};
+use pointer::{Pointer, Resolver};
+
+// The pipeline may share one compiled policy between threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Policy>();
+};
 
 /// The built-in pack's text, and the name its problems would be reported under.
 const BASELINE_NAME: &str = "policies/security-twin-baseline.yaml";

@@ -161,7 +161,11 @@ impl Pointer {
         Some(node)
     }
 
-    fn resolve_head<'r, 'a: 'r>(&self, twin: &TwinView<'a>, root: Option<&'r Value>) -> Option<Node<'r>> {
+    fn resolve_head<'r, 'a: 'r>(
+        &self,
+        twin: &TwinView<'a>,
+        root: Option<&'r Value>,
+    ) -> Option<Node<'r>> {
         let is_device_twin = twin.module_id.is_empty();
         Some(match self.head {
             Head::Root => Node::Json(root?),
@@ -199,7 +203,11 @@ pub(crate) fn share_prefixes(pointers: &mut [&mut Pointer]) -> Vec<Pointer> {
         .filter(|(_, (count, _))| *count >= 2)
         .map(|(prefix, (count, first_seen))| (prefix, count, first_seen))
         .collect();
-    shared.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.len().cmp(&b.0.len())).then(a.2.cmp(&b.2)));
+    shared.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then(a.0.len().cmp(&b.0.len()))
+            .then(a.2.cmp(&b.2))
+    });
     shared.truncate(MAX_CACHED_PREFIXES);
     // Slots in order of length, so that each slot's prefixes come before it.
     shared.sort_by(|a, b| a.0.len().cmp(&b.0.len()).then(a.2.cmp(&b.2)));
@@ -218,7 +226,10 @@ pub(crate) fn share_prefixes(pointers: &mut [&mut Pointer]) -> Vec<Pointer> {
     for (prefix, _, _) in &shared {
         let source = pointers
             .iter()
-            .find(|p| p.tokens.len() >= prefix.len() && p.tokens.iter().zip(prefix).all(|(t, k)| &*t.key == *k))
+            .find(|p| {
+                p.tokens.len() >= prefix.len()
+                    && p.tokens.iter().zip(prefix).all(|(t, k)| &*t.key == *k)
+            })
             .expect("every shared prefix comes from a pointer");
         let mut pointer = Pointer::from_tokens(source.tokens[..prefix.len()].to_vec());
         // Strictly shorter, so that resolving a slot never needs itself.

@@ -73,9 +73,12 @@ fn check(input: Input<'_>, expected: &Yaml) -> Result<(), String> {
             let mut pointers = Vec::new();
             condition.for_each_pointer(&mut |pointer| pointers.push(pointer));
             let prefixes = share_prefixes(&mut pointers);
-            let cached = twin.with_view(|view| condition.holds(&mut Resolver::new(*view, &prefixes)));
+            let cached =
+                twin.with_view(|view| condition.holds(&mut Resolver::new(*view, &prefixes)));
             if cached != actual {
-                return Err(format!("holds = {actual}, but {cached} with cached prefixes"));
+                return Err(format!(
+                    "holds = {actual}, but {cached} with cached prefixes"
+                ));
             }
             let expected = expected
                 .as_bool()

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::parsed::{LineParser, ParsedLines};
+
 /// Bytes read from a file at a time.
 const BLOCK_BYTES: usize = 4 << 20;
 
@@ -73,6 +75,8 @@ pub struct Chunk {
     /// Each line's next-record byte offset (just past its terminator), relative to
     /// `base_offset`.
     pub line_ends: Vec<u32>,
+    /// The lines parsed (from a copy: `data` stays as read, for dead letters).
+    pub parsed: ParsedLines,
 }
 
 /// What the reader thread sends.
@@ -91,16 +95,24 @@ pub enum ReadEvent {
     },
 }
 
+/// The reader thread's channels: chunks come out of `events`; a chunk's `data` sent back on
+/// `recycle` is reused, which spares the reader a fresh (page-faulting) block per read.
+pub struct Reader {
+    pub events: Receiver<ReadEvent>,
+    pub recycle: Sender<Vec<u8>>,
+    pub handle: std::thread::JoinHandle<()>,
+}
+
 /// Starts the reader thread over `files`; it stops at the end or when the receiver is gone.
-pub fn spawn_reader(
-    files: Vec<FileStart>,
-) -> io::Result<(Receiver<ReadEvent>, std::thread::JoinHandle<()>)> {
+pub fn spawn_reader(files: Vec<FileStart>) -> io::Result<Reader> {
     let (tx, rx) = crossbeam_channel::bounded(4);
+    let (recycle, recycled) = crossbeam_channel::bounded(8);
     let handle = std::thread::Builder::new()
         .name("twinwatch-reader".into())
         .spawn(move || {
+            let mut parser = LineParser::default();
             for (i, start) in files.iter().enumerate() {
-                let keep_going = match read_file(i, start, &tx) {
+                let keep_going = match read_file(i, start, &tx, &recycled, &mut parser) {
                     Ok(keep_going) => keep_going,
                     Err(e) => tx
                         .send(ReadEvent::FileError {
@@ -114,11 +126,21 @@ pub fn spawn_reader(
                 }
             }
         })?;
-    Ok((rx, handle))
+    Ok(Reader {
+        events: rx,
+        recycle,
+        handle,
+    })
 }
 
 /// Reads one file into chunks; `Ok(false)` when the receiver is gone.
-fn read_file(file: usize, start: &FileStart, tx: &Sender<ReadEvent>) -> io::Result<bool> {
+fn read_file(
+    file: usize,
+    start: &FileStart,
+    tx: &Sender<ReadEvent>,
+    recycled: &Receiver<Vec<u8>>,
+    parser: &mut LineParser,
+) -> io::Result<bool> {
     let mut f = File::open(&start.path)?;
     let len = f.metadata()?.len();
     if start.byte_offset > len {
@@ -146,7 +168,9 @@ fn read_file(file: usize, start: &FileStart, tx: &Sender<ReadEvent>) -> io::Resu
     // Bytes of an incomplete last line carried into the next block.
     let mut carry: Vec<u8> = Vec::new();
     loop {
-        let mut data = Vec::with_capacity(carry.len() + BLOCK_BYTES);
+        let mut data = recycled.try_recv().unwrap_or_default();
+        data.clear();
+        data.reserve(carry.len() + BLOCK_BYTES);
         data.append(&mut carry);
         let before = data.len();
         let n = (&mut f).take(BLOCK_BYTES as u64).read_to_end(&mut data)?;
@@ -168,6 +192,10 @@ fn read_file(file: usize, start: &FileStart, tx: &Sender<ReadEvent>) -> io::Resu
         let n_lines = lines.len() as u64;
         let n_data = data.len() as u64;
         if !lines.is_empty() || eof {
+            let mut work = recycled.try_recv().unwrap_or_default();
+            work.clear();
+            work.extend_from_slice(&data);
+            let parsed = parser.parse(work, &lines);
             let chunk = Chunk {
                 file,
                 first_record: next_record,
@@ -175,6 +203,7 @@ fn read_file(file: usize, start: &FileStart, tx: &Sender<ReadEvent>) -> io::Resu
                 data,
                 lines,
                 line_ends,
+                parsed,
             };
             if tx.send(ReadEvent::Chunk(chunk)).is_err() {
                 return Ok(false);
@@ -194,7 +223,7 @@ fn read_file(file: usize, start: &FileStart, tx: &Sender<ReadEvent>) -> io::Resu
 }
 
 fn memrchr_newline(data: &[u8]) -> Option<usize> {
-    data.iter().rposition(|&b| b == b'\n')
+    memchr::memrchr(b'\n', data)
 }
 
 /// Splits whole lines; a line's end drops `\n` and a `\r` before it, and lines of only
@@ -204,7 +233,7 @@ fn split_lines(data: &[u8]) -> (Vec<(u32, u32)>, Vec<u32>) {
     let mut ends = Vec::new();
     let mut start = 0usize;
     while start < data.len() {
-        let newline = data[start..].iter().position(|&b| b == b'\n');
+        let newline = memchr::memchr(b'\n', &data[start..]);
         let (end, next) = match newline {
             Some(i) => (start + i, start + i + 1),
             None => (data.len(), data.len()),
@@ -246,14 +275,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f.json");
         std::fs::write(&path, b"{\"a\":1}\n\n{\"b\":2}\n{\"c\":3}").expect("write");
-        let (rx, handle) = spawn_reader(vec![FileStart {
+        let reader = spawn_reader(vec![FileStart {
             path: path.clone(),
             next_record: 1,
             byte_offset: 9,
         }])
         .expect("spawn");
         let mut seen = Vec::new();
-        for event in rx {
+        for event in reader.events {
             match event {
                 ReadEvent::Chunk(chunk) => {
                     for (i, &(s, e)) in chunk.lines.iter().enumerate() {
@@ -275,7 +304,7 @@ mod tests {
                 ReadEvent::FileError { error, .. } => panic!("{error}"),
             }
         }
-        handle.join().expect("reader");
+        reader.handle.join().expect("reader");
         assert_eq!(
             seen,
             vec![

@@ -1,0 +1,131 @@
+//! A block of JSON lines parsed into one simd-json tape, built on the reader thread and read
+//! on the apply thread, so parsing overlaps applying.
+//!
+//! A tape's strings point into the bytes it was parsed from (simd-json unescapes in place), so
+//! the tape and its buffer travel together in [`ParsedLines`]; the buffer is never touched
+//! again once parsed, and the tape is only lent out for as long as the block is borrowed.
+
+use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
+
+/// Lines of one block, each parsed into a slice of a shared tape.
+pub struct ParsedLines {
+    // Field order matters: `nodes` borrows from `buffer` and is dropped first.
+    nodes: Vec<Node<'static>>,
+    /// Per line, its nodes' range, or `None` where the line is not JSON.
+    spans: Vec<Option<(u32, u32)>>,
+    /// The parsed (partly unescaped) bytes: never read or written directly after parsing.
+    #[allow(dead_code)]
+    buffer: Vec<u8>,
+}
+
+/// Scratch space for parsing, reused across blocks.
+pub struct LineParser {
+    buffers: Buffers,
+    tape: Option<Tape<'static>>,
+}
+
+impl Default for LineParser {
+    fn default() -> Self {
+        Self {
+            // Any depth parses (the tape parser is iterative); decoding bounds bodies later.
+            buffers: Buffers::with_max_depth(1 << 16, usize::MAX >> 8),
+            tape: Some(Tape::null()),
+        }
+    }
+}
+
+impl LineParser {
+    /// Parses each `(start, end)` line of `buffer`, in place.
+    pub fn parse(&mut self, mut buffer: Vec<u8>, lines: &[(u32, u32)]) -> ParsedLines {
+        let len = buffer.len();
+        buffer.resize(len + INPUT_PADDING, 0);
+        let mut nodes: Vec<Node<'static>> = Vec::with_capacity(lines.len() * 48);
+        let mut spans = Vec::with_capacity(lines.len());
+        let base = buffer.as_mut_ptr();
+        let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
+        for &(start, end) in lines {
+            let (start, end) = (start as usize, end as usize);
+            debug_assert!(start <= end && end <= len);
+            // SAFETY: `start..end + INPUT_PADDING` lies inside `buffer` (`end <= len`, and
+            // the buffer was padded by INPUT_PADDING). simd-json writes only inside
+            // `start..end` (it leaves the padding unchanged), and the strings of earlier lines
+            // lie before `start`, so this mutable slice aliases no live shared borrow: it
+            // may cover later lines' bytes as padding, which nothing borrows yet.
+            let line = unsafe {
+                std::slice::from_raw_parts_mut(base.add(start), end - start + INPUT_PADDING)
+            };
+            match simd_json::fill_tape_padded(line, end - start, &mut self.buffers, &mut tape) {
+                Ok(()) => {
+                    let from = nodes.len() as u32;
+                    // SAFETY: the nodes borrow `buffer`'s heap block, which `ParsedLines`
+                    // owns, never moves (a Vec's heap block stays put when the Vec moves)
+                    // and never changes again; `line_nodes` lends them out only with the
+                    // lifetime of a borrow of the `ParsedLines`.
+                    nodes.extend(tape.0.drain(..).map(|node| unsafe {
+                        std::mem::transmute::<Node<'_>, Node<'static>>(node)
+                    }));
+                    spans.push(Some((from, nodes.len() as u32)));
+                }
+                Err(_) => {
+                    tape.0.clear();
+                    spans.push(None);
+                }
+            }
+        }
+        self.tape = Some(tape.reset());
+        ParsedLines {
+            nodes,
+            spans,
+            buffer,
+        }
+    }
+}
+
+impl ParsedLines {
+    /// The tape of line `i`, `None` when it is not JSON.
+    pub fn line_nodes(&self, i: usize) -> Option<&[Node<'_>]> {
+        let (from, to) = (*self.spans.get(i)?)?;
+        Some(&self.nodes[from as usize..to as usize])
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The buffer back, for reuse (the tape goes first).
+    pub fn into_buffer(mut self) -> Vec<u8> {
+        self.nodes.clear();
+        std::mem::take(&mut self.buffer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::{from_tape, Value};
+
+    #[test]
+    fn lines_parse_in_place_and_survive_a_move() {
+        let text = br#"{"a":"x\ny"}
+not json
+{"b":[1,2,{"c":"\u00e9"}]}"#;
+        let lines = [(0u32, 12u32), (13, 21), (22, text.len() as u32)];
+        let mut parser = LineParser::default();
+        let parsed = parser.parse(text.to_vec(), &lines);
+        // Moving the block to another thread moves the Vec, not its heap block.
+        let parsed = std::thread::spawn(move || parsed).join().expect("thread");
+        assert_eq!(parsed.len(), 3);
+        let first = from_tape(parsed.line_nodes(0).expect("json"));
+        assert_eq!(
+            first.as_object().and_then(|m| m.get("a")),
+            Some(&Value::from("x\ny"))
+        );
+        assert!(parsed.line_nodes(1).is_none());
+        let third = from_tape(parsed.line_nodes(2).expect("json"));
+        assert_eq!(third.to_string(), r#"{"b":[1,2,{"c":"é"}]}"#);
+    }
+}
