@@ -128,7 +128,7 @@ fn bench_engine(c: &mut Criterion) {
                     Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("store"));
                 let mut engine = Engine::new(store, EngineOptions::default()).expect("engine");
                 let (source, _) = engine
-                    .add_source(SourceId::File("bench".into()))
+                    .add_source(SourceId::File("bench".into()), "bench".into())
                     .expect("source");
                 for (i, line) in lines.iter().enumerate() {
                     engine

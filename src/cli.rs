@@ -38,6 +38,10 @@ pub enum Command {
     Export(DataDirArgs),
     /// Write every dead letter of a data directory with its reason and position
     Deadletters(DataDirArgs),
+    /// Write every failing (twin, rule) of a data directory, one JSON object per line
+    Violations(DataDirArgs),
+    /// Policy files: `twinwatch policy check FILE...`
+    Policy(PolicyArgs),
     /// Write a deterministic synthetic fleet's notifications (storage-route JSON lines)
     Generate(GenerateArgs),
     /// A first look: generate a fleet, replay it into a fresh data directory, show the result
@@ -60,6 +64,15 @@ pub struct ReplayArgs {
     /// Also write the run's counts here as JSON
     #[arg(long)]
     pub summary: Option<PathBuf>,
+
+    /// Policy file (repeatable, concatenated in order); the built-in security-twin baseline
+    /// when none is given
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policies: Vec<PathBuf>,
+
+    /// Append alerts (CloudEvents JSON lines) to this file; without it alerts are only counted
+    #[arg(long, value_name = "FILE")]
+    pub alerts_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub tuning: TuningArgs,
@@ -130,4 +143,20 @@ pub struct DemoArgs {
     /// at the end)
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    pub command: PolicyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files; every error is reported with its file and rule (exit 2)
+    Check {
+        /// Policy files, concatenated in order as the service would load them
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }

@@ -2,22 +2,28 @@
 //!
 //! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
-//! - [`pipeline`]: the apply thread: decode → apply → batch → store, and the writer thread.
+//! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
+//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout).
 //! - [`source`]: where messages come from: captured files and their encodings.
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
+//! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure).
+//! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
 //! - [`cli`], [`telemetry`]: argument types; logging.
 
+pub mod alert;
 pub mod app;
 pub mod cli;
+pub mod compliance;
 pub mod decode;
 pub mod generate;
 pub mod model;
 pub mod pipeline;
+pub mod policy;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -53,8 +53,9 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
     println!("replaying into {}", data_dir.display());
     let store = Store::open(&data_dir, &StoreOptions::default()).map_err(Failure::runtime)?;
     let store = Arc::new(store);
+    let files = crate::source::replay::expand_paths(&[fleet]).map_err(Failure::runtime)?;
     let report =
-        replay(store.clone(), &[fleet], EngineOptions::default()).map_err(Failure::runtime)?;
+        replay(store.clone(), &files, EngineOptions::default()).map_err(Failure::runtime)?;
     let c = &report.counters;
     let seconds = report.elapsed.as_secs_f64();
     println!(

@@ -13,6 +13,16 @@ use crate::cli::{Cli, Command};
 pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 
+/// Loads the policy files, or the built-in baseline when there are none; a bad policy is a
+/// usage error (exit 2) listing every problem.
+pub fn load_policy(files: &[std::path::PathBuf]) -> Result<crate::policy::Policy, Failure> {
+    if files.is_empty() {
+        return Ok(crate::policy::Policy::baseline());
+    }
+    crate::policy::Policy::load(files)
+        .map_err(|errors| Failure::usage(anyhow::anyhow!("invalid policy:\n{errors}")))
+}
+
 /// An error with the exit code it maps to.
 #[derive(Debug)]
 pub struct Failure {
@@ -42,6 +52,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Replay(args) => replay::run(args),
         Command::Export(args) => output::export(&args.data_dir),
         Command::Deadletters(args) => output::dead_letters(&args.data_dir),
+        Command::Violations(args) => output::violations(&args.data_dir),
+        Command::Policy(args) => match args.command {
+            crate::cli::PolicyCommand::Check { files } => output::policy_check(&files),
+        },
         Command::Generate(args) => output::generate(&args),
         Command::Demo(args) => demo::run(&args),
     };

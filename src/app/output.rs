@@ -85,6 +85,54 @@ pub fn dead_letters(data_dir: &Path) -> Result<ExitCode, Failure> {
     finish_output(result)
 }
 
+/// `twinwatch violations`: every failing (twin, rule), sorted by twin key, then rule id.
+pub fn violations(data_dir: &Path) -> Result<ExitCode, Failure> {
+    let store = open(data_dir)?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    let violations = store.violations().map_err(Failure::runtime)?;
+    let result = (|| -> io::Result<()> {
+        for item in violations {
+            let (key, rule_id, value) = item.map_err(io::Error::other)?;
+            let v = crate::compliance::decode_violation(&rule_id, &value).ok_or_else(|| {
+                io::Error::other(format!("corrupt violation {} {rule_id}", key.as_key()))
+            })?;
+            let mut line = json!({"hubName": &*key.hub, "deviceId": &*key.device_id});
+            if !key.module_id.is_empty() {
+                line["moduleId"] = json!(&*key.module_id);
+            }
+            line["ruleId"] = json!(rule_id);
+            line["severity"] = json!(v.severity.as_str());
+            line["since"] = json!(v.since.to_string());
+            line["twinVersion"] = json!(v.twin_version);
+            serde_json::to_writer(&mut out, &line)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    })();
+    finish_output(result)
+}
+
+/// `twinwatch policy check`: exit 0 and a count when valid; every problem and exit 2 when not.
+pub fn policy_check(files: &[std::path::PathBuf]) -> Result<ExitCode, Failure> {
+    match crate::policy::Policy::load(files) {
+        Ok(policy) => {
+            println!(
+                "{} rules in {} files: valid",
+                policy.rules().len(),
+                files.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                println!("{error}");
+            }
+            eprintln!("twinwatch: {} policy errors", errors.0.len());
+            Ok(ExitCode::from(super::EXIT_USAGE))
+        }
+    }
+}
+
 /// `twinwatch generate`.
 pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
     if !(0.0..=1.0).contains(&args.noise) {

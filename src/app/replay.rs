@@ -12,22 +12,33 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::Failure;
+use crate::alert::{spawn_delivery, FileSink, Sink};
 use crate::cli::{ReplayArgs, TuningArgs};
 use crate::model::SourceId;
 use crate::pipeline::{Counters, Engine, EngineOptions};
-use crate::source::replay::{expand_paths, spawn_reader, FileStart, ReadEvent};
+use crate::source::replay::{expand_paths, spawn_reader, FileStart, ReadEvent, ReplayFile};
 use crate::store::{Checkpoint, Store, StoreOptions};
 
 impl TuningArgs {
-    pub fn engine_options(&self) -> EngineOptions {
+    pub fn engine_options(
+        &self,
+        policy: Arc<crate::policy::Policy>,
+        queue_alerts: bool,
+    ) -> EngineOptions {
         EngineOptions {
             batch_messages: self.batch_size as usize,
             batch_interval: Duration::from_millis(self.batch_interval_ms),
             max_body_bytes: self.max_body_bytes as usize,
             cache_bytes: (self.cache_mib as usize) << 20,
+            policy,
+            queue_alerts,
         }
     }
 }
+
+/// How long a finished replay waits for its sinks to accept the last alerts; what they have
+/// not accepted by then stays in the outbox for the next run.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What a replay did.
 pub struct ReplayReport {
@@ -52,7 +63,7 @@ impl ReplayReport {
             "stale": c.stale,
             "ignored": c.ignored,
             "dead_lettered": dead,
-            "alerts": {"opened": 0, "resolved": 0},
+            "alerts": {"opened": c.alerts_opened, "resolved": c.alerts_resolved},
             "files": self.n_files,
             "failed_files": self.failed.iter()
                 .map(|(path, error)| json!({"path": path.display().to_string(), "error": error}))
@@ -69,13 +80,15 @@ impl ReplayReport {
             0.0
         };
         format!(
-            "replayed {} messages from {} files in {seconds:.2} s ({rate:.0}/s): {} applied, {} stale, {} ignored, {} dead-lettered{}",
+            "replayed {} messages from {} files in {seconds:.2} s ({rate:.0}/s): {} applied, {} stale, {} ignored, {} dead-lettered; alerts {} opened, {} resolved{}",
             c.messages,
             self.n_files,
             c.applied,
             c.stale,
             c.ignored,
             c.n_dead_lettered(),
+            c.alerts_opened,
+            c.alerts_resolved,
             if self.failed.is_empty() {
                 String::new()
             } else {
@@ -86,6 +99,7 @@ impl ReplayReport {
 }
 
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
+    let policy = Arc::new(super::load_policy(&args.policies)?);
     let files = expand_paths(&args.paths).map_err(Failure::usage)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))
@@ -93,8 +107,34 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     let store = Store::open(&args.data_dir, &StoreOptions::default())
         .with_context(|| format!("opening {}", args.data_dir.display()))
         .map_err(Failure::runtime)?;
-    let report =
-        replay(Arc::new(store), &files, args.tuning.engine_options()).map_err(Failure::runtime)?;
+    let store = Arc::new(store);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(path) = &args.alerts_file {
+        let sink = FileSink::open(path)
+            .with_context(|| format!("opening {}", path.display()))
+            .map_err(Failure::runtime)?;
+        sinks.push(Box::new(sink));
+    }
+    let queue_alerts = !sinks.is_empty();
+    // Delivery starts first: alerts left in the outbox by an interrupted run go out now.
+    let delivery = if queue_alerts {
+        Some(spawn_delivery(store.clone(), sinks).map_err(Failure::runtime)?)
+    } else {
+        None
+    };
+    let options = args.tuning.engine_options(policy, queue_alerts);
+    let report = replay(store, &files, options).map_err(Failure::runtime)?;
+    if let Some(delivery) = delivery {
+        let delivered = delivery
+            .drain_and_stop(DRAIN_DEADLINE)
+            .map_err(Failure::runtime)?;
+        if delivered.left_in_outbox > 0 {
+            tracing::warn!(
+                left = delivered.left_in_outbox,
+                "some alerts were not accepted by every sink; they stay queued for the next run"
+            );
+        }
+    }
     for (path, error) in &report.failed {
         tracing::error!(path = %path.display(), error = %error, "file not replayed");
     }
@@ -116,7 +156,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
 /// Replays `files` in order into `store`, resuming each file at its checkpoint.
 pub fn replay(
     store: Arc<Store>,
-    files: &[PathBuf],
+    files: &[ReplayFile],
     options: EngineOptions,
 ) -> anyhow::Result<ReplayReport> {
     let started = Instant::now();
@@ -125,11 +165,14 @@ pub fn replay(
     let mut handles = Vec::with_capacity(files.len());
     let mut starts = Vec::with_capacity(files.len());
     let mut total_bytes = 0u64;
-    for path in files {
+    for file in files {
+        let path = &file.path;
         let canonical =
             std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-        let (handle, checkpoint) =
-            engine.add_source(SourceId::File(canonical.to_string_lossy().into_owned()))?;
+        let (handle, checkpoint) = engine.add_source(
+            SourceId::File(canonical.to_string_lossy().into_owned()),
+            file.name.clone(),
+        )?;
         let byte_offset = checkpoint.byte_offset.unwrap_or(0);
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         total_bytes += size.saturating_sub(byte_offset);
@@ -199,7 +242,7 @@ pub fn replay(
                     offset: None,
                 },
             ),
-            ReadEvent::FileError { file, error } => failed.push((files[file].clone(), error)),
+            ReadEvent::FileError { file, error } => failed.push((files[file].path.clone(), error)),
         }
     }
     reader

@@ -9,7 +9,7 @@
 
 pub mod snapshot;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use simd_json::Node;
 
+use crate::compliance::{self, decode_violation, Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
-use crate::model::{DeadLetterReason, SourceId};
+use crate::model::{DeadLetterReason, SourceId, TwinKey};
+use crate::policy::{Policy, TwinView};
 use crate::source::storage_json::StorageJsonMessage;
+use crate::store::keys::{encode_twin_key, twin_key};
 use crate::store::{Batch, Checkpoint, Store, StoreError};
 use crate::twin::{apply, Outcome};
 pub use snapshot::{Directory, Snapshot};
@@ -52,6 +55,11 @@ pub struct EngineOptions {
     pub max_body_bytes: usize,
     /// The encoded-twin cache, bytes.
     pub cache_bytes: usize,
+    /// The compliance policy evaluated on every changed twin.
+    pub policy: Arc<Policy>,
+    /// Whether alerts go to the outbox (some sink will deliver them); without, they are only
+    /// counted, and the violation set is kept all the same.
+    pub queue_alerts: bool,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +69,8 @@ impl Default for EngineOptions {
             batch_interval: Duration::from_millis(200),
             max_body_bytes: crate::decode::DEFAULT_MAX_BODY_BYTES,
             cache_bytes: 256 << 20,
+            policy: Arc::new(Policy::baseline()),
+            queue_alerts: false,
         }
     }
 }
@@ -74,6 +84,9 @@ pub struct Counters {
     pub ignored: u64,
     pub dead_lettered: BTreeMap<DeadLetterReason, u64>,
     pub batches: u64,
+    pub alerts_opened: u64,
+    /// Resolved alerts, those of deleted twins included.
+    pub alerts_resolved: u64,
 }
 
 impl Counters {
@@ -86,6 +99,8 @@ impl Counters {
 struct SourceState {
     id: SourceId,
     text: String,
+    /// The source's name in alert ids: stable across replays of the same files.
+    alert_name: String,
     checkpoint: Checkpoint,
     dirty: bool,
 }
@@ -95,6 +110,9 @@ struct SourceState {
 pub struct SourceHandle(usize);
 
 type WriteResult = Result<u64, StoreError>;
+
+/// Each failing twin's violations: encoded twin key → its failing rules, in policy order.
+type ViolationSets = HashMap<Box<[u8]>, Vec<Violation>, foldhash::fast::RandomState>;
 
 /// Everything but the parsing buffers, so that a parsed tape and the state can be borrowed
 /// at once.
@@ -112,6 +130,13 @@ struct State {
     from_writer: Receiver<WriteResult>,
     writer: Option<JoinHandle<()>>,
     body_parser: BodyParser,
+    violations: ViolationSets,
+    next_outbox_seq: u64,
+    failing: Vec<usize>,
+    transitions: Vec<Transition>,
+    /// The version of the twin last evaluated (what its alerts carry).
+    twin_version: i64,
+    key_buf: Vec<u8>,
 }
 
 /// The apply engine; see the module docs.
@@ -126,6 +151,8 @@ impl Engine {
     /// Loads the directory of slots from the store and starts the writer thread.
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
+        let violations = load_violations(&store, &options.policy)?;
+        let next_outbox_seq = store.next_outbox_seq()?;
         let snapshot = Snapshot::new(store.clone(), directory, options.cache_bytes);
         // Two batches may wait for the writer: the apply thread builds the next one while
         // RocksDB writes the last, and is slowed down only when it gets further ahead.
@@ -162,17 +189,27 @@ impl Engine {
                 from_writer,
                 writer: Some(writer),
                 body_parser: BodyParser::default(),
+                violations,
+                next_outbox_seq,
+                failing: Vec::new(),
+                transitions: Vec::new(),
+                twin_version: 0,
+                key_buf: Vec::new(),
             },
         })
     }
 
-    /// Registers a source; returns its handle and its committed checkpoint.
+    /// Registers a source; returns its handle and its committed checkpoint. `alert_name`
+    /// names the source in alert ids (a file's path relative to what was replayed, a
+    /// partition's id), so ids do not depend on where the files happen to lie.
     pub fn add_source(
         &mut self,
         id: SourceId,
+        alert_name: String,
     ) -> Result<(SourceHandle, Checkpoint), PipelineError> {
         let checkpoint = self.state.store.checkpoint(&id)?.unwrap_or_default();
         self.state.sources.push(SourceState {
+            alert_name,
             text: id.to_text(),
             id,
             checkpoint: checkpoint.clone(),
@@ -326,11 +363,186 @@ impl State {
             Ok(event) => event,
             Err(reason) => return self.dead_letter(source, index, reason, raw),
         };
-        match apply(&event, &mut self.snapshot)? {
-            Outcome::Stale => self.counters.stale += 1,
-            Outcome::Upserted { .. } | Outcome::Removed { .. } => self.counters.applied += 1,
+        let event_version = event.version;
+        let outcome = apply(&event, &mut self.snapshot)?;
+        // The key from the header, which borrows only the message, not the body's parser.
+        let key = header.key;
+        let time = header.op_time;
+        self.transitions.clear();
+        let mut n_alerts = 0usize;
+        match outcome {
+            Outcome::Stale => {
+                self.counters.stale += 1;
+                return Ok(());
+            }
+            Outcome::Upserted { appeared } => {
+                self.counters.applied += 1;
+                self.evaluate(key, time)?;
+                n_alerts = self.emit(source, index, key, time, n_alerts)?;
+                if appeared && !key.is_device_twin() {
+                    self.evaluate(key.device_twin(), time)?;
+                    self.emit(source, index, key.device_twin(), time, n_alerts)?;
+                }
+            }
+            Outcome::Removed { cascaded } => {
+                self.counters.applied += 1;
+                let version = match self.snapshot.directory.slot(key) {
+                    Some(crate::twin::Slot::Dead { version, .. }) => version,
+                    _ => event_version,
+                };
+                self.remove_violations(key);
+                n_alerts = self.emit_with_version(source, index, key, time, version, n_alerts)?;
+                for module_id in &cascaded {
+                    let module_key = TwinKey { module_id, ..key };
+                    let version = match self.snapshot.directory.slot(module_key) {
+                        Some(crate::twin::Slot::Dead { version, .. }) => version,
+                        _ => 0,
+                    };
+                    self.remove_violations(module_key);
+                    n_alerts =
+                        self.emit_with_version(source, index, module_key, time, version, n_alerts)?;
+                }
+                if !key.is_device_twin() {
+                    self.evaluate(key.device_twin(), time)?;
+                    self.emit(source, index, key.device_twin(), time, n_alerts)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Evaluates the policy on a live twin into `self.transitions`, updating its stored
+    /// violations; nothing when the twin does not exist.
+    fn evaluate(
+        &mut self,
+        key: TwinKey<'_>,
+        time: crate::time::Ticks,
+    ) -> Result<(), PipelineError> {
+        self.transitions.clear();
+        if self.options.policy.candidates(key.module_id).is_empty() {
+            self.key_buf.clear();
+            encode_twin_key(key, &mut self.key_buf);
+            if !self.violations.contains_key(&self.key_buf[..]) {
+                return Ok(());
+            }
+        }
+        let modules_owned = if key.is_device_twin() {
+            self.snapshot.directory.live_modules(key.hub, key.device_id)
+        } else {
+            Vec::new()
+        };
+        let modules: Vec<&str> = modules_owned.iter().map(|m| &**m).collect();
+        let policy = self.options.policy.clone();
+        let Some((version, doc)) = self.snapshot.live_doc(key)? else {
+            return Ok(());
+        };
+        let view = TwinView {
+            hub_name: key.hub,
+            device_id: key.device_id,
+            module_id: key.module_id,
+            version,
+            doc: &doc,
+            modules: &modules,
+        };
+        self.failing.clear();
+        policy.evaluate(&view, &mut self.failing);
+        drop(doc);
+        let encoded = twin_key(key);
+        let stored = self.violations.get_mut(&encoded[..]);
+        if stored.is_none() && self.failing.is_empty() {
+            return Ok(());
+        }
+        let mut current = stored.map(std::mem::take).unwrap_or_default();
+        let before: Vec<Box<str>> = current.iter().map(|v| v.rule_id.clone()).collect();
+        compliance::transitions(
+            &policy,
+            &mut current,
+            &self.failing,
+            time,
+            version,
+            &mut self.transitions,
+        );
+        for rule_id in &before {
+            if !current.iter().any(|v| v.rule_id == *rule_id) {
+                self.store
+                    .delete_violation(&mut self.batch, &encoded, rule_id)?;
+            }
+        }
+        for violation in &current {
+            if !before.contains(&violation.rule_id) {
+                self.store.put_violation(
+                    &mut self.batch,
+                    &encoded,
+                    &violation.rule_id,
+                    &compliance::encode_violation(violation),
+                )?;
+            }
+        }
+        if current.is_empty() {
+            self.violations.remove(&encoded[..]);
+        } else {
+            self.violations.insert(encoded.into_boxed_slice(), current);
+        }
+        self.twin_version = version;
+        Ok(())
+    }
+
+    /// A removed twin's violations resolve (reason `deleted`) into `self.transitions`.
+    fn remove_violations(&mut self, key: TwinKey<'_>) {
+        self.transitions.clear();
+        let encoded = twin_key(key);
+        if let Some(stored) = self.violations.remove(&encoded[..]) {
+            for violation in &stored {
+                // A store error here would surface at the next write of this batch; deleting
+                // into a batch cannot fail but for a missing column family, checked at open.
+                let _ = self
+                    .store
+                    .delete_violation(&mut self.batch, &encoded, &violation.rule_id);
+            }
+            compliance::deleted(stored, &mut self.transitions);
+        }
+    }
+
+    fn emit(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        key: TwinKey<'_>,
+        time: crate::time::Ticks,
+        n_before: usize,
+    ) -> Result<usize, PipelineError> {
+        let version = self.twin_version;
+        self.emit_with_version(source, index, key, time, version, n_before)
+    }
+
+    /// Counts `self.transitions` as alerts of the event at (`source`, `index`), numbered from
+    /// `n_before`, and queues them when a sink will deliver them. Returns the event's alert
+    /// count so far.
+    fn emit_with_version(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        key: TwinKey<'_>,
+        time: crate::time::Ticks,
+        version: i64,
+        n_before: usize,
+    ) -> Result<usize, PipelineError> {
+        let mut n = n_before;
+        for transition in std::mem::take(&mut self.transitions) {
+            match transition.kind {
+                compliance::AlertKind::Opened => self.counters.alerts_opened += 1,
+                _ => self.counters.alerts_resolved += 1,
+            }
+            if self.options.queue_alerts {
+                let id = format!("{}#{}.{}", self.sources[source.0].alert_name, index, n);
+                let alert = compliance::cloud_event(&id, key, &transition, time, version);
+                self.store
+                    .put_outbox(&mut self.batch, self.next_outbox_seq, &alert)?;
+                self.next_outbox_seq += 1;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn dead_letter(
@@ -404,4 +616,33 @@ impl State {
             self.snapshot.committed(batch_no);
         }
     }
+}
+
+/// Loads every twin's violations, each twin's in the order of `policy` (rules no longer in it
+/// last, by id).
+fn load_violations(store: &Store, policy: &Policy) -> Result<ViolationSets, PipelineError> {
+    let mut out = ViolationSets::default();
+    for item in store.violations()? {
+        let (key, rule_id, value) = item?;
+        let violation = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
+            what: "violation",
+            detail: format!("{} {rule_id}", key.as_key()),
+        })?;
+        let mut encoded = Vec::new();
+        encode_twin_key(key.as_key(), &mut encoded);
+        out.entry(encoded.into_boxed_slice())
+            .or_default()
+            .push(violation);
+    }
+    let rules = policy.rules();
+    let place = |v: &Violation| {
+        rules
+            .iter()
+            .position(|r| *r.id == *v.rule_id)
+            .unwrap_or(usize::MAX)
+    };
+    for violations in out.values_mut() {
+        violations.sort_by(|a, b| (place(a), &a.rule_id).cmp(&(place(b), &b.rule_id)));
+    }
+    Ok(out)
 }

@@ -7,6 +7,7 @@
 //! `updateTwin`, looked up in this order: the current batch, the cache (write-through, newest),
 //! the batches in flight, then RocksDB.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -226,6 +227,31 @@ impl Snapshot {
     /// Bytes held by the document cache.
     pub fn cache_bytes(&self) -> usize {
         self.cache_bytes
+    }
+}
+
+impl Snapshot {
+    /// A live twin's version and document, for evaluation: borrowed from the current batch,
+    /// or read (and decoded) from the cache, the batches in flight or the store.
+    pub fn live_doc(
+        &mut self,
+        key: TwinKey<'_>,
+    ) -> Result<Option<(i64, Cow<'_, Map>)>, StoreError> {
+        let Some(Slot::Live { version, .. }) = self.directory.slot(key) else {
+            return Ok(None);
+        };
+        self.encode_key(key);
+        if matches!(
+            self.pending.get(&self.key_buf[..]),
+            Some(Pending::Live { .. })
+        ) {
+            return Ok(match self.pending.get(&self.key_buf[..]) {
+                Some(Pending::Live { doc, .. }) => Some((version, Cow::Borrowed(doc))),
+                _ => None,
+            });
+        }
+        let doc = self.take_doc(key)?;
+        Ok(Some((version, Cow::Owned(doc))))
     }
 }
 

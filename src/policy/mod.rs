@@ -200,21 +200,27 @@ impl Policy {
     /// twin, in policy order: its target matches, its `when` (if any) holds, and its `check`
     /// does not.
     pub fn evaluate(&self, twin: &TwinView<'_>, failing: &mut Vec<usize>) {
-        let candidates = if twin.module_id.is_empty() {
-            &self.device_rules
-        } else {
-            match self
-                .rules_by_module
-                .binary_search_by(|(id, _)| id.as_bytes().cmp(twin.module_id.as_bytes()))
-            {
-                Ok(i) => &self.rules_by_module[i].1,
-                Err(_) => &self.all_module_rules,
-            }
-        };
+        let candidates = self.candidates(twin.module_id);
         let mut resolver = Resolver::new(*twin, &self.cached_prefixes);
         for &i in candidates {
             if self.rules[i].fails(&mut resolver) {
                 failing.push(i);
+            }
+        }
+    }
+
+    /// The rules whose module target matches twins of `module_id` (`""`: device twins), in
+    /// policy order: when there are none, evaluating such a twin is a no-op.
+    pub fn candidates(&self, module_id: &str) -> &[usize] {
+        if module_id.is_empty() {
+            &self.device_rules
+        } else {
+            match self
+                .rules_by_module
+                .binary_search_by(|(id, _)| id.as_bytes().cmp(module_id.as_bytes()))
+            {
+                Ok(i) => &self.rules_by_module[i].1,
+                Err(_) => &self.all_module_rules,
             }
         }
     }

@@ -21,8 +21,17 @@ const BLOCK_BYTES: usize = 4 << 20;
 /// Avro object container files start with these four bytes.
 pub const AVRO_MAGIC: &[u8; 4] = b"Obj\x01";
 
+/// A file to replay and its name in alert ids: its path relative to the directory it was
+/// found in (or its file name, when given directly), so that ids do not depend on where a
+/// capture happens to be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplayFile {
+    pub path: PathBuf,
+    pub name: String,
+}
+
 /// Expands the command line's paths into the files to replay, in replay order.
-pub fn expand_paths(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
+pub fn expand_paths(paths: &[PathBuf]) -> io::Result<Vec<ReplayFile>> {
     let mut files = Vec::new();
     for path in paths {
         let metadata = std::fs::metadata(path)
@@ -31,9 +40,37 @@ pub fn expand_paths(paths: &[PathBuf]) -> io::Result<Vec<PathBuf>> {
             let mut found = Vec::new();
             walk(path, &mut found)?;
             found.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
-            files.extend(found);
+            files.extend(found.into_iter().map(|found| {
+                ReplayFile {
+                    name: found
+                        .strip_prefix(path)
+                        .unwrap_or(&found)
+                        .to_string_lossy()
+                        .into_owned(),
+                    path: found,
+                }
+            }));
         } else {
-            files.push(path.clone());
+            files.push(ReplayFile {
+                name: path
+                    .file_name()
+                    .map_or_else(|| path.to_string_lossy(), |n| n.to_string_lossy())
+                    .into_owned(),
+                path: path.clone(),
+            });
+        }
+    }
+    // Two files of one run with the same relative name are told apart by their full paths.
+    let mut names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+    names.sort_unstable();
+    let clashes: Vec<String> = names
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0].to_owned())
+        .collect();
+    for file in &mut files {
+        if clashes.contains(&file.name) {
+            file.name = file.path.to_string_lossy().into_owned();
         }
     }
     Ok(files)

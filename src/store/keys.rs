@@ -14,12 +14,17 @@ pub const CF_CHECKPOINTS: &str = "checkpoints";
 pub const CF_DEAD_LETTERS: &str = "deadletters";
 pub const CF_META: &str = "meta";
 
-pub const ALL_CFS: [&str; 5] = [
+pub const CF_VIOLATIONS: &str = "violations";
+pub const CF_OUTBOX: &str = "outbox";
+
+pub const ALL_CFS: [&str; 7] = [
     CF_TWINS,
     CF_TOMBSTONES,
     CF_CHECKPOINTS,
     CF_DEAD_LETTERS,
     CF_META,
+    CF_VIOLATIONS,
+    CF_OUTBOX,
 ];
 
 /// Key of the data format marker in [`CF_META`].
@@ -83,6 +88,35 @@ pub fn decode_twin_key(bytes: &[u8]) -> Option<OwnedTwinKey> {
     })
 }
 
+/// Key of a violation: the twin's key, then the rule id (ids never hold `0x00`), so
+/// violations list by twin, then rule id.
+pub fn violation_key(twin_key: &[u8], rule_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(twin_key.len() + rule_id.len());
+    out.extend_from_slice(twin_key);
+    out.extend_from_slice(rule_id.as_bytes());
+    out
+}
+
+/// Splits a violation key into the twin key and the rule id.
+pub fn decode_violation_key(bytes: &[u8]) -> Option<(OwnedTwinKey, String)> {
+    let (hub, rest) = take_component(bytes)?;
+    let (device_id, rest) = take_component(rest)?;
+    let (module_id, rest) = take_component(rest)?;
+    Some((
+        OwnedTwinKey {
+            hub: String::from_utf8(hub).ok()?.into(),
+            device_id: String::from_utf8(device_id).ok()?.into(),
+            module_id: String::from_utf8(module_id).ok()?.into(),
+        },
+        String::from_utf8(rest.to_vec()).ok()?,
+    ))
+}
+
+/// Key of an outbox entry: its sequence number, big-endian (delivery order).
+pub fn outbox_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
 /// Key of a dead letter: the source's text form, then the record index big-endian, so dead
 /// letters list in source and position order.
 pub fn dead_letter_key(source: &str, index: u64) -> Vec<u8> {
@@ -132,6 +166,16 @@ mod tests {
             .collect();
         let expected: Vec<OwnedTwinKey> = keys.iter().map(|k| k.to_owned_key()).collect();
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn violation_keys_round_trip() {
+        let twin = twin_key(key("h", "d", "m"));
+        let k = violation_key(&twin, "asc.rule-1");
+        assert_eq!(
+            decode_violation_key(&k),
+            Some((key("h", "d", "m").to_owned_key(), "asc.rule-1".into()))
+        );
     }
 
     #[test]

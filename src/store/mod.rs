@@ -153,6 +153,9 @@ fn decode_tombstone(bytes: &[u8]) -> Result<(i64, Ticks), StoreError> {
     Ok((version, Ticks(deleted_at)))
 }
 
+/// A violation as stored: the twin, the rule id, and the encoded violation.
+pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
+
 /// A dead letter as stored.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetterRecord {
@@ -462,6 +465,99 @@ impl Store {
             value,
         );
         Ok(())
+    }
+
+    pub fn put_violation(
+        &self,
+        batch: &mut Batch,
+        twin_key: &[u8],
+        rule_id: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        batch.inner.put_cf(
+            self.cf(CF_VIOLATIONS)?,
+            violation_key(twin_key, rule_id),
+            value,
+        );
+        Ok(())
+    }
+
+    pub fn delete_violation(
+        &self,
+        batch: &mut Batch,
+        twin_key: &[u8],
+        rule_id: &str,
+    ) -> Result<(), StoreError> {
+        batch
+            .inner
+            .delete_cf(self.cf(CF_VIOLATIONS)?, violation_key(twin_key, rule_id));
+        Ok(())
+    }
+
+    /// Every violation in twin-then-rule order: `(twin key, rule id, value)`.
+    pub fn violations(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
+        let iter = self
+            .db
+            .iterator_cf(self.cf(CF_VIOLATIONS)?, IteratorMode::Start);
+        Ok(iter.map(|item| {
+            let (k, v) = item?;
+            let (key, rule_id) = decode_violation_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "violation key",
+                detail: format!("{k:?}"),
+            })?;
+            Ok((key, rule_id, v.into_vec()))
+        }))
+    }
+
+    pub fn put_outbox(&self, batch: &mut Batch, seq: u64, alert: &[u8]) -> Result<(), StoreError> {
+        batch
+            .inner
+            .put_cf(self.cf(CF_OUTBOX)?, outbox_key(seq), alert);
+        Ok(())
+    }
+
+    pub fn delete_outbox(&self, batch: &mut Batch, seq: u64) -> Result<(), StoreError> {
+        batch.inner.delete_cf(self.cf(CF_OUTBOX)?, outbox_key(seq));
+        Ok(())
+    }
+
+    /// Up to `limit` outbox entries from sequence number `from` on, in order.
+    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let start = outbox_key(from);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_OUTBOX)?,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "outbox key",
+                    detail: format!("{k:?}"),
+                })?);
+            out.push((seq, v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The sequence number after the last outbox entry (0 when empty).
+    pub fn next_outbox_seq(&self) -> Result<u64, StoreError> {
+        let mut iter = self.db.iterator_cf(self.cf(CF_OUTBOX)?, IteratorMode::End);
+        match iter.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                let seq =
+                    u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        what: "outbox key",
+                        detail: format!("{k:?}"),
+                    })?);
+                Ok(seq + 1)
+            }
+            None => Ok(0),
+        }
     }
 
     /// Writes a batch atomically.

@@ -1,6 +1,7 @@
 //! The integration tests: one binary, one module per boundary (matklad, "Delete Cargo
 //! Integration Tests").
 
+mod alerts;
 mod cases;
 mod kill;
 mod properties;

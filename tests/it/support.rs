@@ -94,7 +94,8 @@ pub fn write_lines(path: &Path, lines: &[String]) {
 /// Replays files into `data_dir` with the library's pipeline and real RocksDB.
 pub fn replay_files(data_dir: &Path, files: &[PathBuf], options: EngineOptions) -> ReplayReport {
     let store = Store::open(data_dir, &StoreOptions::default()).expect("open store");
-    replay(Arc::new(store), files, options).expect("replay")
+    let files = twinwatch::source::replay::expand_paths(files).expect("paths");
+    replay(Arc::new(store), &files, options).expect("replay")
 }
 
 /// Every twin of a data directory in export form.

@@ -1,0 +1,8 @@
+//! Alert delivery: the outbox that the pipeline fills in the same batch as the state change,
+//! the delivery thread that empties it, and the sinks it delivers to.
+
+pub mod outbox;
+pub mod sinks;
+
+pub use outbox::{spawn_delivery, Delivery, DeliveryReport};
+pub use sinks::{FileSink, Sink, SinkError, StdoutSink};
