@@ -119,6 +119,11 @@ fn run(
         .map_or(0, |d| d.as_nanos() as u64);
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
     loop {
+        for sink in &mut sinks {
+            if let Err(error) = sink.tick() {
+                tracing::warn!(sink = sink.name(), error = %error, kind = error.kind(), "sink housekeeping failed");
+            }
+        }
         let entries = store.outbox_from(next, RUN)?;
         if entries.is_empty() {
             if draining.load(Ordering::SeqCst) {

@@ -13,12 +13,22 @@ pub enum SinkError {
         #[source]
         source: io::Error,
     },
+    /// An HTTP receiver did not accept: `status` 0 when no response came (connect error,
+    /// timeout).
+    #[error("{sink}: HTTP {status}: {detail}")]
+    Http {
+        sink: String,
+        status: u16,
+        detail: String,
+    },
 }
 
 impl SinkError {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkError::Io { .. } => "io",
+            SinkError::Http { status: 0, .. } => "unreachable",
+            SinkError::Http { .. } => "http_status",
         }
     }
 }
@@ -29,6 +39,11 @@ pub trait Sink: Send {
     fn name(&self) -> &'static str;
     /// Delivers every alert of `alerts`, in order; `Ok` only when all were accepted.
     fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), SinkError>;
+    /// Called about every 200 ms by the delivery thread, for sinks with periodic work (the
+    /// Alertmanager sink re-posts open alerts). An error is logged and retried next tick.
+    fn tick(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// CloudEvents JSON lines appended to a file (never truncated); each run is synced to disk
