@@ -32,7 +32,7 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Replay captured files (storage-route JSON lines) into a data directory
+    /// Replay captured files (storage-route JSON lines, Capture or storage-route Avro) into a data directory
     Replay(ReplayArgs),
     /// Write every twin of a data directory, one JSON object per line, sorted by key
     Export(DataDirArgs),
@@ -42,7 +42,7 @@ pub enum Command {
     Violations(DataDirArgs),
     /// Policy files: `twinwatch policy check FILE...`
     Policy(PolicyArgs),
-    /// Write a deterministic synthetic fleet's notifications (storage-route JSON lines)
+    /// Write a deterministic synthetic fleet's notifications (JSON lines or Avro)
     Generate(GenerateArgs),
     /// A first look: generate a fleet, replay it into a fresh data directory, show the result
     Demo(DemoArgs),
@@ -127,6 +127,29 @@ pub struct GenerateArgs {
     /// Output file; `-` for standard output
     #[arg(long)]
     pub out: PathBuf,
+
+    /// The container: storage-route JSON lines, Event Hubs Capture Avro, or storage-route Avro
+    /// (a line that is not JSON has no Avro form: the Avro containers leave those out)
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: GenerateFormat,
+
+    /// The Avro block codec
+    #[arg(long, value_enum, default_value = "deflate")]
+    pub avro_codec: AvroCodec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GenerateFormat {
+    Json,
+    CaptureAvro,
+    StorageAvro,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AvroCodec {
+    Null,
+    Deflate,
+    Snappy,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,8 @@ use base64::Engine as _;
 use serde_json::json;
 
 use super::Failure;
-use crate::cli::GenerateArgs;
+use crate::cli::{AvroCodec, GenerateArgs, GenerateFormat};
+use crate::generate::avro::{write_avro, AvroKind};
 use crate::generate::{write_json_lines, GenerateOptions};
 use crate::model::SourceId;
 use crate::store::Store;
@@ -148,15 +149,32 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
         hub: args.hub.clone(),
         noise: args.noise,
     };
+    let write = |out: &mut dyn Write| -> io::Result<crate::generate::GenerateStats> {
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let codec = match args.avro_codec {
+            AvroCodec::Null => apache_avro::Codec::Null,
+            AvroCodec::Deflate => apache_avro::Codec::Deflate(Default::default()),
+            AvroCodec::Snappy => apache_avro::Codec::Snappy,
+        };
+        let stats = match args.format {
+            GenerateFormat::Json => write_json_lines(&options, &mut out)?,
+            GenerateFormat::CaptureAvro => {
+                write_avro(&options, AvroKind::Capture, codec, &mut out)?
+            }
+            GenerateFormat::StorageAvro => {
+                write_avro(&options, AvroKind::Storage, codec, &mut out)?
+            }
+        };
+        out.flush()?;
+        Ok(stats)
+    };
     let result = if args.out.as_os_str() == "-" {
-        let mut out = BufWriter::with_capacity(1 << 20, io::stdout().lock());
-        write_json_lines(&options, &mut out).and_then(|stats| out.flush().map(|()| stats))
+        write(&mut io::stdout().lock())
     } else {
-        let file = File::create(&args.out)
+        let mut file = File::create(&args.out)
             .with_context(|| format!("creating {}", args.out.display()))
             .map_err(Failure::runtime)?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
-        write_json_lines(&options, &mut out).and_then(|stats| out.flush().map(|()| stats))
+        write(&mut file)
     };
     match result {
         Ok(stats) => {

@@ -16,6 +16,7 @@ use crate::alert::{spawn_delivery, FileSink, Sink};
 use crate::cli::{ReplayArgs, TuningArgs};
 use crate::model::SourceId;
 use crate::pipeline::{Counters, Engine, EngineOptions};
+use crate::source::avro::AvroMessage;
 use crate::source::replay::{expand_paths, spawn_reader, FileStart, ReadEvent, ReplayFile};
 use crate::store::{Checkpoint, Store, StoreOptions};
 
@@ -209,16 +210,33 @@ pub fn replay(
         match event {
             ReadEvent::Chunk(chunk) => {
                 let handle = handles[chunk.file];
-                for (i, &(start, end)) in chunk.lines.iter().enumerate() {
-                    let raw = &chunk.data[start as usize..end as usize];
-                    let next_offset = chunk.base_offset + u64::from(chunk.line_ends[i]);
-                    engine.ingest_parsed_line(
-                        handle,
-                        chunk.first_record + i as u64,
-                        next_offset,
-                        chunk.parsed.line_nodes(i),
-                        raw,
-                    )?;
+                if chunk.records.is_empty() {
+                    for (i, &(start, end)) in chunk.lines.iter().enumerate() {
+                        let raw = &chunk.data[start as usize..end as usize];
+                        let next_offset = chunk.base_offset + u64::from(chunk.line_ends[i]);
+                        engine.ingest_parsed_line(
+                            handle,
+                            chunk.first_record + i as u64,
+                            next_offset,
+                            chunk.parsed.line_nodes(i),
+                            raw,
+                        )?;
+                    }
+                } else {
+                    for (i, record) in chunk.records.iter().enumerate() {
+                        let (start, end) = chunk.lines[i];
+                        let message = AvroMessage {
+                            record,
+                            body_bytes: &chunk.data[start as usize..end as usize],
+                            body_nodes: chunk.parsed.line_nodes(i),
+                        };
+                        engine.ingest_message(
+                            handle,
+                            chunk.first_record + i as u64,
+                            &message,
+                            &|| message.raw(),
+                        )?;
+                    }
                 }
                 progress.inc(chunk.data.len() as u64);
                 let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -232,13 +250,13 @@ pub fn replay(
             }
             ReadEvent::FileEnd {
                 file,
-                n_bytes,
+                byte_offset,
                 next_record,
             } => engine.set_position(
                 handles[file],
                 Checkpoint {
                     next_index: next_record,
-                    byte_offset: Some(n_bytes),
+                    byte_offset,
                     offset: None,
                 },
             ),

@@ -9,6 +9,7 @@
 
 pub mod snapshot;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -273,6 +274,19 @@ impl Engine {
             .ingest_line(source, index, next_byte_offset, nodes, raw)
     }
 
+    /// One message of any other container (an Avro record): record `index` of `source`;
+    /// `raw` renders it for a dead letter. The source resumes by record index.
+    pub fn ingest_message<'a>(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        message: &impl Message<'a>,
+        raw: &dyn Fn() -> Cow<'a, [u8]>,
+    ) -> Result<(), PipelineError> {
+        self.state.handle(source, index, message, raw)?;
+        self.state.advance(source, index, None)
+    }
+
     /// Marks a source's position without a message (a file's end, past blank lines).
     pub fn set_position(&mut self, source: SourceHandle, checkpoint: Checkpoint) {
         let state = &mut self.state.sources[source.0];
@@ -316,31 +330,43 @@ impl State {
         raw: &[u8],
     ) -> Result<(), PipelineError> {
         match nodes.and_then(|nodes| StorageJsonMessage::new(nodes, raw.len())) {
-            Some(message) => self.handle(source, index, &message, raw)?,
+            Some(message) => self.handle(source, index, &message, &|| Cow::Borrowed(raw))?,
             None => {
                 self.counters.messages += 1;
                 self.dead_letter(source, index, DeadLetterReason::BadRecord, raw)?;
             }
         }
+        self.advance(source, index, Some(next_byte_offset))
+    }
+
+    /// Record `index` of `source` is done: the source resumes after it.
+    fn advance(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        byte_offset: Option<u64>,
+    ) -> Result<(), PipelineError> {
         let checkpoint = &mut self.sources[source.0];
         checkpoint.checkpoint.next_index = index + 1;
-        checkpoint.checkpoint.byte_offset = Some(next_byte_offset);
+        checkpoint.checkpoint.byte_offset = byte_offset;
         checkpoint.dirty = true;
         self.after_message()
     }
 
+    /// Decodes, applies and evaluates one message; `raw` renders the record for a dead letter
+    /// (only called for one).
     fn handle<'a>(
         &mut self,
         source: SourceHandle,
         index: u64,
         message: &impl Message<'a>,
-        raw: &[u8],
+        raw: &dyn Fn() -> Cow<'a, [u8]>,
     ) -> Result<(), PipelineError> {
         self.counters.messages += 1;
         let header = match decode_header(message, self.options.max_body_bytes) {
             Ok(header) => header,
             Err(Decoded::DeadLetter(reason)) => {
-                return self.dead_letter(source, index, reason, raw)
+                return self.dead_letter(source, index, reason, &raw())
             }
             Err(_) => {
                 self.counters.ignored += 1;
@@ -361,7 +387,7 @@ impl State {
         };
         let event = match decode_body(&header, body) {
             Ok(event) => event,
-            Err(reason) => return self.dead_letter(source, index, reason, raw),
+            Err(reason) => return self.dead_letter(source, index, reason, &raw()),
         };
         let event_version = event.version;
         let outcome = apply(&event, &mut self.snapshot)?;

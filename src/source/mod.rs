@@ -1,6 +1,7 @@
 //! Sources of messages: captured files (`replay`) in the storage-route JSON encoding
-//! (`storage_json`).
+//! (`storage_json`) or Avro containers (`avro`).
 
+pub mod avro;
 pub mod parsed;
 pub mod replay;
 pub mod storage_json;

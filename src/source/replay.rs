@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::avro::{AvroFile, AvroRecord};
 use super::parsed::{LineParser, ParsedLines};
 
 /// Bytes read from a file at a time.
@@ -114,15 +115,18 @@ pub struct Chunk {
     pub line_ends: Vec<u32>,
     /// The lines parsed (from a copy: `data` stays as read, for dead letters).
     pub parsed: ParsedLines,
+    /// Avro files: the records, whose bodies are `data`'s `lines` (then `line_ends` is
+    /// empty and positions are record indexes only).
+    pub records: Vec<AvroRecord>,
 }
 
 /// What the reader thread sends.
 pub enum ReadEvent {
     Chunk(Chunk),
-    /// A file is done: all of it was read (`n_bytes` from its start).
+    /// A file is done: all of it was read (`byte_offset`: its length, for JSON lines).
     FileEnd {
         file: usize,
-        n_bytes: u64,
+        byte_offset: Option<u64>,
         next_record: u64,
     },
     /// A file could not be read; the rest of its content is skipped.
@@ -189,15 +193,12 @@ fn read_file(
             ),
         ));
     }
-    if start.byte_offset == 0 {
-        let mut magic = [0u8; 4];
-        let n = f.read(&mut magic)?;
-        if n == 4 && &magic == AVRO_MAGIC {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "an Avro container file: this build reads the storage-route JSON encoding only",
-            ));
-        }
+    // Avro or JSON lines: the content decides, not the name.
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic)?;
+    if n == 4 && &magic == AVRO_MAGIC {
+        f.seek(SeekFrom::Start(0))?;
+        return read_avro(file, start, f, tx, recycled, parser);
     }
     f.seek(SeekFrom::Start(start.byte_offset))?;
     let mut next_record = start.next_record;
@@ -241,6 +242,7 @@ fn read_file(
                 lines,
                 line_ends,
                 parsed,
+                records: Vec::new(),
             };
             if tx.send(ReadEvent::Chunk(chunk)).is_err() {
                 return Ok(false);
@@ -251,7 +253,90 @@ fn read_file(
         if eof {
             let end = ReadEvent::FileEnd {
                 file,
-                n_bytes: base_offset,
+                byte_offset: Some(base_offset),
+                next_record,
+            };
+            return Ok(tx.send(end).is_ok());
+        }
+    }
+}
+
+/// Records handed over at a time.
+const BLOCK_RECORDS: usize = 4096;
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Reads an Avro container from record `start.next_record` on, in blocks of records whose
+/// bodies are parsed like lines.
+fn read_avro(
+    file: usize,
+    start: &FileStart,
+    f: File,
+    tx: &Sender<ReadEvent>,
+    recycled: &Receiver<Vec<u8>>,
+    parser: &mut LineParser,
+) -> io::Result<bool> {
+    let mut avro = AvroFile::open(io::BufReader::with_capacity(1 << 20, f)).map_err(invalid)?;
+    let mut skipped = Vec::new();
+    for _ in 0..start.next_record {
+        skipped.clear();
+        match avro.next_record(&mut skipped) {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(invalid(e)),
+            None => break,
+        }
+    }
+    let mut next_record = start.next_record;
+    loop {
+        let mut data = recycled.try_recv().unwrap_or_default();
+        data.clear();
+        let mut records = Vec::with_capacity(BLOCK_RECORDS);
+        let mut error = None;
+        let mut eof = false;
+        while records.len() < BLOCK_RECORDS && data.len() < BLOCK_BYTES {
+            match avro.next_record(&mut data) {
+                Some(Ok(record)) => records.push(record),
+                Some(Err(e)) => {
+                    error = Some(invalid(e));
+                    break;
+                }
+                None => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let lines: Vec<(u32, u32)> = records.iter().map(|r| r.body.unwrap_or((0, 0))).collect();
+        let n = records.len() as u64;
+        if !records.is_empty() {
+            let mut work = recycled.try_recv().unwrap_or_default();
+            work.clear();
+            work.extend_from_slice(&data);
+            let parsed = parser.parse(work, &lines);
+            let chunk = Chunk {
+                file,
+                first_record: next_record,
+                base_offset: 0,
+                data,
+                lines,
+                line_ends: Vec::new(),
+                parsed,
+                records,
+            };
+            if tx.send(ReadEvent::Chunk(chunk)).is_err() {
+                return Ok(false);
+            }
+        }
+        next_record += n;
+        if let Some(error) = error {
+            return Err(error);
+        }
+        if eof {
+            let end = ReadEvent::FileEnd {
+                file,
+                byte_offset: None,
                 next_record,
             };
             return Ok(tx.send(end).is_ok());
@@ -332,11 +417,11 @@ mod tests {
                     }
                 }
                 ReadEvent::FileEnd {
-                    n_bytes,
+                    byte_offset,
                     next_record,
                     ..
                 } => {
-                    assert_eq!((n_bytes, next_record), (24, 3));
+                    assert_eq!((byte_offset, next_record), (Some(24), 3));
                 }
                 ReadEvent::FileError { error, .. } => panic!("{error}"),
             }

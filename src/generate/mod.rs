@@ -40,6 +40,8 @@
 //! documents, so it grows with the number of devices onboarded, not with the events; no
 //! option values make it panic.
 
+pub mod avro;
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Write};
