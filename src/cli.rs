@@ -70,9 +70,8 @@ pub struct ReplayArgs {
     #[arg(long = "policy", value_name = "FILE")]
     pub policies: Vec<PathBuf>,
 
-    /// Append alerts (CloudEvents JSON lines) to this file; without it alerts are only counted
-    #[arg(long, value_name = "FILE")]
-    pub alerts_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub sinks: SinkArgs,
 
     #[command(flatten)]
     pub tuning: TuningArgs,
@@ -182,4 +181,39 @@ pub enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+/// Where alerts go. Without any sink, alerts are only counted (the violation set is kept all
+/// the same); with several, each alert leaves the outbox once every sink has accepted it.
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    /// Append alerts (CloudEvents JSON lines) to this file
+    #[arg(long, value_name = "FILE")]
+    pub alerts_file: Option<PathBuf>,
+
+    /// Print alerts (CloudEvents JSON lines) on standard output
+    #[arg(long)]
+    pub alerts_stdout: bool,
+
+    /// POST each alert to this URL (CloudEvents HTTP binding, structured mode)
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+
+    /// Bearer token for the webhook (prefer the environment variable: a command line is
+    /// visible to other users)
+    #[arg(long, env = "TWINWATCH_WEBHOOK_TOKEN", hide_env_values = true)]
+    pub webhook_token: Option<String>,
+
+    /// Prometheus Alertmanager base URL (`http://host:9093`): alerts go to /api/v2/alerts
+    #[arg(long, value_name = "URL")]
+    pub alertmanager_url: Option<String>,
+
+    /// How often open alerts are re-sent to Alertmanager (keep it well below its
+    /// resolve_timeout, 5 minutes by default)
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub alertmanager_repost_secs: u64,
+
+    /// Timeout of one HTTP request to a sink, seconds
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub sink_timeout_secs: u64,
 }

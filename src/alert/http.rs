@@ -1050,6 +1050,20 @@ mod tests {
     }
 
     #[test]
+    fn webhook_with_a_bad_url_fails_without_quoting_it() {
+        let mut sink = WebhookSink::new(
+            "user:secret@example.com/hook".into(),
+            None,
+            Duration::from_secs(2),
+        );
+        let alert = event("x#0", true, &DEVICE_TWIN, &HIGH_RULE, &ago(1), 1);
+        let error = sink.deliver(&[&alert]).expect_err("not a URL");
+        let text = error.to_string();
+        assert_eq!(error.kind(), "unreachable");
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
     fn webhook_with_an_impossible_token_fails_without_sending() {
         let server = TestServer::start(vec![]);
         let mut sink = WebhookSink::new(

@@ -112,7 +112,10 @@ fn run(
     deadline: &parking_deadline::Deadline,
 ) -> Result<DeliveryReport, StoreError> {
     let mut report = DeliveryReport::default();
-    let mut next = 0u64;
+    // Always read from the start of the outbox: what was delivered is deleted before the next
+    // read, and the engine may number new alerts from 0 again when it found the outbox empty
+    // at start (after this thread had drained what an interrupted run left), so a read
+    // position carried over from an earlier read could pass them by.
     // Jitter needs no secure randomness: a generator seeded from the clock will do.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -124,7 +127,7 @@ fn run(
                 tracing::warn!(sink = sink.name(), error = %error, kind = error.kind(), "sink housekeeping failed");
             }
         }
-        let entries = store.outbox_from(next, RUN)?;
+        let entries = store.outbox_from(0, RUN)?;
         if entries.is_empty() {
             if draining.load(Ordering::SeqCst) {
                 return Ok(report);
@@ -150,14 +153,28 @@ fn run(
                 break;
             }
             if draining.load(Ordering::SeqCst) && deadline.passed() {
-                report.left_in_outbox = count_left(store, next)?;
+                report.left_in_outbox = count_left(store)?;
                 return Ok(report);
             }
             report.retries += 1;
             // Exponential backoff with full jitter, so that many instances do not retry a
-            // recovering receiver in step.
+            // recovering receiver in step. Meanwhile the healthy sinks keep their periodic
+            // work (Alertmanager must keep hearing of open alerts while a webhook is down).
             let pause = backoff.mul_f64(rng.gen_range(0.5..1.0));
-            if let Ok(()) | Err(RecvTimeoutError::Timeout) = woken.recv_timeout(pause) {}
+            let resume_at = Instant::now() + pause;
+            while Instant::now() < resume_at {
+                let step = resume_at
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200));
+                if let Ok(()) | Err(RecvTimeoutError::Timeout) = woken.recv_timeout(step) {}
+                for (i, sink) in sinks.iter_mut().enumerate() {
+                    if !waiting.contains(&i) {
+                        if let Err(error) = sink.tick() {
+                            tracing::warn!(sink = sink.name(), error = %error, "sink housekeeping failed");
+                        }
+                    }
+                }
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         let mut batch = Batch::default();
@@ -166,13 +183,12 @@ fn run(
         }
         store.write(&mut batch)?;
         report.delivered += entries.len() as u64;
-        next = entries.last().map_or(next, |(seq, _)| seq + 1);
     }
 }
 
-fn count_left(store: &Store, from: u64) -> Result<u64, StoreError> {
+fn count_left(store: &Store) -> Result<u64, StoreError> {
     let mut n = 0u64;
-    let mut next = from;
+    let mut next = 0;
     loop {
         let entries = store.outbox_from(next, RUN)?;
         let Some((last, _)) = entries.last() else {
@@ -180,5 +196,75 @@ fn count_left(store: &Store, from: u64) -> Result<u64, StoreError> {
         };
         n += entries.len() as u64;
         next = last + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::alert::SinkError;
+    use crate::store::StoreOptions;
+
+    /// A sink that keeps what it was given.
+    struct Collect(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Sink for Collect {
+        fn name(&self) -> &'static str {
+            "collect"
+        }
+
+        fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), SinkError> {
+            let mut seen = self.0.lock().expect("lock");
+            seen.extend(alerts.iter().map(|a| a.to_vec()));
+            Ok(())
+        }
+    }
+
+    fn put(store: &Store, seq: u64, text: &str) {
+        let mut batch = Batch::default();
+        store
+            .put_outbox(&mut batch, seq, text.as_bytes())
+            .expect("put");
+        store.write(&mut batch).expect("write");
+    }
+
+    /// Regression: after draining what an interrupted run left at high sequence numbers, the
+    /// engine (finding the outbox empty) numbers new alerts from 0 again; delivery used to keep
+    /// reading after the old end and stranded them until the next run.
+    #[test]
+    fn delivery_finds_alerts_renumbered_from_zero_after_draining_a_restart_backlog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("store"));
+        for seq in 500..503 {
+            put(&store, seq, &format!("old-{seq}"));
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let delivery =
+            spawn_delivery(store.clone(), vec![Box::new(Collect(seen.clone()))]).expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.next_outbox_seq().expect("seq") != 0 {
+            assert!(Instant::now() < deadline, "the backlog was not drained");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for seq in 0..3 {
+            put(&store, seq, &format!("new-{seq}"));
+        }
+        delivery.wake();
+        let report = delivery
+            .drain_and_stop(Duration::from_secs(10))
+            .expect("stop");
+        let seen: Vec<String> = seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            seen,
+            ["old-500", "old-501", "old-502", "new-0", "new-1", "new-2"]
+        );
+        assert_eq!((report.delivered, report.left_in_outbox), (6, 0));
     }
 }

@@ -3,6 +3,7 @@
 mod demo;
 mod output;
 pub mod replay;
+mod sinks;
 
 use std::process::ExitCode;
 

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::Failure;
-use crate::alert::{spawn_delivery, FileSink, Sink};
+use crate::alert::spawn_delivery;
 use crate::cli::{ReplayArgs, TuningArgs};
 use crate::model::SourceId;
 use crate::pipeline::{Counters, Engine, EngineOptions};
@@ -109,13 +109,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
         .with_context(|| format!("opening {}", args.data_dir.display()))
         .map_err(Failure::runtime)?;
     let store = Arc::new(store);
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(path) = &args.alerts_file {
-        let sink = FileSink::open(path)
-            .with_context(|| format!("opening {}", path.display()))
-            .map_err(Failure::runtime)?;
-        sinks.push(Box::new(sink));
-    }
+    let sinks = super::sinks::build(&args.sinks, &store)?;
     let queue_alerts = !sinks.is_empty();
     // Delivery starts first: alerts left in the outbox by an interrupted run go out now.
     let delivery = if queue_alerts {

@@ -5,9 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::support::{binary, data_path, expand, write_lines};
@@ -226,11 +225,7 @@ fn a_killed_replay_delivers_every_alert_at_least_once() {
             );
             break;
         }
-        std::thread::sleep(
-            whole
-                .mul_f64(rng.gen_range(0.05..0.5))
-                .max(Duration::from_millis(30)),
-        );
+        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
         if child.try_wait().expect("try_wait").is_none() {
             child.kill().expect("SIGKILL");
             child.wait().expect("reap");

@@ -46,6 +46,13 @@ fn generate(dir: &Path, devices: u64, events: u64) -> std::path::PathBuf {
     fleet
 }
 
+/// A random delay before a kill: between 30 ms and a quarter of an uninterrupted run (at most
+/// 400 ms), so that six kills in a row still leave work for the next start.
+pub fn kill_delay(rng: &mut impl Rng, uninterrupted: Duration) -> Duration {
+    let cap = (uninterrupted.as_millis() as u64 / 4).clamp(60, 400);
+    Duration::from_millis(rng.gen_range(30..=cap))
+}
+
 #[test]
 fn a_replay_killed_repeatedly_ends_with_the_same_export() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -80,15 +87,10 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn replay");
-        // Early attempts die at a random point of the first half of a whole run's time (a
-        // restart also pays for opening the store); later ones are left to finish.
+        // Early attempts die at a random moment early enough that work is always left (each
+        // restart resumes with less to do); the last is left to finish.
         if attempt < 6 {
-            let fraction = rng.gen_range(0.05..0.5);
-            std::thread::sleep(
-                uninterrupted
-                    .mul_f64(fraction)
-                    .max(Duration::from_millis(30)),
-            );
+            std::thread::sleep(kill_delay(&mut rng, uninterrupted));
         } else {
             let status = child.wait().expect("wait");
             assert!(status.success(), "the final replay failed: {status}");
@@ -103,7 +105,10 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
             }
         }
     }
-    assert!(kills >= 3, "only {kills} replays were killed mid-way");
+    assert!(
+        kills >= 3,
+        "only {kills} replays were killed mid-way (an uninterrupted run took {uninterrupted:?})"
+    );
     let expected = twinwatch(&["export", "--data-dir", path(&clean)]).stdout;
     let actual = twinwatch(&["export", "--data-dir", path(&killed)]).stdout;
     assert!(!expected.is_empty());

@@ -2,6 +2,7 @@
 //! Integration Tests").
 
 mod alerts;
+mod avro;
 mod cases;
 mod kill;
 mod properties;
