@@ -32,6 +32,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The service: consume an IoT Hub's Event Hub-compatible endpoint into the snapshot,
+    /// raise alerts, serve /metrics, /healthz and /readyz; stops cleanly on SIGTERM or Ctrl-C
+    Run(RunArgs),
     /// Replay captured files (storage-route JSON lines, Capture or storage-route Avro) into a data directory
     Replay(ReplayArgs),
     /// Write every twin of a data directory, one JSON object per line, sorted by key
@@ -216,4 +219,32 @@ pub struct SinkArgs {
     /// Timeout of one HTTP request to a sink, seconds
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub sink_timeout_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML; see deploy/twinwatch.toml). The connection string may come
+    /// from TWINWATCH_EVENTHUB_CONNECTION_STRING instead
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The snapshot's data directory (overrides the file; or TWINWATCH_DATA_DIR)
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Policy file (repeatable; overrides the file's); the built-in baseline when none
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policies: Vec<PathBuf>,
+
+    /// Append alerts (CloudEvents JSON lines) to this file (overrides the file's)
+    #[arg(long, value_name = "FILE")]
+    pub alerts_file: Option<PathBuf>,
+
+    /// Print alerts on standard output
+    #[arg(long)]
+    pub alerts_stdout: bool,
+
+    /// Address of the HTTP listener for /metrics, /healthz, /readyz (default 127.0.0.1:9464)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
 }

@@ -3,8 +3,9 @@
 //! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
 //! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
-//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout).
-//! - [`source`]: where messages come from: captured files and their encodings.
+//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout, webhook, Alertmanager).
+//! - [`http`]: the service's HTTP listener: /metrics, /healthz, /readyz.
+//! - [`source`]: where messages come from: captured files and their encodings, Event Hubs.
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
@@ -13,14 +14,17 @@
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
-//! - [`cli`], [`telemetry`]: argument types; logging.
+//! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
+//!   and metrics.
 
 pub mod alert;
 pub mod app;
 pub mod cli;
 pub mod compliance;
+pub mod config;
 pub mod decode;
 pub mod generate;
+pub mod http;
 pub mod model;
 pub mod pipeline;
 pub mod policy;

@@ -7,5 +7,5 @@ pub mod outbox;
 pub mod sinks;
 
 pub use http::{AlertmanagerSink, WebhookSink};
-pub use outbox::{spawn_delivery, Delivery, DeliveryReport};
+pub use outbox::{spawn_delivery, Delivery, DeliveryReport, DeliveryWaker};
 pub use sinks::{FileSink, Sink, SinkError, StdoutSink};

@@ -63,10 +63,24 @@ mod parking_deadline {
     }
 }
 
+/// Wakes the delivery thread from another thread (new alerts were committed).
+#[derive(Clone)]
+pub struct DeliveryWaker(Sender<()>);
+
+impl DeliveryWaker {
+    pub fn wake(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
 impl Delivery {
     /// New alerts were committed: look now rather than at the next poll.
     pub fn wake(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    pub fn waker(&self) -> DeliveryWaker {
+        DeliveryWaker(self.wake.clone())
     }
 
     /// Delivers what is left, giving up after `deadline` (what is left stays in the outbox),

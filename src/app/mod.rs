@@ -3,6 +3,8 @@
 mod demo;
 mod output;
 pub mod replay;
+pub mod run;
+pub use run::ServiceState;
 mod sinks;
 
 use std::process::ExitCode;
@@ -51,6 +53,7 @@ impl Failure {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Replay(args) => replay::run(args),
+        Command::Run(args) => run::run(args),
         Command::Export(args) => output::export(&args.data_dir),
         Command::Deadletters(args) => output::dead_letters(&args.data_dir),
         Command::Violations(args) => output::violations(&args.data_dir),

@@ -16,7 +16,7 @@ use crate::alert::spawn_delivery;
 use crate::cli::{ReplayArgs, TuningArgs};
 use crate::model::SourceId;
 use crate::pipeline::{Counters, Engine, EngineOptions};
-use crate::source::avro::AvroMessage;
+use crate::source::avro::RecordMessage;
 use crate::source::replay::{expand_paths, spawn_reader, FileStart, ReadEvent, ReplayFile};
 use crate::store::{Checkpoint, Store, StoreOptions};
 
@@ -219,7 +219,7 @@ pub fn replay(
                 } else {
                     for (i, record) in chunk.records.iter().enumerate() {
                         let (start, end) = chunk.lines[i];
-                        let message = AvroMessage {
+                        let message = RecordMessage {
                             record,
                             body_bytes: &chunk.data[start as usize..end as usize],
                             body_nodes: chunk.parsed.line_nodes(i),

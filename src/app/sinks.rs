@@ -61,7 +61,7 @@ pub fn build(args: &SinkArgs, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, 
 }
 
 /// An `opened` CloudEvent for every stored violation (ids say they are a restart's re-send).
-fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
+pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for item in store.violations()? {
         let (key, rule_id, value) = item?;

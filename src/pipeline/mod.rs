@@ -138,6 +138,10 @@ struct State {
     /// The version of the twin last evaluated (what its alerts carry).
     twin_version: i64,
     key_buf: Vec<u8>,
+    /// Per in-flight batch, the positions it commits.
+    uncommitted: std::collections::VecDeque<(u64, Vec<(usize, u64)>)>,
+    /// Per source, the committed next index.
+    committed: Vec<Option<u64>>,
 }
 
 /// The apply engine; see the module docs.
@@ -196,6 +200,8 @@ impl Engine {
                 transitions: Vec::new(),
                 twin_version: 0,
                 key_buf: Vec::new(),
+                uncommitted: std::collections::VecDeque::new(),
+                committed: Vec::new(),
             },
         })
     }
@@ -285,6 +291,28 @@ impl Engine {
     ) -> Result<(), PipelineError> {
         self.state.handle(source, index, message, raw)?;
         self.state.advance(source, index, None)
+    }
+
+    /// One event of an Event Hub partition: sequence number `sequence_number`, with the opaque
+    /// `offset` kept beside it in the checkpoint.
+    pub fn ingest_event<'a>(
+        &mut self,
+        source: SourceHandle,
+        sequence_number: u64,
+        offset: Option<&str>,
+        message: &impl Message<'a>,
+        raw: &dyn Fn() -> Cow<'a, [u8]>,
+    ) -> Result<(), PipelineError> {
+        self.state.handle(source, sequence_number, message, raw)?;
+        let state = &mut self.state.sources[source.0];
+        state.checkpoint.offset = offset.map(str::to_owned);
+        self.state.advance(source, sequence_number, None)
+    }
+
+    /// The next record index (for a partition: the last sequence number plus one) that the
+    /// store has committed for `source`; `None` before its first commit in this process.
+    pub fn committed_next_index(&self, source: SourceHandle) -> Option<u64> {
+        self.state.committed.get(source.0).copied().flatten()
     }
 
     /// Marks a source's position without a message (a file's end, past blank lines).
@@ -605,11 +633,14 @@ impl State {
         self.batch_no += 1;
         let mut batch = std::mem::take(&mut self.batch);
         self.snapshot.drain_into(&mut batch, self.batch_no)?;
-        for source in self.sources.iter_mut().filter(|s| s.dirty) {
+        let mut positions = Vec::new();
+        for (i, source) in self.sources.iter_mut().enumerate().filter(|(_, s)| s.dirty) {
             self.store
                 .put_checkpoint(&mut batch, &source.id, &source.checkpoint)?;
             source.dirty = false;
+            positions.push((i, source.checkpoint.next_index));
         }
+        self.uncommitted.push_back((self.batch_no, positions));
         let to_writer = self.to_writer.as_ref().ok_or(PipelineError::WriterGone)?;
         // A full channel blocks here: the backpressure that keeps the apply thread at most
         // two batches ahead of RocksDB.
@@ -640,6 +671,20 @@ impl State {
             };
             let batch_no = result?;
             self.snapshot.committed(batch_no);
+            while self
+                .uncommitted
+                .front()
+                .is_some_and(|(n, _)| *n <= batch_no)
+            {
+                if let Some((_, positions)) = self.uncommitted.pop_front() {
+                    for (source, next_index) in positions {
+                        if self.committed.len() <= source {
+                            self.committed.resize(source + 1, None);
+                        }
+                        self.committed[source] = Some(next_index);
+                    }
+                }
+            }
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Avro object container files: Event Hubs Capture (`EventData`) and IoT Hub's storage-route
 //! `Message` records (reference §7), with the null, deflate and snappy codecs.
 //!
-//! Records are read on the reader thread into [`AvroRecord`]s (owned, so they can cross to the
+//! Records are read on the reader thread into [`Record`]s (owned, so they can cross to the
 //! apply thread) whose bodies are packed into one buffer and parsed there like JSON lines;
-//! [`AvroMessage`] is the [`Message`] view the apply thread decodes.
+//! [`RecordMessage`] is the [`Message`] view the apply thread decodes.
 
 use std::borrow::Cow;
 use std::io::Read;
@@ -15,42 +15,47 @@ use simd_json::Node;
 
 use crate::decode::{Body, Message, Prop};
 
-/// A property value as Avro carries it (Capture's maps are of union long/double/string/bytes;
-/// the storage route's are of strings).
+/// A property value as a container carries it: Capture's maps are of union
+/// long/double/string/bytes, the storage route's of strings; AMQP adds timestamps.
 #[derive(Clone, Debug, PartialEq)]
-pub enum AvroProp {
+pub enum OwnedProp {
     Str(String),
     Bytes(Vec<u8>),
     Long(i64),
     Double(f64),
+    Time(crate::time::Ticks),
 }
 
-impl AvroProp {
+impl OwnedProp {
     fn as_prop(&self) -> Prop<'_> {
         match self {
-            AvroProp::Str(s) => Prop::Str(s),
-            AvroProp::Bytes(b) => Prop::Bytes(b),
-            AvroProp::Long(n) => Prop::Int(*n),
-            AvroProp::Double(_) => Prop::Other,
+            OwnedProp::Str(s) => Prop::Str(s),
+            OwnedProp::Bytes(b) => Prop::Bytes(b),
+            OwnedProp::Long(n) => Prop::Int(*n),
+            OwnedProp::Double(_) => Prop::Other,
+            OwnedProp::Time(t) => Prop::Time(*t),
         }
     }
 
     fn to_json(&self) -> serde_json::Value {
         match self {
-            AvroProp::Str(s) => json!(s),
-            AvroProp::Bytes(b) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
-            AvroProp::Long(n) => json!(n),
-            AvroProp::Double(f) => json!(f),
+            OwnedProp::Str(s) => json!(s),
+            OwnedProp::Bytes(b) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
+            OwnedProp::Long(n) => json!(n),
+            OwnedProp::Double(f) => json!(f),
+            OwnedProp::Time(t) => json!(t.to_string()),
         }
     }
 }
 
-/// One record of a Capture or storage-route file.
+/// One message as an owned record: a record of a Capture or storage-route file, or an event
+/// received from an Event Hub.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct AvroRecord {
-    pub enqueued_time_utc: Option<String>,
-    pub properties: Vec<(String, AvroProp)>,
-    pub system_properties: Vec<(String, AvroProp)>,
+pub struct Record {
+    /// The Event Hubs enqueued time (`EnqueuedTimeUtc`, `x-opt-enqueued-time`).
+    pub enqueued_time: Option<OwnedProp>,
+    pub properties: Vec<(String, OwnedProp)>,
+    pub system_properties: Vec<(String, OwnedProp)>,
     /// The body's range in the block's body buffer; `None` for a null body.
     pub body: Option<(u32, u32)>,
 }
@@ -91,7 +96,7 @@ impl<R: Read> AvroFile<R> {
     }
 
     /// The next record, its body appended to `bodies`; `None` at the end.
-    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<AvroRecord, AvroError>> {
+    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
         let index = self.next_index;
         let value = match self.reader.next()? {
             Ok(value) => value,
@@ -107,16 +112,16 @@ impl<R: Read> AvroFile<R> {
     }
 }
 
-fn record(value: AvroValue, bodies: &mut Vec<u8>) -> Result<AvroRecord, String> {
+fn record(value: AvroValue, bodies: &mut Vec<u8>) -> Result<Record, String> {
     let AvroValue::Record(fields) = value else {
         return Err("not a record".into());
     };
-    let mut out = AvroRecord::default();
+    let mut out = Record::default();
     for (name, value) in fields {
         match name.as_str() {
             "EnqueuedTimeUtc" => {
                 if let AvroValue::String(s) = unwrap_union(value) {
-                    out.enqueued_time_utc = Some(s);
+                    out.enqueued_time = Some(OwnedProp::Str(s));
                 }
             }
             "Properties" => out.properties = map(value)?,
@@ -147,21 +152,21 @@ fn unwrap_union(value: AvroValue) -> AvroValue {
     }
 }
 
-fn map(value: AvroValue) -> Result<Vec<(String, AvroProp)>, String> {
+fn map(value: AvroValue) -> Result<Vec<(String, OwnedProp)>, String> {
     let AvroValue::Map(entries) = unwrap_union(value) else {
         return Ok(Vec::new());
     };
-    let mut out: Vec<(String, AvroProp)> = entries
+    let mut out: Vec<(String, OwnedProp)> = entries
         .into_iter()
         .filter_map(|(k, v)| {
             let prop = match unwrap_union(v) {
-                AvroValue::String(s) => AvroProp::Str(s),
-                AvroValue::Bytes(b) | AvroValue::Fixed(_, b) => AvroProp::Bytes(b),
-                AvroValue::Long(n) | AvroValue::TimestampMillis(n) => AvroProp::Long(n),
-                AvroValue::Int(n) => AvroProp::Long(n.into()),
-                AvroValue::Double(f) => AvroProp::Double(f),
-                AvroValue::Float(f) => AvroProp::Double(f.into()),
-                AvroValue::Boolean(b) => AvroProp::Str(b.to_string()),
+                AvroValue::String(s) => OwnedProp::Str(s),
+                AvroValue::Bytes(b) | AvroValue::Fixed(_, b) => OwnedProp::Bytes(b),
+                AvroValue::Long(n) | AvroValue::TimestampMillis(n) => OwnedProp::Long(n),
+                AvroValue::Int(n) => OwnedProp::Long(n.into()),
+                AvroValue::Double(f) => OwnedProp::Double(f),
+                AvroValue::Float(f) => OwnedProp::Double(f.into()),
+                AvroValue::Boolean(b) => OwnedProp::Str(b.to_string()),
                 _ => return None,
             };
             Some((k, prop))
@@ -172,22 +177,22 @@ fn map(value: AvroValue) -> Result<Vec<(String, AvroProp)>, String> {
     Ok(out)
 }
 
-/// The [`Message`] view of one record, with its body's tape when the body parsed as JSON.
-pub struct AvroMessage<'a> {
-    pub record: &'a AvroRecord,
+/// The [`Message`] view of one record, with its body's tape when the body was parsed already.
+pub struct RecordMessage<'a> {
+    pub record: &'a Record,
     /// The body's bytes (empty when the record has none).
     pub body_bytes: &'a [u8],
     pub body_nodes: Option<&'a [Node<'a>]>,
 }
 
-fn find<'a>(props: &'a [(String, AvroProp)], name: &str) -> Option<Prop<'a>> {
+fn find<'a>(props: &'a [(String, OwnedProp)], name: &str) -> Option<Prop<'a>> {
     props
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_prop())
 }
 
-impl<'a> Message<'a> for AvroMessage<'a> {
+impl<'a> Message<'a> for RecordMessage<'a> {
     fn app_property(&self, name: &str) -> Option<Prop<'a>> {
         find(&self.record.properties, name)
     }
@@ -198,7 +203,7 @@ impl<'a> Message<'a> for AvroMessage<'a> {
     }
 
     fn eventhubs_enqueued_time(&self) -> Option<Prop<'a>> {
-        self.record.enqueued_time_utc.as_deref().map(Prop::Str)
+        self.record.enqueued_time.as_ref().map(OwnedProp::as_prop)
     }
 
     fn body_size(&self) -> usize {
@@ -214,11 +219,11 @@ impl<'a> Message<'a> for AvroMessage<'a> {
     }
 }
 
-impl AvroMessage<'_> {
+impl RecordMessage<'_> {
     /// The record as JSON, for a dead letter: the storage-route JSON shape, with the body
     /// embedded when it is UTF-8 and base64 otherwise.
     pub fn raw(&self) -> Cow<'static, [u8]> {
-        let props = |p: &[(String, AvroProp)]| -> serde_json::Map<String, serde_json::Value> {
+        let props = |p: &[(String, OwnedProp)]| -> serde_json::Map<String, serde_json::Value> {
             p.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()
         };
         let body = match (self.record.body, std::str::from_utf8(self.body_bytes)) {
@@ -229,7 +234,7 @@ impl AvroMessage<'_> {
             }
         };
         let value = json!({
-            "EnqueuedTimeUtc": self.record.enqueued_time_utc,
+            "EnqueuedTimeUtc": self.record.enqueued_time.as_ref().map(OwnedProp::to_json),
             "Properties": props(&self.record.properties),
             "SystemProperties": props(&self.record.system_properties),
             "Body": body,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::avro::{AvroFile, AvroRecord};
+use super::avro::{AvroFile, Record};
 use super::parsed::{LineParser, ParsedLines};
 
 /// Bytes read from a file at a time.
@@ -117,7 +117,7 @@ pub struct Chunk {
     pub parsed: ParsedLines,
     /// Avro files: the records, whose bodies are `data`'s `lines` (then `line_ends` is
     /// empty and positions are record indexes only).
-    pub records: Vec<AvroRecord>,
+    pub records: Vec<Record>,
 }
 
 /// What the reader thread sends.

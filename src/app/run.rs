@@ -1,0 +1,509 @@
+//! `twinwatch run`: the service. Event Hub receivers on a tokio runtime feed the apply thread
+//! (the same engine as replay); a delivery thread sends alerts to the sinks; an HTTP listener
+//! serves /metrics, /healthz and /readyz. SIGTERM or Ctrl-C stops the receivers; the apply
+//! thread commits its last batch; the outbox gets a bounded time to drain; exit 0.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::Failure;
+use crate::alert::{spawn_delivery, AlertmanagerSink, FileSink, Sink, StdoutSink, WebhookSink};
+use crate::cli::RunArgs;
+use crate::config::{AlertsConfig, Config, RawConfig};
+use crate::model::{DeadLetterReason, SourceId};
+use crate::pipeline::{Counters, Engine, EngineOptions, SourceHandle};
+use crate::source::avro::RecordMessage;
+use crate::source::eventhub::{self, LiveEvent, PartitionHealth, PartitionStart, SourceHealth};
+use crate::store::{Store, StoreOptions};
+use crate::telemetry::Metrics;
+
+/// Events buffered between the receivers and the apply thread.
+const CHANNEL_EVENTS: usize = 4096;
+
+/// The configuration from the file (if any), the environment and the flags.
+pub fn load_config(args: &RunArgs) -> Result<Config, Failure> {
+    let mut raw = match &args.config {
+        Some(path) => RawConfig::from_file(path).map_err(Failure::usage)?,
+        None => RawConfig::default(),
+    };
+    if let Some(dir) = &args.data_dir {
+        raw.data_dir = Some(dir.clone());
+    }
+    if !args.policies.is_empty() {
+        raw.policies = args.policies.clone();
+    }
+    if let Some(file) = &args.alerts_file {
+        raw.alerts.file = Some(file.clone());
+    }
+    if args.alerts_stdout {
+        raw.alerts.stdout = true;
+    }
+    if let Some(listen) = &args.listen {
+        raw.listen = Some(listen.clone());
+    }
+    raw.with_environment(|name| std::env::var(name).ok())
+        .validate()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("invalid configuration:\n{e}")))
+}
+
+fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
+    let mut out: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(path) = &alerts.file {
+        out.push(Box::new(
+            FileSink::open(path)
+                .with_context(|| format!("opening {}", path.display()))
+                .map_err(Failure::runtime)?,
+        ));
+    }
+    if alerts.stdout {
+        out.push(Box::new(StdoutSink));
+    }
+    if let Some(url) = &alerts.webhook_url {
+        let token = alerts.webhook_token.as_ref().map(|t| t.expose().to_owned());
+        out.push(Box::new(WebhookSink::new(
+            url.clone(),
+            token,
+            alerts.sink_timeout,
+        )));
+    }
+    if let Some(url) = &alerts.alertmanager_url {
+        let mut sink =
+            AlertmanagerSink::new(url.clone(), alerts.alertmanager_repost, alerts.sink_timeout);
+        sink.seed_open(&super::sinks::open_alerts(store).map_err(Failure::runtime)?);
+        out.push(Box::new(sink));
+    }
+    Ok(out)
+}
+
+/// State the HTTP handlers read.
+pub struct ServiceState {
+    pub metrics: Metrics,
+    pub health: Arc<SourceHealth>,
+    pub store_open: AtomicBool,
+    /// Set when the apply thread failed: the service cannot go on.
+    pub failed: std::sync::Mutex<Option<String>>,
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
+    let config = load_config(&args)?;
+    let policy = Arc::new(super::load_policy(&config.policies)?);
+    tracing::info!(
+        data_dir = %config.data_dir.display(),
+        listen = %config.listen,
+        hub = %config.eventhub.entity,
+        host = %config.eventhub.host,
+        consumer_group = %config.eventhub.consumer_group,
+        partitions = ?config.eventhub.partitions,
+        start_position = ?config.eventhub.start_position,
+        custom_endpoint = ?config.eventhub.custom_endpoint,
+        rules = policy.rules().len(),
+        alerts = ?config.alerts,
+        "starting"
+    );
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))
+        .map_err(Failure::runtime)?;
+    let store = Arc::new(
+        Store::open(&config.data_dir, &StoreOptions::default())
+            .with_context(|| format!("opening {}", config.data_dir.display()))
+            .map_err(Failure::runtime)?,
+    );
+    let sinks = sinks(&config.alerts, &store)?;
+    let queue_alerts = !sinks.is_empty();
+    let delivery = if queue_alerts {
+        Some(spawn_delivery(store.clone(), sinks).map_err(Failure::runtime)?)
+    } else {
+        None
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("twinwatch-io")
+        .enable_all()
+        .build()
+        .map_err(Failure::runtime)?;
+    let options = EngineOptions {
+        batch_messages: config.batch_messages,
+        batch_interval: config.batch_interval,
+        max_body_bytes: config.max_body_bytes,
+        cache_bytes: config.cache_bytes,
+        policy,
+        queue_alerts,
+    };
+    let result = runtime.block_on(serve(config.clone(), store, options, delivery.as_ref()));
+    let counters = result?;
+    if let Some(delivery) = delivery {
+        match delivery.drain_and_stop(config.shutdown_deadline) {
+            Ok(report) if report.left_in_outbox > 0 => tracing::warn!(
+                left = report.left_in_outbox,
+                "alerts not yet accepted by every sink stay queued for the next start"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "alert delivery failed"),
+        }
+    }
+    tracing::info!(
+        messages = counters.messages,
+        applied = counters.applied,
+        stale = counters.stale,
+        ignored = counters.ignored,
+        dead_lettered = counters.n_dead_lettered(),
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Runs the service until a stop signal; returns this process's counts.
+async fn serve(
+    config: Config,
+    store: Arc<Store>,
+    options: EngineOptions,
+    delivery: Option<&crate::alert::Delivery>,
+) -> Result<Counters, Failure> {
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    {
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("stopping: no more events are read; the last batch is being committed");
+            cancel.cancel();
+        });
+    }
+    let metrics = Metrics::new().map_err(Failure::runtime)?;
+    // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
+    let mut backoff = Duration::from_millis(500);
+    let (client, partition_ids) = loop {
+        match eventhub::connect(&config.eventhub).await {
+            Ok(connected) => break connected,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot connect to the Event Hub; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        tracker.close();
+                        return Ok(Counters::default());
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let health = Arc::new(SourceHealth {
+        partitions: partition_ids
+            .iter()
+            .map(|id| (id.clone(), Arc::new(PartitionHealth::default())))
+            .collect(),
+        fatal: std::sync::Mutex::new(None),
+    });
+    let state = Arc::new(ServiceState {
+        metrics,
+        health: health.clone(),
+        store_open: AtomicBool::new(true),
+        failed: std::sync::Mutex::new(None),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))
+        .map_err(Failure::runtime)?;
+    tracing::info!(address = %config.listen, "serving /metrics, /healthz, /readyz");
+    {
+        let app = crate::http::router(state.clone());
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let server = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { cancel.cancelled().await });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the HTTP listener failed");
+            }
+        });
+    }
+
+    // The apply thread owns the engine; it reports each partition's checkpoint first.
+    let (tx, rx) = mpsc::channel::<LiveEvent>(CHANNEL_EVENTS);
+    let (starts_tx, starts_rx) = oneshot::channel();
+    let handle = tokio::runtime::Handle::current();
+    let apply = {
+        let state = state.clone();
+        let entity = config.eventhub.entity.clone();
+        let partition_ids = partition_ids.clone();
+        let wake = delivery.map(|d| d.waker());
+        let cancel = cancel.clone();
+        std::thread::Builder::new()
+            .name("twinwatch-apply".into())
+            .stack_size(64 << 20)
+            .spawn(move || -> Result<Counters, anyhow::Error> {
+                let result = apply_loop(
+                    store,
+                    options,
+                    &entity,
+                    &partition_ids,
+                    starts_tx,
+                    rx,
+                    &handle,
+                    &state,
+                    wake,
+                );
+                if let Err(e) = &result {
+                    if let Ok(mut failed) = state.failed.lock() {
+                        *failed = Some(format!("{e:#}"));
+                    }
+                    // Nothing can be applied any more: stop reading.
+                    cancel.cancel();
+                }
+                result
+            })
+            .map_err(Failure::runtime)?
+    };
+    let starts = match starts_rx.await {
+        Ok(starts) => starts,
+        Err(_) => Vec::new(),
+    };
+    eventhub::spawn_receivers(
+        Arc::new(client),
+        &config.eventhub,
+        starts,
+        health,
+        tx,
+        cancel.clone(),
+        &tracker,
+    );
+    tracker.close();
+    cancel.cancelled().await;
+    let deadline = config.shutdown_deadline;
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?deadline, "some tasks did not stop in time");
+    }
+    let counters = tokio::task::spawn_blocking(move || apply.join())
+        .await
+        .map_err(Failure::runtime)?
+        .map_err(|_| Failure::runtime(anyhow::anyhow!("the apply thread panicked")))?
+        .map_err(Failure::runtime)?;
+    Ok(counters)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_loop(
+    store: Arc<Store>,
+    options: EngineOptions,
+    entity: &str,
+    partition_ids: &[String],
+    starts_tx: oneshot::Sender<Vec<PartitionStart>>,
+    mut rx: mpsc::Receiver<LiveEvent>,
+    handle: &tokio::runtime::Handle,
+    state: &ServiceState,
+    wake: Option<crate::alert::DeliveryWaker>,
+) -> anyhow::Result<Counters> {
+    let tick = options.batch_interval;
+    let mut engine = Engine::new(store, options)?;
+    let mut handles: Vec<SourceHandle> = Vec::new();
+    let mut expected: Vec<u64> = Vec::new();
+    let mut starts = Vec::new();
+    for (index, id) in partition_ids.iter().enumerate() {
+        let (source, checkpoint) =
+            engine.add_source(SourceId::Partition(id.clone()), format!("{entity}/{id}"))?;
+        handles.push(source);
+        expected.push(checkpoint.next_index);
+        let next = (checkpoint.next_index > 0 || checkpoint.offset.is_some())
+            .then_some(checkpoint.next_index as i64);
+        starts.push(PartitionStart {
+            index,
+            id: id.clone(),
+            next_sequence_number: next,
+        });
+        if let Some(next) = next {
+            state
+                .metrics
+                .checkpoint_sequence_number
+                .with_label_values(&[id])
+                .set(next - 1);
+        }
+    }
+    let _ = starts_tx.send(starts);
+    let mut exported = Counters::default();
+    let mut last_export = Instant::now();
+    let mut last_committed_batches = 0;
+    loop {
+        let event = match rx.try_recv() {
+            Ok(event) => Some(event),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                match handle.block_on(tokio::time::timeout(tick, rx.recv())) {
+                    Ok(Some(event)) => Some(event),
+                    Ok(None) => break,
+                    Err(_) => None,
+                }
+            }
+        };
+        match event {
+            Some(event) => {
+                let p = event.partition;
+                let seq = event.sequence_number.max(0) as u64;
+                // A receiver that reconnected may be sent events again; what the snapshot
+                // has applied is never applied twice.
+                if seq < expected[p] {
+                    continue;
+                }
+                if seq > expected[p] && expected[p] > 0 {
+                    tracing::warn!(partition = %partition_ids[p], expected = expected[p], got = seq, "a gap in the partition's sequence numbers (retention?)");
+                }
+                expected[p] = seq + 1;
+                let message = RecordMessage {
+                    record: &event.record,
+                    body_bytes: &event.body,
+                    body_nodes: None,
+                };
+                engine.ingest_event(handles[p], seq, event.offset.as_deref(), &message, &|| {
+                    message.raw()
+                })?;
+                if let Some(crate::source::avro::OwnedProp::Time(t)) = &event.record.enqueued_time {
+                    let now = crate::time::Ticks(
+                        (std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos() / 100)) as i64,
+                    );
+                    state
+                        .metrics
+                        .event_age_seconds
+                        .set((now.0 - t.0) as f64 / 1e7);
+                }
+            }
+            None => engine.tick()?,
+        }
+        if last_export.elapsed() >= Duration::from_millis(100) {
+            export_metrics(&engine, &mut exported, state, partition_ids, &handles);
+            last_export = Instant::now();
+            let batches = engine.counters().batches;
+            if batches != last_committed_batches {
+                last_committed_batches = batches;
+                if let Some(wake) = &wake {
+                    wake.wake();
+                }
+            }
+        }
+    }
+    let counters = engine.finish()?;
+    export_metrics_final(&counters, &mut exported, state);
+    if let Some(wake) = &wake {
+        wake.wake();
+    }
+    Ok(counters)
+}
+
+fn add(counter: &prometheus::IntCounter, now: u64, before: u64) {
+    if now > before {
+        counter.inc_by(now - before);
+    }
+}
+
+fn export_metrics_final(counters: &Counters, exported: &mut Counters, state: &ServiceState) {
+    let m = &state.metrics;
+    add(
+        &m.messages.with_label_values(&["applied"]),
+        counters.applied,
+        exported.applied,
+    );
+    add(
+        &m.messages.with_label_values(&["stale"]),
+        counters.stale,
+        exported.stale,
+    );
+    add(
+        &m.messages.with_label_values(&["ignored"]),
+        counters.ignored,
+        exported.ignored,
+    );
+    add(
+        &m.messages.with_label_values(&["dead_lettered"]),
+        counters.n_dead_lettered(),
+        exported.n_dead_lettered(),
+    );
+    for reason in DeadLetterReason::ALL {
+        let now = counters.dead_lettered.get(&reason).copied().unwrap_or(0);
+        let before = exported.dead_lettered.get(&reason).copied().unwrap_or(0);
+        add(
+            &m.dead_letters.with_label_values(&[reason.as_str()]),
+            now,
+            before,
+        );
+    }
+    add(
+        &m.alerts.with_label_values(&["opened"]),
+        counters.alerts_opened,
+        exported.alerts_opened,
+    );
+    add(
+        &m.alerts.with_label_values(&["resolved"]),
+        counters.alerts_resolved,
+        exported.alerts_resolved,
+    );
+    add(&m.batches, counters.batches, exported.batches);
+    *exported = counters.clone();
+}
+
+fn export_metrics(
+    engine: &Engine,
+    exported: &mut Counters,
+    state: &ServiceState,
+    partition_ids: &[String],
+    handles: &[SourceHandle],
+) {
+    export_metrics_final(engine.counters(), exported, state);
+    let m = &state.metrics;
+    for (i, id) in partition_ids.iter().enumerate() {
+        if let Some(next) = engine.committed_next_index(handles[i]) {
+            m.checkpoint_sequence_number
+                .with_label_values(&[id])
+                .set(next as i64 - 1);
+        }
+        let health = &state.health.partitions[i].1;
+        m.partition_connected
+            .with_label_values(&[id])
+            .set(i64::from(health.connected.load(Ordering::Relaxed)));
+        let reconnects = m.receiver_reconnects.with_label_values(&[id]);
+        add(
+            &reconnects,
+            health.reconnects.load(Ordering::Relaxed),
+            reconnects.get(),
+        );
+        let displaced = m.receiver_displaced.with_label_values(&[id]);
+        add(
+            &displaced,
+            health.displaced.load(Ordering::Relaxed),
+            displaced.get(),
+        );
+    }
+    m.twins.set(engine.snapshot().directory.n_live() as i64);
+    m.tombstones
+        .set(engine.snapshot().directory.n_dead() as i64);
+}

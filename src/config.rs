@@ -1,0 +1,519 @@
+//! The service's configuration: one TOML file (`twinwatch run --config FILE`), environment
+//! overrides for secrets and deployment settings, and command-line flags for what people change
+//! per run. [`RawConfig`] is the file as written (every field documented, unknown fields
+//! refused); [`RawConfig::validate`] turns it into the [`Config`] the rest of the program uses.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret: never printed, logged or exported in full.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Parse { path: String, error: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The configuration file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The snapshot's data directory (env `TWINWATCH_DATA_DIR`).
+    pub data_dir: Option<PathBuf>,
+    /// Address of the HTTP listener: /metrics, /healthz, /readyz (default 127.0.0.1:9464).
+    pub listen: Option<String>,
+    /// Policy files, concatenated in order; the built-in baseline when empty.
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    #[serde(default)]
+    pub eventhub: RawEventHub,
+    #[serde(default)]
+    pub alerts: RawAlerts,
+    #[serde(default)]
+    pub batching: RawBatching,
+    /// How long a stop (SIGTERM, Ctrl-C) may take, seconds (default 30).
+    pub shutdown_deadline_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEventHub {
+    /// The Event Hub-compatible connection string
+    /// (`Endpoint=sb://...;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=...`); better
+    /// from the environment: `TWINWATCH_EVENTHUB_CONNECTION_STRING`.
+    pub connection_string: Option<String>,
+    /// The consumer group (default `$Default`).
+    pub consumer_group: Option<String>,
+    /// The partitions this instance owns: `"all"` (default) or a list of partition ids.
+    pub partitions: Option<toml::Value>,
+    /// Where a partition without a checkpoint starts: `earliest` (default) or `latest`.
+    pub start_position: Option<String>,
+    /// An endpoint to connect to instead of the namespace's (`amqp://host:port` for an emulator
+    /// or a private endpoint). `UseDevelopmentEmulator=true` in the connection string implies
+    /// `amqp://HOST:PORT` of its `Endpoint`.
+    pub custom_endpoint: Option<String>,
+    /// The receivers' owner level (epoch); a receiver with a higher one takes the partition.
+    pub owner_level: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Append alerts (CloudEvents JSON lines) to this file.
+    pub file: Option<PathBuf>,
+    /// Print alerts on standard output.
+    #[serde(default)]
+    pub stdout: bool,
+    /// POST each alert to this URL (CloudEvents HTTP binding, structured mode).
+    pub webhook_url: Option<String>,
+    /// Bearer token for the webhook (env `TWINWATCH_WEBHOOK_TOKEN`).
+    pub webhook_token: Option<String>,
+    /// Prometheus Alertmanager base URL.
+    pub alertmanager_url: Option<String>,
+    /// Re-send open alerts to Alertmanager this often, seconds (default 60).
+    pub alertmanager_repost_secs: Option<u64>,
+    /// Timeout of one HTTP request to a sink, seconds (default 10).
+    pub sink_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatching {
+    /// Commit after this many messages (default 8192).
+    pub max_messages: Option<u64>,
+    /// ...or when the open batch is this old, milliseconds (default 50 for the service).
+    pub max_delay_ms: Option<u64>,
+    /// Memory for the cache of recently used twins, MiB (default 256).
+    pub cache_mib: Option<u64>,
+    /// Bodies larger than this are dead letters (default 262144).
+    pub max_body_bytes: Option<u64>,
+}
+
+/// Which partitions an instance owns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Partitions {
+    All,
+    List(Vec<String>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartPosition {
+    Earliest,
+    Latest,
+}
+
+/// The validated Event Hub settings.
+#[derive(Clone, Debug)]
+pub struct EventHubConfig {
+    pub connection_string: Secret,
+    /// `EntityPath` of the connection string.
+    pub entity: String,
+    /// The namespace host (for logs: no secret in it).
+    pub host: String,
+    pub consumer_group: String,
+    pub partitions: Partitions,
+    pub start_position: StartPosition,
+    pub custom_endpoint: Option<String>,
+    pub owner_level: Option<i64>,
+}
+
+/// The validated alert sinks.
+#[derive(Clone, Debug, Default)]
+pub struct AlertsConfig {
+    pub file: Option<PathBuf>,
+    pub stdout: bool,
+    pub webhook_url: Option<String>,
+    pub webhook_token: Option<Secret>,
+    pub alertmanager_url: Option<String>,
+    pub alertmanager_repost: Duration,
+    pub sink_timeout: Duration,
+}
+
+/// The configuration the service runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub policies: Vec<PathBuf>,
+    pub eventhub: EventHubConfig,
+    pub alerts: AlertsConfig,
+    pub batch_messages: usize,
+    pub batch_interval: Duration,
+    pub cache_bytes: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_deadline: Duration,
+}
+
+impl RawConfig {
+    /// Reads a configuration file.
+    pub fn from_file(path: &std::path::Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.display().to_string(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            error: e.to_string(),
+        })
+    }
+
+    /// Fills what the file leaves out from the environment (`TWINWATCH_DATA_DIR`,
+    /// `TWINWATCH_EVENTHUB_CONNECTION_STRING`, `TWINWATCH_WEBHOOK_TOKEN`).
+    pub fn with_environment(mut self, env: impl Fn(&str) -> Option<String>) -> RawConfig {
+        if self.data_dir.is_none() {
+            self.data_dir = env("TWINWATCH_DATA_DIR").map(PathBuf::from);
+        }
+        if self.eventhub.connection_string.is_none() {
+            self.eventhub.connection_string = env("TWINWATCH_EVENTHUB_CONNECTION_STRING");
+        }
+        if self.alerts.webhook_token.is_none() {
+            self.alerts.webhook_token = env("TWINWATCH_WEBHOOK_TOKEN");
+        }
+        self
+    }
+
+    /// Checks every field; every problem is reported at once.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let data_dir = self.data_dir.unwrap_or_else(|| {
+            problems.push("data_dir is required (--data-dir or TWINWATCH_DATA_DIR)".to_owned());
+            PathBuf::new()
+        });
+        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:9464");
+        let listen: SocketAddr = listen.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "listen: {listen:?} is not an address such as 127.0.0.1:9464"
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 9464))
+        });
+        let eventhub = validate_eventhub(self.eventhub, &mut problems);
+        let alerts = validate_alerts(self.alerts, &mut problems);
+        let positive =
+            |name: &str, value: Option<u64>, default: u64, max: u64, problems: &mut Vec<String>| {
+                let v = value.unwrap_or(default);
+                if v == 0 || v > max {
+                    problems.push(format!("{name} must be between 1 and {max}, not {v}"));
+                    default
+                } else {
+                    v
+                }
+            };
+        let batch_messages = positive(
+            "batching.max_messages",
+            self.batching.max_messages,
+            8192,
+            1_000_000,
+            &mut problems,
+        );
+        let batch_delay = positive(
+            "batching.max_delay_ms",
+            self.batching.max_delay_ms,
+            50,
+            60_000,
+            &mut problems,
+        );
+        let cache_mib = self.batching.cache_mib.unwrap_or(256);
+        let max_body = positive(
+            "batching.max_body_bytes",
+            self.batching.max_body_bytes,
+            262_144,
+            1 << 30,
+            &mut problems,
+        );
+        let deadline = positive(
+            "shutdown_deadline_secs",
+            self.shutdown_deadline_secs,
+            30,
+            3600,
+            &mut problems,
+        );
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems.join("\n")));
+        }
+        Ok(Config {
+            data_dir,
+            listen,
+            policies: self.policies,
+            eventhub: eventhub.expect("problems were reported above"),
+            alerts,
+            batch_messages: batch_messages as usize,
+            batch_interval: Duration::from_millis(batch_delay),
+            cache_bytes: (cache_mib as usize) << 20,
+            max_body_bytes: max_body as usize,
+            shutdown_deadline: Duration::from_secs(deadline),
+        })
+    }
+}
+
+/// The parts of an Event Hubs connection string the service needs.
+#[derive(Debug, PartialEq, Eq)]
+struct ConnectionParts {
+    host: String,
+    port: Option<u16>,
+    entity: Option<String>,
+    development_emulator: bool,
+    has_key: bool,
+}
+
+/// Parses `Key=Value;...` (keys case-insensitive); the error never quotes the string.
+fn parse_connection_string(text: &str) -> Result<ConnectionParts, String> {
+    let mut endpoint = None;
+    let mut entity = None;
+    let mut emulator = false;
+    let mut has_key = false;
+    for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = part.split_once('=') else {
+            return Err("a part of the connection string is not Key=Value".into());
+        };
+        match key.trim().to_ascii_lowercase().as_str() {
+            "endpoint" => endpoint = Some(value.trim().to_owned()),
+            "entitypath" => entity = Some(value.trim().to_owned()),
+            "usedevelopmentemulator" => emulator = value.trim().eq_ignore_ascii_case("true"),
+            "sharedaccesskey" | "sharedaccesssignature" => has_key = !value.trim().is_empty(),
+            _ => {}
+        }
+    }
+    let endpoint = endpoint.ok_or("the connection string has no Endpoint")?;
+    let rest = endpoint
+        .strip_prefix("sb://")
+        .ok_or("the connection string's Endpoint must start with sb://")?;
+    let authority = rest.trim_end_matches('/');
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h.to_owned(),
+            Some(
+                p.parse::<u16>()
+                    .map_err(|_| "the Endpoint's port is not a number")?,
+            ),
+        ),
+        None => (authority.to_owned(), None),
+    };
+    if host.is_empty() {
+        return Err("the connection string's Endpoint has no host".into());
+    }
+    Ok(ConnectionParts {
+        host,
+        port,
+        entity: entity.filter(|e| !e.is_empty()),
+        development_emulator: emulator,
+        has_key,
+    })
+}
+
+fn validate_eventhub(raw: RawEventHub, problems: &mut Vec<String>) -> Option<EventHubConfig> {
+    let Some(connection_string) = raw.connection_string.filter(|s| !s.trim().is_empty()) else {
+        problems.push(
+            "eventhub.connection_string is required (or TWINWATCH_EVENTHUB_CONNECTION_STRING)"
+                .into(),
+        );
+        return None;
+    };
+    let parts = match parse_connection_string(&connection_string) {
+        Ok(parts) => parts,
+        Err(e) => {
+            problems.push(format!("eventhub.connection_string: {e}"));
+            return None;
+        }
+    };
+    if !parts.has_key {
+        problems
+            .push("eventhub.connection_string: no SharedAccessKey or SharedAccessSignature".into());
+    }
+    let Some(entity) = parts.entity.clone() else {
+        problems.push(
+            "eventhub.connection_string: no EntityPath (the Event Hub-compatible name)".into(),
+        );
+        return None;
+    };
+    let partitions = match raw.partitions {
+        None => Partitions::All,
+        Some(toml::Value::String(s)) if s == "all" => Partitions::All,
+        Some(toml::Value::Array(items)) => {
+            let ids: Vec<String> = items
+                .iter()
+                .filter_map(|v| match v {
+                    toml::Value::String(s) => Some(s.clone()),
+                    toml::Value::Integer(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect();
+            if ids.len() != items.len() || ids.is_empty() {
+                problems.push(
+                    "eventhub.partitions: a non-empty list of partition ids, or \"all\"".into(),
+                );
+            }
+            Partitions::List(ids)
+        }
+        Some(_) => {
+            problems.push("eventhub.partitions: a list of partition ids, or \"all\"".into());
+            Partitions::All
+        }
+    };
+    let start_position = match raw.start_position.as_deref() {
+        None | Some("earliest") => StartPosition::Earliest,
+        Some("latest") => StartPosition::Latest,
+        Some(other) => {
+            problems.push(format!(
+                "eventhub.start_position: earliest or latest, not {other:?}"
+            ));
+            StartPosition::Earliest
+        }
+    };
+    let custom_endpoint = match raw.custom_endpoint {
+        Some(url) => {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                problems.push("eventhub.custom_endpoint: an amqp:// or amqps:// URL".into());
+            }
+            Some(url)
+        }
+        // The official clients ignore UseDevelopmentEmulator and drop the port: the
+        // application has to say where to connect (DESIGN.md, known traps).
+        None if parts.development_emulator => Some(format!(
+            "amqp://{}:{}",
+            parts.host,
+            parts.port.unwrap_or(5672)
+        )),
+        None => None,
+    };
+    Some(EventHubConfig {
+        connection_string: Secret::new(connection_string),
+        entity,
+        host: parts.host,
+        consumer_group: raw.consumer_group.unwrap_or_else(|| "$Default".into()),
+        partitions,
+        start_position,
+        custom_endpoint,
+        owner_level: raw.owner_level,
+    })
+}
+
+fn validate_alerts(raw: RawAlerts, problems: &mut Vec<String>) -> AlertsConfig {
+    for (name, url) in [
+        ("webhook_url", &raw.webhook_url),
+        ("alertmanager_url", &raw.alertmanager_url),
+    ] {
+        if let Some(url) = url {
+            if !url.starts_with("http://") {
+                problems.push(format!(
+                    "alerts.{name}: an http:// URL (https is not supported by this build)"
+                ));
+            }
+        }
+    }
+    AlertsConfig {
+        file: raw.file,
+        stdout: raw.stdout,
+        webhook_url: raw.webhook_url,
+        webhook_token: raw.webhook_token.map(Secret::new),
+        alertmanager_url: raw
+            .alertmanager_url
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        alertmanager_repost: Duration::from_secs(raw.alertmanager_repost_secs.unwrap_or(60).max(1)),
+        sink_timeout: Duration::from_secs(raw.sink_timeout_secs.unwrap_or(10).max(1)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMULATOR: &str = "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;EntityPath=hub";
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    #[test]
+    fn the_emulator_string_implies_a_plain_amqp_endpoint() {
+        let config = RawConfig::default()
+            .with_environment(env(&[
+                ("TWINWATCH_DATA_DIR", "/tmp/d"),
+                ("TWINWATCH_EVENTHUB_CONNECTION_STRING", EMULATOR),
+            ]))
+            .validate()
+            .expect("valid");
+        assert_eq!(
+            config.eventhub.custom_endpoint.as_deref(),
+            Some("amqp://127.0.0.1:5673")
+        );
+        assert_eq!(config.eventhub.entity, "hub");
+        assert_eq!(config.eventhub.partitions, Partitions::All);
+        assert_eq!(config.eventhub.start_position, StartPosition::Earliest);
+        assert!(
+            !format!("{config:?}").contains("SAS_KEY_VALUE"),
+            "the key leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_without_the_secret() {
+        let raw: RawConfig = toml::from_str(
+            r#"
+listen = "nowhere"
+[eventhub]
+connection_string = "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=TOPSECRET"
+start_position = "middle"
+[batching]
+max_messages = 0
+"#,
+        )
+        .expect("parses");
+        let error = raw.validate().expect_err("invalid").to_string();
+        for expected in ["data_dir", "listen", "EntityPath", "max_messages"] {
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
+        assert!(!error.contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let error = toml::from_str::<RawConfig>("[eventhub]\nconection_string = \"x\"\n")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(error.contains("conection_string"), "{error}");
+    }
+
+    #[test]
+    fn partitions_take_a_list() {
+        let raw: RawConfig = toml::from_str(&format!(
+            "data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\npartitions = [\"0\", 2]\n"
+        ))
+        .expect("parses");
+        let config = raw.validate().expect("valid");
+        assert_eq!(
+            config.eventhub.partitions,
+            Partitions::List(vec!["0".into(), "2".into()])
+        );
+    }
+}
