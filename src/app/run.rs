@@ -282,10 +282,7 @@ async fn serve(
             })
             .map_err(Failure::runtime)?
     };
-    let starts = match starts_rx.await {
-        Ok(starts) => starts,
-        Err(_) => Vec::new(),
-    };
+    let starts = starts_rx.await.unwrap_or_default();
     eventhub::spawn_receivers(
         Arc::new(client),
         &config.eventhub,
