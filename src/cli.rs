@@ -47,8 +47,12 @@ pub enum Command {
     Policy(PolicyArgs),
     /// Write a deterministic synthetic fleet's notifications (JSON lines or Avro)
     Generate(GenerateArgs),
-    /// A first look: generate a fleet, replay it into a fresh data directory, show the result
+    /// A first look: a generated fleet in the embedded emulator, the service consuming it with
+    /// the baseline policy, alerts on the terminal, metrics on localhost, until Ctrl-C
     Demo(DemoArgs),
+    /// A local Event Hubs endpoint (AMQP 1.0, plain TCP) for development and tests, preloaded
+    /// with captured files; prints the connection string to use
+    Emulator(EmulatorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -157,15 +161,22 @@ pub enum AvroCodec {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Devices in the generated fleet
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 5_000)]
     pub devices: u64,
 
-    /// Messages to generate
-    #[arg(long, default_value_t = 200_000)]
+    /// Events preloaded into the emulator before the service starts
+    #[arg(long, default_value_t = 50_000)]
     pub events: u64,
 
-    /// Where to keep the fleet and the snapshot (default: a new temporary directory, removed
-    /// at the end)
+    /// Events per second published after that, as a live hub would
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+
+    /// The HTTP listener of the service (/metrics, /healthz, /readyz)
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: String,
+
+    /// Where to keep the snapshot (default: a new temporary directory, removed at the end)
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
@@ -247,4 +258,34 @@ pub struct RunArgs {
     /// Address of the HTTP listener for /metrics, /healthz, /readyz (default 127.0.0.1:9464)
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on (port 0: any free port; the connection string tells which)
+    #[arg(long, default_value = "127.0.0.1:5672")]
+    pub listen: String,
+
+    /// The Event Hub's name (the connection string's EntityPath)
+    #[arg(long, default_value = "iothub-ehub-twinwatch")]
+    pub hub: String,
+
+    /// Partitions; each event goes to one by a stable hash of its device id
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub partitions: u32,
+
+    /// Keep publishing generated events at this rate (events per second; 0: none)
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+
+    /// Devices of the generated fleet published at --rate
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u64,
+
+    /// Seed of the generated fleet published at --rate
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Captured files or directories to preload (any replay format), in order
+    pub paths: Vec<PathBuf>,
 }

@@ -12,6 +12,8 @@
 //! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure).
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
+//! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
+//!   it stands apart and reuses only the generator and the replay readers.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod decode;
+pub mod emulator;
 pub mod generate;
 pub mod http;
 pub mod model;

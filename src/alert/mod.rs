@@ -8,4 +8,4 @@ pub mod sinks;
 
 pub use http::{AlertmanagerSink, WebhookSink};
 pub use outbox::{spawn_delivery, Delivery, DeliveryReport, DeliveryWaker};
-pub use sinks::{FileSink, Sink, SinkError, StdoutSink};
+pub use sinks::{ConsoleSink, FileSink, Sink, SinkError, StdoutSink};

@@ -107,3 +107,46 @@ impl Sink for StdoutSink {
         })
     }
 }
+
+/// Alerts as one human-readable line each, for a person watching a terminal (the demo):
+/// `OPENED   high     gw-1/modules/azureiotsecurity  rule-id  Title`.
+pub struct ConsoleSink;
+
+impl Sink for ConsoleSink {
+    fn name(&self) -> &'static str {
+        "console"
+    }
+
+    fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), SinkError> {
+        let mut out = io::stdout().lock();
+        let result = alerts.iter().try_for_each(|alert| {
+            let line = match serde_json::from_slice::<serde_json::Value>(alert) {
+                Ok(event) => {
+                    let data = &event["data"];
+                    let kind = if event["type"] == "io.twinwatch.violation.opened" {
+                        "OPENED"
+                    } else if data["reason"] == "deleted" {
+                        "DELETED"
+                    } else {
+                        "RESOLVED"
+                    };
+                    format!(
+                        "{kind:<8} {:<8} {:<44} {:<40} {}",
+                        data["severity"].as_str().unwrap_or("?"),
+                        event["subject"].as_str().unwrap_or("?"),
+                        data["ruleId"].as_str().unwrap_or("?"),
+                        data["title"].as_str().unwrap_or("")
+                    )
+                }
+                Err(_) => String::from_utf8_lossy(alert).into_owned(),
+            };
+            writeln!(out, "{line}")
+        });
+        result
+            .and_then(|()| out.flush())
+            .map_err(|source| SinkError::Io {
+                sink: "console".into(),
+                source,
+            })
+    }
+}

@@ -1,94 +1,91 @@
-//! `twinwatch demo`: a first look without any Azure resource. It generates a synthetic fleet
-//! (with some noise: duplicates, stale versions, telemetry, malformed messages), replays it
-//! into a fresh snapshot, and shows what came out.
+//! `twinwatch demo`: a first look without any Azure resource. A generated fleet is preloaded
+//! into the embedded Event Hubs emulator, which keeps publishing more of it at a steady rate;
+//! the service consumes it with the built-in baseline policy, prints alerts on the terminal
+//! as they open and resolve, and serves /metrics on localhost, until Ctrl-C.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::replay::replay;
+use super::emulator::generated_events;
 use super::Failure;
+use crate::alert::ConsoleSink;
 use crate::cli::DemoArgs;
-use crate::generate::{write_json_lines, GenerateOptions};
-use crate::pipeline::EngineOptions;
-use crate::store::{Store, StoreOptions};
-use crate::twin::export_value;
+use crate::config::RawConfig;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::generate::GenerateOptions;
 
 pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
     let temp;
     let dir = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))
-                .map_err(Failure::runtime)?;
-            dir.clone()
-        }
+        Some(dir) => dir.clone(),
         None => {
             temp = tempfile::tempdir().map_err(Failure::runtime)?;
             temp.path().to_path_buf()
         }
     };
-    let fleet = dir.join("fleet.json");
-    let data_dir = dir.join("data");
+    let listen: SocketAddr = args.listen.parse().map_err(|_| {
+        Failure::usage(anyhow::anyhow!("--listen: not an address: {}", args.listen))
+    })?;
+    // The emulator runs on a runtime of its own, beside the service's.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("twinwatch-emulator")
+        .enable_all()
+        .build()
+        .map_err(Failure::runtime)?;
+    let hub = "contoso-hub";
+    let emulator = runtime
+        .block_on(Emulator::start(EmulatorConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            "iothub-ehub-contoso-demo",
+            4,
+        )))
+        .context("starting the embedded emulator")
+        .map_err(Failure::runtime)?;
     let options = GenerateOptions {
         devices: args.devices,
-        events: args.events,
+        events: u64::MAX / 2,
         seed: 1,
-        hub: "contoso-hub".into(),
-        noise: 0.02,
+        hub: hub.into(),
+        noise: 0.01,
     };
+    let mut events = generated_events(options, 0);
+    for event in events.by_ref().take(args.events as usize) {
+        emulator.publish(event);
+    }
+    {
+        let _guard = runtime.enter();
+        emulator.spawn_publisher(events, args.rate);
+    }
+    let connection_string = emulator.connection_string();
+    println!("twinwatch demo");
     println!(
-        "generating {} messages for a fleet of {} devices into {}",
-        args.events,
-        args.devices,
-        fleet.display()
+        "  a fleet of {} devices: {} events preloaded, then {} events/s",
+        args.devices, args.events, args.rate
     );
-    let file = std::fs::File::create(&fleet).map_err(Failure::runtime)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-    write_json_lines(&options, &mut out).map_err(Failure::runtime)?;
-    std::io::Write::flush(&mut out).map_err(Failure::runtime)?;
-    drop(out);
-
-    println!("replaying into {}", data_dir.display());
-    let store = Store::open(&data_dir, &StoreOptions::default()).map_err(Failure::runtime)?;
-    let store = Arc::new(store);
-    let files = crate::source::replay::expand_paths(&[fleet]).map_err(Failure::runtime)?;
-    let report =
-        replay(store.clone(), &files, EngineOptions::default()).map_err(Failure::runtime)?;
-    let c = &report.counters;
-    let seconds = report.elapsed.as_secs_f64();
+    println!("  emulator:  {}", emulator.local_addr());
+    println!("  snapshot:  {}", dir.join("data").display());
+    println!("  metrics:   http://{listen}/metrics   (also /healthz, /readyz)");
     println!(
-        "{} messages in {seconds:.2} s ({:.0}/s): {} applied, {} stale, {} ignored, {} dead-lettered",
-        c.messages,
-        c.messages as f64 / seconds.max(1e-9),
-        c.applied,
-        c.stale,
-        c.ignored,
-        c.n_dead_lettered()
+        "  explore:   twinwatch export --data-dir {0}  |  twinwatch violations --data-dir {0}",
+        dir.join("data").display()
     );
-    for (reason, n) in &c.dead_lettered {
-        println!("  dead letters {reason}: {n}");
-    }
-    let mut n_twins = 0u64;
-    let mut sample = None;
-    for item in store.twins().map_err(Failure::runtime)? {
-        let (key, record) = item.map_err(Failure::runtime)?;
-        n_twins += 1;
-        if sample.is_none() && key.module_id.as_ref() == "azureiotsecurity" {
-            sample = Some(export_value(key.as_key(), record.version, &record.doc));
-        }
-    }
-    println!("the snapshot holds {n_twins} twins; one security module twin:");
-    if let Some(sample) = sample {
-        let pretty = serde_json::to_string_pretty(&sample).map_err(Failure::runtime)?;
-        println!("{pretty}");
-    }
-    if args.dir.is_some() {
-        println!(
-            "explore it: twinwatch export --data-dir {0} | head; twinwatch deadletters --data-dir {0} | head",
-            data_dir.display()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    println!("  Ctrl-C to stop\n");
+    let raw = RawConfig {
+        data_dir: Some(dir.join("data")),
+        listen: Some(listen.to_string()),
+        eventhub: crate::config::RawEventHub {
+            connection_string: Some(connection_string),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let config = raw
+        .validate()
+        .map_err(|e| Failure::runtime(anyhow::anyhow!("the demo's configuration: {e}")))?;
+    let result = super::run::run_with(config, vec![Box::new(ConsoleSink)]);
+    runtime.block_on(emulator.shutdown());
+    result
 }

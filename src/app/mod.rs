@@ -1,6 +1,7 @@
 //! Wiring: each command's run function, from parsed arguments to an exit code.
 
 mod demo;
+pub mod emulator;
 mod output;
 pub mod replay;
 pub mod run;
@@ -62,6 +63,7 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Generate(args) => output::generate(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Emulator(args) => emulator::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -93,6 +93,12 @@ pub struct ServiceState {
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let config = load_config(&args)?;
+    run_with(config, Vec::new())
+}
+
+/// Runs the service with a validated configuration; `extra_sinks` are added to the
+/// configured ones (the demo's console).
+pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitCode, Failure> {
     let policy = Arc::new(super::load_policy(&config.policies)?);
     tracing::info!(
         data_dir = %config.data_dir.display(),
@@ -115,7 +121,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
             .with_context(|| format!("opening {}", config.data_dir.display()))
             .map_err(Failure::runtime)?,
     );
-    let sinks = sinks(&config.alerts, &store)?;
+    let mut sinks = sinks(&config.alerts, &store)?;
+    sinks.extend(extra_sinks);
     let queue_alerts = !sinks.is_empty();
     let delivery = if queue_alerts {
         Some(spawn_delivery(store.clone(), sinks).map_err(Failure::runtime)?)
@@ -260,17 +267,22 @@ async fn serve(
             .name("twinwatch-apply".into())
             .stack_size(64 << 20)
             .spawn(move || -> Result<Counters, anyhow::Error> {
-                let result = apply_loop(
-                    store,
-                    options,
-                    &entity,
-                    &partition_ids,
-                    starts_tx,
-                    rx,
-                    &handle,
-                    &state,
-                    wake,
-                );
+                // A panic is a bug, but it must still stop the service rather than leave the
+                // receivers blocked on a channel nobody reads.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    apply_loop(
+                        store,
+                        options,
+                        &entity,
+                        &partition_ids,
+                        starts_tx,
+                        rx,
+                        &handle,
+                        &state,
+                        wake,
+                    )
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the apply thread panicked")));
                 if let Err(e) = &result {
                     if let Ok(mut failed) = state.failed.lock() {
                         *failed = Some(format!("{e:#}"));
@@ -355,7 +367,8 @@ fn apply_loop(
             Ok(event) => Some(event),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
-                match handle.block_on(tokio::time::timeout(tick, rx.recv())) {
+                // The timer must be made inside the runtime: build it in the async block.
+                match handle.block_on(async { tokio::time::timeout(tick, rx.recv()).await }) {
                     Ok(Some(event)) => Some(event),
                     Ok(None) => break,
                     Err(_) => None,

@@ -296,14 +296,14 @@ pub fn parse_iso8601_ms(text: &str) -> Option<i64> {
                 b'-' => -1,
                 _ => return None,
             };
-            let zone = rest[1..].as_bytes();
+            let zone = &rest.as_bytes()[1..];
             if zone.len() != 5 || zone[2] != b':' {
                 return None;
             }
-            let hours = i64::from(zone[0].checked_sub(b'0')?) * 10
-                + i64::from(zone[1].checked_sub(b'0')?);
-            let minutes = i64::from(zone[3].checked_sub(b'0')?) * 10
-                + i64::from(zone[4].checked_sub(b'0')?);
+            let hours =
+                i64::from(zone[0].checked_sub(b'0')?) * 10 + i64::from(zone[1].checked_sub(b'0')?);
+            let minutes =
+                i64::from(zone[3].checked_sub(b'0')?) * 10 + i64::from(zone[4].checked_sub(b'0')?);
             sign * (hours * 60 + minutes)
         }
     };
@@ -362,7 +362,11 @@ mod tests {
         };
         let event = EmulatedEvent::from_storage_record(
             "2026-01-01T00:00:01.0000000Z",
-            &pairs(&[("hubName", "hub1"), ("deviceId", "dev-7"), ("opType", "updateTwin")]),
+            &pairs(&[
+                ("hubName", "hub1"),
+                ("deviceId", "dev-7"),
+                ("opType", "updateTwin"),
+            ]),
             &pairs(&[
                 ("correlationId", "c0ffee"),
                 ("connectionDeviceId", "dev-7"),

@@ -10,7 +10,10 @@
 //! the partition live. Each event carries the annotations Event Hubs sets
 //! (`x-opt-sequence-number` long, `x-opt-offset` string, `x-opt-enqueued-time` timestamp)
 //! besides those its sender (IoT Hub) put on it. Owner levels (epochs) follow the service's
-//! rules and the error conditions are the service's (§3.5): see [`registry`].
+//! rules and the error conditions are the service's (§3.5): see [`registry`]. A receiver
+//! without a filter starts at the beginning of its partition. Producers are not served (a
+//! client sender to the hub is closed with `amqp:not-implemented`): events come from
+//! [`Emulator::publish`].
 //!
 //! Promises:
 //! - placement is stable: an event goes to partition `fnv1a_32(partition_key) mod N`
@@ -23,12 +26,14 @@
 //!
 //! Codemap: [`event`] (what is stored, the IoT Hub mapping, the AMQP message), [`selector`]
 //! (filter parsing), [`registry`] (partitions, readers, epoch rules; no IO), `server` (the
-//! AMQP side on fe2o3-amqp's acceptor).
+//! AMQP side on fe2o3-amqp's acceptor), `wire` (full-length performatives for the Python
+//! client).
 
 pub mod event;
 pub mod registry;
 pub mod selector;
 mod server;
+mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -167,10 +172,9 @@ impl Emulator {
         self.hub.partition(partition).map(|p| p.snapshot())
     }
 
-    /// Publishes `events` in the background at `events_per_second` (events are released in
-    /// small bursts every 10 ms), until the iterator ends or the emulator shuts down. The
-    /// iterator runs on a blocking-friendly cadence: it is asked for at most one burst at a
-    /// time.
+    /// Publishes `events` in the background at `events_per_second` (released in small bursts
+    /// every 10 ms), until the iterator ends or the emulator shuts down. The iterator runs on
+    /// the runtime: it must not block (a generator is fine, a file reader is not).
     pub fn spawn_publisher<I>(&self, events: I, events_per_second: f64)
     where
         I: Iterator<Item = EmulatedEvent> + Send + 'static,
@@ -180,6 +184,23 @@ impl Emulator {
         self.tracker.spawn(async move {
             publish_at_rate(hub, events, events_per_second, cancel).await;
         });
+    }
+
+    /// Fault injection: closes every receiver of `partition` (of every partition when
+    /// `None`) with the AMQP error `condition` and `description`, as the service does when it
+    /// moves a partition (`amqp:link:detach-forced`) or is overloaded
+    /// (`com.microsoft:server-busy`); see [`registry::condition`]. Clients re-attach as they
+    /// would to the service. Returns how many receivers were told.
+    pub fn detach_receivers(
+        &self,
+        partition: Option<u32>,
+        condition: &str,
+        description: &str,
+    ) -> usize {
+        self.hub.detach_readers(
+            partition,
+            &registry::LinkFault::new(condition, description.to_string()),
+        )
     }
 
     /// Stops accepting connections, closes every connection, and waits (a few seconds at
@@ -230,7 +251,8 @@ async fn publish_at_rate<I>(
     I: Iterator<Item = EmulatedEvent>,
 {
     const TICK: Duration = Duration::from_millis(10);
-    if !(events_per_second > 0.0) || !events_per_second.is_finite() {
+    let usable_rate = events_per_second.is_finite() && events_per_second > 0.0;
+    if !usable_rate {
         return;
     }
     let per_tick = events_per_second * TICK.as_secs_f64();

@@ -13,7 +13,10 @@ pub const SELECTOR_FILTER_KEY: &str = "apache.org:selector-filter:string";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartPosition {
     /// After (or at, when inclusive) an offset.
-    Offset { offset: OffsetValue, inclusive: bool },
+    Offset {
+        offset: OffsetValue,
+        inclusive: bool,
+    },
     /// After (or at) a sequence number.
     SequenceNumber { value: i64, inclusive: bool },
     /// The first event enqueued after (or at) a time, ms since the Unix epoch.

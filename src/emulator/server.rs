@@ -10,29 +10,29 @@
 //! address (which clients put in a request's `reply-to`) and by node (`$cbs`,
 //! `$management`), for clients that send no `reply-to`.
 //!
-//! Events go out pre-settled: a settled delivery needs no disposition, so a client that stops
-//! reading and closes never leaves a sender waiting (reference §4, pitfall 1).
+//! Events go out pre-settled (partition links are attached in settled mode whatever the
+//! client asks): a settled delivery needs no disposition, so a client that stops reading and
+//! closes never leaves a sender waiting (reference §4, pitfall 1).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use fe2o3_amqp::acceptor::error::AcceptorAttachError;
 use fe2o3_amqp::acceptor::sasl_acceptor::SaslServerFrame;
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SaslAcceptor, SessionAcceptor,
+    ListenerSessionHandle, SaslAcceptor, SessionAcceptor, SupportedSenderSettleModes,
 };
 use fe2o3_amqp::link::delivery::Sendable;
-use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role};
+use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{
     AmqpValue, ApplicationProperties, Body, Message, MessageId, Properties, Source, Target,
     TargetArchetype,
 };
 use fe2o3_amqp::types::performatives::Attach;
-use fe2o3_amqp::types::primitives::{
-    Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value,
-};
+use fe2o3_amqp::types::primitives::{Array, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 use fe2o3_amqp::{Receiver, Sender};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use super::event::amqp_message;
 use super::registry::{condition, Hub, LinkFault, ReaderLease};
 use super::selector::{parse_selector, StartPosition, SELECTOR_FILTER_KEY};
+use super::wire::PaddedFrames;
 
 /// Events taken from a partition per lock.
 const READ_BATCH: usize = 256;
@@ -138,7 +139,7 @@ async fn serve_connection(
 ) {
     let opened = tokio::select! {
         _ = cancel.cancelled() => return,
-        opened = acceptor.accept(stream) => opened,
+        opened = acceptor.accept(PaddedFrames::new(stream)) => opened,
     };
     let mut connection: ListenerConnectionHandle = match opened {
         Ok(connection) => connection,
@@ -192,6 +193,13 @@ async fn serve_session(
     tracker: TaskTracker,
 ) {
     let link_acceptor = LinkAcceptor::new();
+    // Event Hubs does not wait for consumers to settle events (the Python client never
+    // does, though it attaches asking for unsettled deliveries): events go out settled, so
+    // nothing waits on a disposition and nothing accumulates in an unsettled map.
+    let event_link_acceptor = LinkAcceptor::builder()
+        .supported_sender_settle_modes(SupportedSenderSettleModes::Settled)
+        .fallback_sender_settle_mode(SenderSettleMode::Settled)
+        .build();
     let routes: ReplyRoutes = Arc::default();
     loop {
         let attach = tokio::select! {
@@ -205,10 +213,19 @@ async fn serve_session(
             tracker: &tracker,
             routes: &routes,
         };
-        if let Err(error) = link.handle_attach(attach, &link_acceptor, &mut session).await {
-            // The session is gone; nothing more will attach to it.
-            tracing::debug!(error = %error, "emulator link not attached");
-            return;
+        let accepted = link
+            .handle_attach(attach, &link_acceptor, &event_link_acceptor, &mut session)
+            .await;
+        match accepted {
+            Ok(()) => {}
+            Err(AcceptorAttachError::IllegalSessionState) => {
+                // The session is gone; nothing more will attach to it.
+                return;
+            }
+            Err(error) => {
+                // fe2o3-amqp has already answered this one attach; the session goes on.
+                tracing::debug!(error = %error, "emulator link not attached");
+            }
         }
     }
 }
@@ -272,8 +289,9 @@ impl LinkContext<'_> {
         &self,
         attach: Attach,
         link_acceptor: &DefaultLinkAcceptor,
+        event_link_acceptor: &DefaultLinkAcceptor,
         session: &mut ListenerSessionHandle,
-    ) -> Result<(), fe2o3_amqp::acceptor::error::AcceptorAttachError> {
+    ) -> Result<(), AcceptorAttachError> {
         let link_name = attach.name.clone();
         match attach.role {
             // The client sends: requests to `$cbs` or `$management`, or events (not served).
@@ -283,7 +301,9 @@ impl LinkContext<'_> {
                     _ => None,
                 };
                 let node = address.as_deref().map_or(Node::Unknown, parse_address);
-                let endpoint = link_acceptor.accept_incoming_attach(attach, session).await?;
+                let endpoint = link_acceptor
+                    .accept_incoming_attach(attach, session)
+                    .await?;
                 let LinkEndpoint::Receiver(receiver) = endpoint else {
                     return Ok(());
                 };
@@ -320,8 +340,9 @@ impl LinkContext<'_> {
                             Some(TargetArchetype::Target(target)) => target.address.clone(),
                             _ => None,
                         };
-                        let endpoint =
-                            link_acceptor.accept_incoming_attach(attach, session).await?;
+                        let endpoint = link_acceptor
+                            .accept_incoming_attach(attach, session)
+                            .await?;
                         let LinkEndpoint::Sender(sender) = endpoint else {
                             return Ok(());
                         };
@@ -349,8 +370,9 @@ impl LinkContext<'_> {
                             &attach,
                             &link_name,
                         );
-                        let endpoint =
-                            link_acceptor.accept_incoming_attach(attach, session).await?;
+                        let endpoint = event_link_acceptor
+                            .accept_incoming_attach(attach, session)
+                            .await?;
                         let LinkEndpoint::Sender(sender) = endpoint else {
                             return Ok(());
                         };
@@ -377,8 +399,9 @@ impl LinkContext<'_> {
                         }
                     }
                     Node::Entity | Node::Unknown => {
-                        let endpoint =
-                            link_acceptor.accept_incoming_attach(attach, session).await?;
+                        let endpoint = link_acceptor
+                            .accept_incoming_attach(attach, session)
+                            .await?;
                         if let LinkEndpoint::Sender(sender) = endpoint {
                             let fault = LinkFault::new(
                                 condition::NOT_FOUND,
@@ -738,9 +761,7 @@ fn management_reply(request: &Message<Body<Value>>, hub: &Hub) -> Reply {
                 ),
                 entry(
                     "last_enqueued_time_utc",
-                    Value::Timestamp(Timestamp::from_milliseconds(
-                        snapshot.last_enqueued_time_ms,
-                    )),
+                    Value::Timestamp(Timestamp::from_milliseconds(snapshot.last_enqueued_time_ms)),
                 ),
                 entry("is_partition_empty", Value::Bool(snapshot.is_empty)),
                 entry("last_enqueued_sequence_number_epoch", Value::Long(0)),

@@ -1,0 +1,165 @@
+//! `twinwatch emulator`: a local Event Hubs endpoint preloaded with captured files, and
+//! optionally publishing a generated fleet at a steady rate, until SIGTERM or Ctrl-C.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use super::Failure;
+use crate::cli::EmulatorArgs;
+use crate::emulator::{EmulatedEvent, Emulator, EmulatorConfig};
+use crate::generate::{messages, GenerateOptions, GeneratedBody};
+use crate::source::avro::{AvroFile, OwnedProp};
+use crate::source::replay::expand_paths;
+
+fn text(prop: &OwnedProp) -> String {
+    match prop {
+        OwnedProp::Str(s) => s.clone(),
+        OwnedProp::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        OwnedProp::Long(n) => n.to_string(),
+        OwnedProp::Double(f) => f.to_string(),
+        OwnedProp::Time(t) => t.to_string(),
+    }
+}
+
+/// Every message of a captured file (any replay format) as an emulated event.
+pub fn events_of_file(path: &Path) -> anyhow::Result<Vec<EmulatedEvent>> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let n = std::io::Read::read(&mut file, &mut magic)?;
+    drop(file);
+    let mut out = Vec::new();
+    if n == 4 && &magic == crate::source::replay::AVRO_MAGIC {
+        let reader = std::io::BufReader::new(std::fs::File::open(path)?);
+        let mut avro =
+            AvroFile::open(reader).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut bodies = Vec::new();
+        while let Some(record) = avro.next_record(&mut bodies) {
+            let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let pairs = |p: &[(String, OwnedProp)]| -> Vec<(String, String)> {
+                p.iter().map(|(k, v)| (k.clone(), text(v))).collect()
+            };
+            let body = record
+                .body
+                .map(|(s, e)| bodies[s as usize..e as usize].to_vec())
+                .unwrap_or_default();
+            let time = record.enqueued_time.as_ref().map(text).unwrap_or_default();
+            out.push(EmulatedEvent::from_storage_record(
+                &time,
+                &pairs(&record.properties),
+                &pairs(&record.system_properties),
+                body,
+            ));
+            bodies.clear();
+        }
+        return Ok(out);
+    }
+    let reader = std::io::BufReader::new(std::fs::File::open(path)?);
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&line) else {
+            // Not a message at all: the emulator carries it as an opaque body, so that the
+            // consumer dead-letters it as the replay would.
+            out.push(EmulatedEvent::from_storage_record(
+                "",
+                &[],
+                &[],
+                line.clone(),
+            ));
+            tracing::debug!(line = i, "not JSON; published as an opaque body");
+            continue;
+        };
+        let strings = |v: &serde_json::Value| -> Vec<(String, String)> {
+            v.as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let body = match &value["Body"] {
+            serde_json::Value::String(b64) => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_else(|_| b64.as_bytes().to_vec())
+            }
+            serde_json::Value::Null => Vec::new(),
+            other => serde_json::to_vec(other)?,
+        };
+        out.push(EmulatedEvent::from_storage_record(
+            value["EnqueuedTimeUtc"].as_str().unwrap_or(""),
+            &strings(&value["Properties"]),
+            &strings(&value["SystemProperties"]),
+            body,
+        ));
+    }
+    Ok(out)
+}
+
+/// Generated events after the first `skip` (publishing continues a preloaded fleet).
+pub fn generated_events(
+    options: GenerateOptions,
+    skip: u64,
+) -> impl Iterator<Item = EmulatedEvent> + Send {
+    messages(&options)
+        .skip(skip as usize)
+        .filter(|m| !matches!(m.body, GeneratedBody::Corrupt(_)))
+        .map(|m| EmulatedEvent::from_generated(&m))
+}
+
+pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
+    let listen: SocketAddr = args.listen.parse().map_err(|_| {
+        Failure::usage(anyhow::anyhow!("--listen: not an address: {}", args.listen))
+    })?;
+    let files = expand_paths(&args.paths).map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::runtime)?;
+    runtime.block_on(async {
+        let emulator = Emulator::start(EmulatorConfig::new(listen, args.hub.clone(), args.partitions))
+            .await
+            .with_context(|| format!("listening on {listen}"))
+            .map_err(Failure::runtime)?;
+        let mut n = 0usize;
+        for file in &files {
+            for event in events_of_file(&file.path).map_err(Failure::runtime)? {
+                emulator.publish(event);
+                n += 1;
+            }
+        }
+        if args.rate > 0.0 {
+            let options = GenerateOptions {
+                devices: args.devices,
+                events: u64::MAX / 2,
+                seed: args.seed,
+                hub: args.hub.clone(),
+                noise: 0.0,
+            };
+            emulator.spawn_publisher(generated_events(options, 0), args.rate);
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", emulator.connection_string());
+        let _ = out.flush();
+        drop(out);
+        tracing::info!(address = %emulator.local_addr(), preloaded = n, partitions = args.partitions, hub = %args.hub, rate = args.rate, "emulator ready");
+        let _ = tokio::signal::ctrl_c().await;
+        emulator.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,429 @@
+//! Full-length performatives on the wire, for clients that read every field by position.
+//!
+//! AMQP lets an encoder leave out trailing null fields of a described list, and fe2o3-amqp
+//! does (an `end` without error goes out as `list0`). Microsoft's Python client
+//! (`azure-eventhub`'s pure-Python AMQP stack) indexes performative fields by position
+//! (`frame[9]` of an `open`, `frame[13]` of an `attach`, `frame[0][2]` of a `close` error) and
+//! expects a `list8`/`list32` after the descriptor, as the service always sends. So every
+//! frame the emulator writes passes through [`PaddedFrames`], which re-encodes the
+//! performative with each known described list (performatives, SASL frames, `error`,
+//! `source`, `target`) padded with nulls to its full field count and its descriptor as a
+//! small ulong. Transfer payloads (the messages) are copied unchanged.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The field count of each described list to pad, by descriptor code.
+fn full_field_count(descriptor: u64) -> Option<usize> {
+    Some(match descriptor {
+        0x10 => 10, // open
+        0x11 => 8,  // begin
+        0x12 => 14, // attach
+        0x13 => 11, // flow
+        0x14 => 11, // transfer
+        0x15 => 6,  // disposition
+        0x16 => 3,  // detach
+        0x17 => 1,  // end
+        0x18 => 1,  // close
+        0x1d => 3,  // error
+        0x28 => 11, // source
+        0x29 => 7,  // target
+        0x40 => 1,  // sasl-mechanisms
+        0x41 => 3,  // sasl-init
+        0x42 => 1,  // sasl-challenge
+        0x43 => 1,  // sasl-response
+        0x44 => 2,  // sasl-outcome
+        _ => return None,
+    })
+}
+
+const UINT_MAX: &[u8] = &[0x70, 0xff, 0xff, 0xff, 0xff];
+const USHORT_MAX: &[u8] = &[0x60, 0xff, 0xff];
+const FALSE: &[u8] = &[0x42];
+
+/// Fields the specification gives a default, written out where the encoder left them null
+/// (fe2o3-amqp leaves out a field equal to its default; the Python client compares
+/// `begin.handle-max` as a number).
+fn field_defaults(descriptor: u64) -> &'static [(usize, &'static [u8])] {
+    match descriptor {
+        0x10 => &[(2, UINT_MAX), (3, USHORT_MAX)],
+        0x11 => &[(4, UINT_MAX)],
+        // snd-settle-mode mixed, rcv-settle-mode first, incomplete-unsettled false.
+        0x12 => &[(3, &[0x50, 0x02]), (4, &[0x50, 0x00]), (9, FALSE)],
+        0x13 => &[(8, FALSE), (9, FALSE)],
+        0x14 => &[(5, FALSE), (8, FALSE), (9, FALSE), (10, FALSE)],
+        0x15 => &[(3, FALSE), (5, FALSE)],
+        0x16 => &[(1, FALSE)],
+        _ => &[],
+    }
+}
+
+/// Outgoing bytes held back beyond which writes wait for the socket.
+const MAX_HELD: usize = 256 * 1024;
+
+/// A stream whose outgoing AMQP frames get full-length performatives; reads pass through.
+#[derive(Debug)]
+pub(crate) struct PaddedFrames<S> {
+    inner: S,
+    /// Bytes written by the AMQP engine, not yet a whole frame.
+    incoming: Vec<u8>,
+    /// Rewritten bytes not yet accepted by `inner`.
+    outgoing: Vec<u8>,
+    /// How much of `outgoing` `inner` has accepted.
+    written: usize,
+}
+
+impl<S> PaddedFrames<S> {
+    pub(crate) fn new(inner: S) -> PaddedFrames<S> {
+        PaddedFrames {
+            inner,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Moves every whole protocol header and frame from `incoming` to `outgoing`.
+    fn rewrite_complete_frames(&mut self) -> io::Result<()> {
+        let mut start = 0;
+        loop {
+            let rest = &self.incoming[start..];
+            if rest.len() < 8 {
+                break;
+            }
+            if rest.starts_with(b"AMQP") {
+                self.outgoing.extend_from_slice(&rest[..8]);
+                start += 8;
+                continue;
+            }
+            let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if size < 8 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "outgoing AMQP frame shorter than its header",
+                ));
+            }
+            if rest.len() < size {
+                break;
+            }
+            rewrite_frame(&rest[..size], &mut self.outgoing);
+            start += size;
+        }
+        self.incoming.drain(..start);
+        Ok(())
+    }
+}
+
+impl<S: AsyncWrite + Unpin> PaddedFrames<S> {
+    /// Writes `outgoing` to `inner` until it is all written or `inner` is not ready.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.outgoing.len() {
+            let written =
+                match Pin::new(&mut self.inner).poll_write(cx, &self.outgoing[self.written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    Poll::Ready(Ok(written)) => written,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => return Poll::Pending,
+                };
+            self.written += written;
+        }
+        self.outgoing.clear();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PaddedFrames<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PaddedFrames<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if let Poll::Ready(Err(error)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(error));
+        }
+        if this.outgoing.len() - this.written > MAX_HELD {
+            // `poll_drain` registered the waker with `inner`.
+            return Poll::Pending;
+        }
+        this.incoming.extend_from_slice(buf);
+        this.rewrite_complete_frames()?;
+        if let Poll::Ready(Err(error)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_flush(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match this.poll_drain(cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
+            other => other,
+        }
+    }
+}
+
+/// Appends `frame` to `out` with its performative padded; a frame that does not parse is
+/// copied as it is.
+fn rewrite_frame(frame: &[u8], out: &mut Vec<u8>) {
+    let data_offset = usize::from(frame[4]) * 4;
+    if data_offset < 8 || data_offset >= frame.len() {
+        // Too short for a performative (an empty heartbeat frame): as it is.
+        out.extend_from_slice(frame);
+        return;
+    }
+    let body = &frame[data_offset..];
+    let mut performative = Vec::with_capacity(body.len() + 32);
+    let Some(consumed) = copy_value(body, &mut performative) else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    let size = data_offset + performative.len() + (body.len() - consumed);
+    let Ok(size32) = u32::try_from(size) else {
+        out.extend_from_slice(frame);
+        return;
+    };
+    out.extend_from_slice(&size32.to_be_bytes());
+    out.extend_from_slice(&frame[4..data_offset]);
+    out.extend_from_slice(&performative);
+    out.extend_from_slice(&body[consumed..]);
+}
+
+/// Copies the AMQP value at the start of `input` to `out`, padding the described lists of
+/// [`full_field_count`]; returns the input bytes it took, or `None` when it does not parse.
+fn copy_value(input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let code = *input.first()?;
+    if code == 0x00 {
+        let (descriptor, descriptor_length) = read_descriptor(&input[1..])?;
+        let value_start = 1 + descriptor_length;
+        if let Some(count) = descriptor.and_then(full_field_count) {
+            let descriptor = descriptor?;
+            let mut elements = Vec::new();
+            let mut ends = Vec::new();
+            let length = copy_list_elements(&input[value_start..], &mut elements, &mut ends)?;
+            let mut fields = Vec::with_capacity(elements.len() + count);
+            let mut start = 0;
+            let defaults = field_defaults(descriptor);
+            for index in 0..count.max(ends.len()) {
+                let element = match ends.get(index) {
+                    Some(&end) => &elements[start..end],
+                    None => &[0x40][..],
+                };
+                start = ends.get(index).copied().unwrap_or(start);
+                match defaults.iter().find(|(field, _)| *field == index) {
+                    Some((_, default)) if element == [0x40] => fields.extend_from_slice(default),
+                    _ => fields.extend_from_slice(element),
+                }
+            }
+            let field_count = count.max(ends.len());
+            out.push(0x00);
+            if descriptor <= 0xff {
+                out.extend_from_slice(&[0x53, descriptor as u8]);
+            } else {
+                out.push(0x80);
+                out.extend_from_slice(&descriptor.to_be_bytes());
+            }
+            write_list(&fields, field_count, out);
+            return Some(value_start + length);
+        }
+        out.extend_from_slice(&input[..value_start]);
+        let length = copy_value(&input[value_start..], out)?;
+        return Some(value_start + length);
+    }
+    if matches!(code, 0x45 | 0xc0 | 0xd0) {
+        // A list outside a padded described type: its elements may hold one (an error).
+        let mut elements = Vec::new();
+        let mut ends = Vec::new();
+        let length = copy_list_elements(input, &mut elements, &mut ends)?;
+        write_list(&elements, ends.len(), out);
+        return Some(length);
+    }
+    let length = value_length(input)?;
+    out.extend_from_slice(input.get(..length)?);
+    Some(length)
+}
+
+/// The descriptor's code when it is a ulong, and the descriptor's encoded length.
+fn read_descriptor(input: &[u8]) -> Option<(Option<u64>, usize)> {
+    match *input.first()? {
+        0x53 => Some((Some(u64::from(*input.get(1)?)), 2)),
+        0x80 => {
+            let bytes: [u8; 8] = input.get(1..9)?.try_into().ok()?;
+            Some((Some(u64::from_be_bytes(bytes)), 9))
+        }
+        0x44 => Some((Some(0), 1)),
+        _ => Some((None, value_length(input)?)),
+    }
+}
+
+/// Copies the elements of the list at the start of `input` (each through [`copy_value`]) to
+/// `out`, pushing where each ends in `out` to `ends`; returns the list's encoded length.
+fn copy_list_elements(input: &[u8], out: &mut Vec<u8>, ends: &mut Vec<usize>) -> Option<usize> {
+    let (header, count, total) = match *input.first()? {
+        0x45 => return Some(1),
+        0xc0 => {
+            let size = usize::from(*input.get(1)?);
+            (3, usize::from(*input.get(2)?), 2 + size)
+        }
+        0xd0 => {
+            let size = u32::from_be_bytes(input.get(1..5)?.try_into().ok()?) as usize;
+            let count = u32::from_be_bytes(input.get(5..9)?.try_into().ok()?) as usize;
+            (9, count, 5 + size)
+        }
+        _ => return None,
+    };
+    let mut position = header;
+    for _ in 0..count {
+        position += copy_value(input.get(position..total)?, out)?;
+        ends.push(out.len());
+    }
+    (position == total).then_some(total)
+}
+
+/// Writes a list of `count` encoded `elements`, as list8 when it fits, else list32.
+fn write_list(elements: &[u8], count: usize, out: &mut Vec<u8>) {
+    if elements.len() < 255 && count < 256 {
+        out.push(0xc0);
+        out.push((elements.len() + 1) as u8);
+        out.push(count as u8);
+    } else {
+        out.push(0xd0);
+        out.extend_from_slice(&((elements.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(&(count as u32).to_be_bytes());
+    }
+    out.extend_from_slice(elements);
+}
+
+/// The encoded length of the (non-described) value at the start of `input`.
+fn value_length(input: &[u8]) -> Option<usize> {
+    let code = *input.first()?;
+    let fixed = match code {
+        0x00 => {
+            let descriptor = value_length(&input[1..])?;
+            let value = value_length(input.get(1 + descriptor..)?)?;
+            return Some(1 + descriptor + value);
+        }
+        0x40..=0x45 => 0,
+        0x50..=0x56 => 1,
+        0x60 | 0x61 => 2,
+        0x70..=0x74 => 4,
+        0x80..=0x84 => 8,
+        0x94 | 0x98 => 16,
+        0xa0..=0xaf | 0xc0..=0xcf | 0xe0..=0xef => {
+            return Some(2 + usize::from(*input.get(1)?));
+        }
+        0xb0..=0xbf | 0xd0..=0xdf | 0xf0..=0xff => {
+            let size = u32::from_be_bytes(input.get(1..5)?.try_into().ok()?) as usize;
+            return Some(5 + size);
+        }
+        _ => return None,
+    };
+    Some(1 + fixed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut frame = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&[2, 0, 0, 0]);
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    fn rewritten(input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        rewrite_frame(input, &mut out);
+        out
+    }
+
+    #[test]
+    fn pads_an_empty_end() {
+        // end as list0 becomes list8 with one null.
+        assert_eq!(
+            rewritten(&frame(&[0x00, 0x53, 0x17, 0x45])),
+            frame(&[0x00, 0x53, 0x17, 0xc0, 0x02, 0x01, 0x40])
+        );
+    }
+
+    #[test]
+    fn pads_a_close_error_and_keeps_its_fields() {
+        // close [error [condition "a:b"]]
+        let input = frame(&[
+            0x00, 0x53, 0x18, 0xc0, 0x0c, 0x01, // close, one field
+            0x00, 0x53, 0x1d, 0xc0, 0x06, 0x01, // error, one field
+            0xa3, 0x03, b'a', b':', b'b', // symbol
+        ]);
+        assert_eq!(
+            rewritten(&input),
+            frame(&[
+                0x00, 0x53, 0x18, 0xc0, 0x0e, 0x01, //
+                0x00, 0x53, 0x1d, 0xc0, 0x08, 0x03, //
+                0xa3, 0x03, b'a', b':', b'b', 0x40, 0x40,
+            ])
+        );
+    }
+
+    #[test]
+    fn keeps_a_transfer_payload_and_ulong_descriptors_become_small() {
+        let mut body = vec![
+            0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x14, 0xc0, 0x03, 0x02, 0x43, 0x43,
+        ];
+        let payload = [0x00, 0x53, 0x75, 0xa0, 0x02, b'h', b'i'];
+        body.extend_from_slice(&payload);
+        let out = rewritten(&frame(&body));
+        // handle, delivery-id, 3 nulls, more=false, 2 nulls, resume, aborted, batchable=false.
+        let mut expected_body = vec![0x00, 0x53, 0x14, 0xc0, 0x0c, 0x0b, 0x43, 0x43];
+        expected_body.extend_from_slice(&[0x40, 0x40, 0x40, 0x42, 0x40, 0x40, 0x42, 0x42, 0x42]);
+        expected_body.extend_from_slice(&payload);
+        assert_eq!(out, frame(&expected_body));
+    }
+
+    #[test]
+    fn writes_out_defaults_left_null() {
+        // begin [remote-channel 1, next-outgoing-id 0, windows 2048] without handle-max.
+        let input = frame(&[
+            0x00, 0x53, 0x11, 0xc0, 0x0c, 0x04, 0x60, 0x00, 0x01, 0x43, 0x70, 0x00, 0x00, 0x08,
+            0x00, 0x52, 0x08,
+        ]);
+        let mut expected = vec![
+            0x00, 0x53, 0x11, 0xc0, 0x14, 0x08, 0x60, 0x00, 0x01, 0x43, 0x70, 0x00, 0x00, 0x08,
+            0x00, 0x52, 0x08,
+        ];
+        expected.extend_from_slice(&[0x70, 0xff, 0xff, 0xff, 0xff, 0x40, 0x40, 0x40]);
+        assert_eq!(rewritten(&input), frame(&expected));
+    }
+
+    #[test]
+    fn leaves_heartbeats_and_unknown_bytes_alone() {
+        let heartbeat = [0, 0, 0, 8, 2, 0, 0, 0];
+        assert_eq!(rewritten(&heartbeat), heartbeat);
+        let garbage = frame(&[0x00, 0x53, 0x10, 0xc0, 0x09, 0x01]);
+        assert_eq!(rewritten(&garbage), garbage);
+    }
+}
