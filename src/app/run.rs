@@ -207,7 +207,7 @@ async fn serve(
     let metrics = Metrics::new().map_err(Failure::runtime)?;
     // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
     let mut backoff = Duration::from_millis(500);
-    let (client, partition_ids) = loop {
+    let partition_ids = loop {
         match eventhub::connect(&config.eventhub).await {
             Ok(connected) => break connected,
             Err(e) => {
@@ -296,7 +296,6 @@ async fn serve(
     };
     let starts = starts_rx.await.unwrap_or_default();
     eventhub::spawn_receivers(
-        Arc::new(client),
         &config.eventhub,
         starts,
         health,

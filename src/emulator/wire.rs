@@ -40,6 +40,11 @@ fn full_field_count(descriptor: u64) -> Option<usize> {
     })
 }
 
+/// Frames this large (or larger) pass unchanged: only a multi-frame transfer's pieces get
+/// near the peer's max-frame-size, and no Event Hubs client negotiates less than 64 KiB, so
+/// the few bytes padding adds never overflow a smaller frame.
+const UNPADDED_FRAME_BYTES: usize = 16 * 1024;
+
 const UINT_MAX: &[u8] = &[0x70, 0xff, 0xff, 0xff, 0xff];
 const USHORT_MAX: &[u8] = &[0x60, 0xff, 0xff];
 const FALSE: &[u8] = &[0x42];
@@ -190,6 +195,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PaddedFrames<S> {
 /// Appends `frame` to `out` with its performative padded; a frame that does not parse is
 /// copied as it is.
 fn rewrite_frame(frame: &[u8], out: &mut Vec<u8>) {
+    if frame.len() >= UNPADDED_FRAME_BYTES {
+        // A large frame is a transfer cut at the peer's max-frame-size: padding its
+        // performative would push it over that limit and the peer would drop the session.
+        out.extend_from_slice(frame);
+        return;
+    }
     let data_offset = usize::from(frame[4]) * 4;
     if data_offset < 8 || data_offset >= frame.len() {
         // Too short for a performative (an empty heartbeat frame): as it is.
@@ -402,6 +413,19 @@ mod tests {
         expected_body.extend_from_slice(&[0x40, 0x40, 0x40, 0x42, 0x40, 0x40, 0x42, 0x42, 0x42]);
         expected_body.extend_from_slice(&payload);
         assert_eq!(out, frame(&expected_body));
+    }
+
+    /// Regression: a 270 KB message went out in frames cut at the client's max-frame-size;
+    /// padding their transfer performatives pushed them over it, and Microsoft's Rust client
+    /// dropped the session over and over (the partition stalled).
+    #[test]
+    fn a_frame_cut_at_the_max_frame_size_is_not_padded() {
+        let mut body = vec![
+            0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x14, 0xc0, 0x04, 0x03, 0x43, 0x43, 0x41,
+        ];
+        body.resize(UNPADDED_FRAME_BYTES, 0xab);
+        let input = frame(&body);
+        assert_eq!(rewritten(&input), input);
     }
 
     #[test]

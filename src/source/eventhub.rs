@@ -100,27 +100,33 @@ fn scrub(text: &str) -> String {
         .join(";")
 }
 
-/// Opens the client and resolves the owned partitions (ids, in the hub's order).
-pub async fn connect(
-    config: &EventHubConfig,
-) -> Result<(ConsumerClient, Vec<String>), EventHubError> {
-    let connect_error = |e: &dyn std::fmt::Display| EventHubError::Connect {
+fn connect_error(config: &EventHubConfig, e: &dyn std::fmt::Display) -> EventHubError {
+    EventHubError::Connect {
         entity: config.entity.clone(),
         host: config.host.clone(),
         detail: scrub(&e.to_string()),
-    };
+    }
+}
+
+/// Opens a client (one AMQP connection) for `config`.
+async fn open_client(config: &EventHubConfig) -> Result<ConsumerClient, EventHubError> {
     let mut builder = ConsumerClient::builder().with_consumer_group(config.consumer_group.clone());
     if let Some(endpoint) = &config.custom_endpoint {
         builder = builder.with_custom_endpoint(endpoint.clone());
     }
-    let client = builder
+    builder
         .open_with_connection_string(config.connection_string.expose(), Some(&config.entity))
         .await
-        .map_err(|e| connect_error(&e))?;
+        .map_err(|e| connect_error(config, &e))
+}
+
+/// Checks the hub and resolves the owned partitions (ids, in the hub's order).
+pub async fn connect(config: &EventHubConfig) -> Result<Vec<String>, EventHubError> {
+    let client = open_client(config).await?;
     let properties = client
         .get_eventhub_properties()
         .await
-        .map_err(|e| connect_error(&e))?;
+        .map_err(|e| connect_error(config, &e))?;
     let ids = match &config.partitions {
         Partitions::All => properties.partition_ids.clone(),
         Partitions::List(ids) => {
@@ -132,7 +138,8 @@ pub async fn connect(
             ids.clone()
         }
     };
-    Ok((client, ids))
+    let _ = client.close().await;
+    Ok(ids)
 }
 
 /// How a receiver error is handled.
@@ -166,9 +173,10 @@ pub struct PartitionStart {
     pub next_sequence_number: Option<i64>,
 }
 
-/// Starts one receiver task per partition on `tracker`.
+/// Starts one receiver task per partition on `tracker`. Each partition has a client (an AMQP
+/// connection) of its own: a connection-level recovery for one partition then never stalls
+/// the others' receive streams.
 pub fn spawn_receivers(
-    client: Arc<ConsumerClient>,
     config: &EventHubConfig,
     starts: Vec<PartitionStart>,
     health: Arc<SourceHealth>,
@@ -177,7 +185,7 @@ pub fn spawn_receivers(
     tracker: &TaskTracker,
 ) {
     for start in starts {
-        let client = client.clone();
+        let config = config.clone();
         let health = health.clone();
         let tx = tx.clone();
         let cancel = cancel.clone();
@@ -185,7 +193,7 @@ pub fn spawn_receivers(
         let default_start = config.start_position;
         tracker.spawn(async move {
             receive_partition(
-                client,
+                config,
                 start,
                 owner_level,
                 default_start,
@@ -199,7 +207,7 @@ pub fn spawn_receivers(
 }
 
 async fn receive_partition(
-    client: Arc<ConsumerClient>,
+    config: EventHubConfig,
     start: PartitionStart,
     owner_level: Option<i64>,
     default_start: StartPosition,
@@ -210,7 +218,30 @@ async fn receive_partition(
     let partition_health = health.partitions[start.index].1.clone();
     let mut next = start.next_sequence_number;
     let mut backoff = FIRST_BACKOFF;
+    let mut client: Option<ConsumerClient> = None;
     while !cancel.is_cancelled() {
+        if client.is_none() {
+            let connected = tokio::select! {
+                _ = cancel.cancelled() => return,
+                connected = open_client(&config) => connected,
+            };
+            match connected {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!(partition = %start.id, error = %e, "cannot connect; retrying");
+                    partition_health.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            }
+        }
+        let Some(active) = client.as_ref() else {
+            continue;
+        };
         let location = match (next, default_start) {
             (Some(seq), _) => StartLocation::SequenceNumber(seq),
             (None, StartPosition::Earliest) => StartLocation::Earliest,
@@ -227,7 +258,7 @@ async fn receive_partition(
         };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
-            opened = client.open_receiver_on_partition(start.id.clone(), Some(options)) => opened,
+            opened = active.open_receiver_on_partition(start.id.clone(), Some(options)) => opened,
         };
         let failure = match outcome {
             Err(e) => scrub(&e.to_string()),
@@ -294,6 +325,10 @@ async fn receive_partition(
             }
         }
         partition_health.reconnects.fetch_add(1, Ordering::Relaxed);
+        // A fresh connection for the next attempt: whatever state the old one is in.
+        if let Some(old) = client.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

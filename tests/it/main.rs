@@ -5,5 +5,6 @@ mod alerts;
 mod avro;
 mod cases;
 mod kill;
+mod live;
 mod properties;
 mod support;

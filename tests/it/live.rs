@@ -1,0 +1,314 @@
+//! The service end to end over loopback: `twinwatch run` (the real binary, Microsoft's Rust
+//! client) consuming the embedded emulator with 4 partitions ends with the same export and
+//! violations as `replay` of the same file, stops cleanly on SIGTERM, and, killed with
+//! SIGKILL several times while consuming, ends with the same snapshot and every alert
+//! delivered at least once.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use twinwatch::app::emulator::events_of_file;
+use twinwatch::emulator::{Emulator, EmulatorConfig};
+
+use crate::support::binary;
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn twinwatch(args: &[&str]) -> Vec<u8> {
+    let output = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// The emulator on a runtime of its own, preloaded with a file.
+struct Hub {
+    runtime: tokio::runtime::Runtime,
+    emulator: Option<Emulator>,
+    published: u64,
+}
+
+impl Hub {
+    fn start(file: &Path) -> Hub {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let emulator = runtime
+            .block_on(Emulator::start(EmulatorConfig::new(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                "iothub-ehub-test",
+                4,
+            )))
+            .expect("emulator");
+        let events = events_of_file(file).expect("events");
+        let published = events.len() as u64;
+        for event in events {
+            emulator.publish(event);
+        }
+        Hub {
+            runtime,
+            emulator: Some(emulator),
+            published,
+        }
+    }
+
+    fn connection_string(&self) -> String {
+        self.emulator.as_ref().expect("running").connection_string()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(emulator) = self.emulator.take() {
+            self.runtime.block_on(emulator.shutdown());
+        }
+    }
+}
+
+fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
+    Command::new(binary())
+        .args([
+            "run",
+            "--data-dir",
+            path(data),
+            "--alerts-file",
+            path(alerts),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env(
+            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
+            hub.connection_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn twinwatch run")
+}
+
+/// `twinwatch_messages_total`, all outcomes, from the service's /metrics (None while it is
+/// not listening).
+fn consumed(port: u16) -> Option<u64> {
+    let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with("twinwatch_messages_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64,
+    )
+}
+
+fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = consumed(port).unwrap_or(0);
+        if n >= at_least {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {n} of {at_least} messages consumed in {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sigterm_and_wait(child: &mut Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            assert!(
+                status.success(),
+                "twinwatch run exited with {status} on SIGTERM"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "twinwatch run did not stop within 40 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fleet(dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("fleet.json");
+    twinwatch(&[
+        "generate",
+        "--devices",
+        "600",
+        "--events",
+        "6000",
+        "--seed",
+        "21",
+        "--noise",
+        "0.03",
+        "--out",
+        path(&file),
+    ]);
+    file
+}
+
+#[test]
+fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = fleet(dir.path());
+    let hub = Hub::start(&file);
+    let data = dir.path().join("live");
+    let port = free_port();
+    let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
+    wait_consumed(port, hub.published, Duration::from_secs(180));
+    sigterm_and_wait(&mut child);
+
+    let replayed = dir.path().join("replayed");
+    twinwatch(&["replay", "--data-dir", path(&replayed), path(&file)]);
+    let live_export = twinwatch(&["export", "--data-dir", path(&data)]);
+    let replay_export = twinwatch(&["export", "--data-dir", path(&replayed)]);
+    assert!(live_export.len() > 10_000);
+    assert!(
+        live_export == replay_export,
+        "the live export differs from the replay's"
+    );
+    let live_violations = twinwatch(&["violations", "--data-dir", path(&data)]);
+    let replay_violations = twinwatch(&["violations", "--data-dir", path(&replayed)]);
+    assert!(!live_violations.is_empty());
+    assert!(
+        live_violations == replay_violations,
+        "the live violations differ from the replay's"
+    );
+}
+
+fn alerts_by_id(file: &Path) -> (BTreeMap<String, Value>, usize) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut by_id = BTreeMap::new();
+    let mut n = 0;
+    for line in text.lines() {
+        let alert: Value = serde_json::from_str(line).expect("alert");
+        let id = alert["id"].as_str().expect("id").to_owned();
+        if let Some(previous) = by_id.insert(id.clone(), alert.clone()) {
+            assert_eq!(previous, alert, "two different alerts share the id {id}");
+        }
+        n += 1;
+    }
+    (by_id, n)
+}
+
+#[test]
+fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = fleet(dir.path());
+    let hub = Hub::start(&file);
+
+    // The uninterrupted reference run.
+    let clean = dir.path().join("clean");
+    let clean_alerts = dir.path().join("clean.jsonl");
+    let port = free_port();
+    let started = Instant::now();
+    let mut child = spawn_service(&hub, &clean, &clean_alerts, port);
+    wait_consumed(port, hub.published, Duration::from_secs(180));
+    let whole = started.elapsed();
+    sigterm_and_wait(&mut child);
+
+    // The same hub (a new consumer starts from the earliest event), killed along the way.
+    let killed = dir.path().join("killed");
+    let killed_alerts = dir.path().join("killed.jsonl");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let mut kills = 0;
+    for _ in 0..3 {
+        let port = free_port();
+        let mut child = spawn_service(&hub, &killed, &killed_alerts, port);
+        let pause = whole
+            .mul_f64(rng.gen_range(0.1..0.3))
+            .max(Duration::from_millis(300));
+        std::thread::sleep(pause);
+        if child.try_wait().expect("try_wait").is_none() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            kills += 1;
+        }
+    }
+    assert!(kills >= 2, "only {kills} kills while consuming");
+    let port = free_port();
+    let mut child = spawn_service(&hub, &killed, &killed_alerts, port);
+    // After restarts, this process counts only what it consumed itself: wait until the
+    // snapshot's checkpoints reach every partition's end, seen as a quiet counter.
+    let mut last = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = consumed(port).unwrap_or(0);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "the last run did not settle");
+    }
+    sigterm_and_wait(&mut child);
+
+    let a = twinwatch(&["export", "--data-dir", path(&clean)]);
+    let b = twinwatch(&["export", "--data-dir", path(&killed)]);
+    assert!(
+        a == b,
+        "the export after {kills} kills differs from the uninterrupted run's"
+    );
+    let a = twinwatch(&["violations", "--data-dir", path(&clean)]);
+    let b = twinwatch(&["violations", "--data-dir", path(&killed)]);
+    assert!(a == b, "the violations after {kills} kills differ");
+    let (expected, n_expected) = alerts_by_id(&clean_alerts);
+    let (delivered, _) = alerts_by_id(&killed_alerts);
+    assert_eq!(
+        n_expected,
+        expected.len(),
+        "an uninterrupted run delivers each alert once"
+    );
+    assert!(n_expected > 100);
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|id| !delivered.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} alerts never delivered, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert_eq!(
+        expected, delivered,
+        "the delivered alerts differ from the uninterrupted run's"
+    );
+}
