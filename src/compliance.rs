@@ -115,13 +115,16 @@ pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) {
     }
 }
 
-/// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line.
+/// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line;
+/// `enqueued`, the causing event's Event Hubs enqueued time, becomes the extension attribute
+/// `enqueuedtime`.
 pub fn cloud_event(
     id: &str,
     key: TwinKey<'_>,
     transition: &Transition,
     time: Ticks,
     twin_version: i64,
+    enqueued: Option<Ticks>,
 ) -> Vec<u8> {
     let kind = match transition.kind {
         AlertKind::Opened => "io.twinwatch.violation.opened",
@@ -146,7 +149,7 @@ pub fn cloud_event(
     if transition.kind == AlertKind::Deleted {
         data["reason"] = json!("deleted");
     }
-    let event = json!({
+    let mut event = json!({
         "specversion": "1.0",
         "id": id,
         "type": kind,
@@ -156,6 +159,11 @@ pub fn cloud_event(
         "datacontenttype": "application/json",
         "data": data,
     });
+    if let Some(enqueued) = enqueued {
+        // An extension attribute: when the causing event reached the Event Hub, so that the
+        // time from enqueue to alert can be measured wherever the alert arrives.
+        event["enqueuedtime"] = json!(enqueued.to_string());
+    }
     serde_json::to_vec(&event).expect("a JSON value always serializes")
 }
 

@@ -44,7 +44,7 @@ impl<'a> Prop<'a> {
     }
 
     /// A transport time: an AMQP timestamp, epoch milliseconds, or an ISO 8601 string.
-    fn time(self) -> Option<Ticks> {
+    pub fn time(self) -> Option<Ticks> {
         match self {
             Prop::Time(t) => Some(t),
             Prop::Int(ms) => Some(Ticks::from_unix_millis(ms)),

@@ -56,6 +56,9 @@ pub struct Metrics {
     pub tombstones: prometheus::IntGauge,
     /// `twinwatch_event_age_seconds`: now minus the enqueued time of the last applied event.
     pub event_age_seconds: prometheus::Gauge,
+    /// `twinwatch_enqueue_to_alert_seconds`: from an event's enqueue to its alerts' acceptance
+    /// by every sink.
+    pub enqueue_to_alert_seconds: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -121,6 +124,17 @@ impl Metrics {
             "twinwatch_event_age_seconds",
             "Now minus the Event Hubs enqueued time of the last applied event",
         )?;
+        let enqueue_to_alert_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "twinwatch_enqueue_to_alert_seconds",
+                "From an event's Event Hubs enqueue to its alerts' acceptance by every sink",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        registry.register(Box::new(enqueue_to_alert_seconds.clone()))?;
         registry.register(Box::new(messages.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(alerts.clone()))?;
@@ -156,6 +170,7 @@ impl Metrics {
             twins,
             tombstones,
             event_age_seconds,
+            enqueue_to_alert_seconds,
         })
     }
 

@@ -51,7 +51,7 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
         hub: hub.into(),
         noise: 0.01,
     };
-    let mut events = generated_events(options, 0);
+    let mut events = generated_events(options, 0, true);
     for event in events.by_ref().take(args.events as usize) {
         emulator.publish(event);
     }

@@ -110,15 +110,23 @@ pub fn events_of_file(path: &Path) -> anyhow::Result<Vec<EmulatedEvent>> {
     Ok(out)
 }
 
-/// Generated events after the first `skip` (publishing continues a preloaded fleet).
+/// Generated events after the first `skip` (publishing continues a preloaded fleet). With
+/// `enqueued_now`, each is enqueued when published (a live hub), not at its generated time.
 pub fn generated_events(
     options: GenerateOptions,
     skip: u64,
+    enqueued_now: bool,
 ) -> impl Iterator<Item = EmulatedEvent> + Send {
     messages(&options)
         .skip(skip as usize)
         .filter(|m| !matches!(m.body, GeneratedBody::Corrupt(_)))
-        .map(|m| EmulatedEvent::from_generated(&m))
+        .map(move |m| {
+            let mut event = EmulatedEvent::from_generated(&m);
+            if enqueued_now {
+                event.enqueued_time_ms = None;
+            }
+            event
+        })
 }
 
 pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
@@ -151,7 +159,7 @@ pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
                 hub: args.hub.clone(),
                 noise: 0.0,
             };
-            emulator.spawn_publisher(generated_events(options, 0), args.rate);
+            emulator.spawn_publisher(generated_events(options, 0, true), args.rate);
         }
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", emulator.connection_string());

@@ -113,7 +113,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     let queue_alerts = !sinks.is_empty();
     // Delivery starts first: alerts left in the outbox by an interrupted run go out now.
     let delivery = if queue_alerts {
-        Some(spawn_delivery(store.clone(), sinks).map_err(Failure::runtime)?)
+        Some(spawn_delivery(store.clone(), sinks, None).map_err(Failure::runtime)?)
     } else {
         None
     };

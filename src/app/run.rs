@@ -124,8 +124,10 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
     let mut sinks = sinks(&config.alerts, &store)?;
     sinks.extend(extra_sinks);
     let queue_alerts = !sinks.is_empty();
+    let metrics = Metrics::new().map_err(Failure::runtime)?;
     let delivery = if queue_alerts {
-        Some(spawn_delivery(store.clone(), sinks).map_err(Failure::runtime)?)
+        let latency = Some(metrics.enqueue_to_alert_seconds.clone());
+        Some(spawn_delivery(store.clone(), sinks, latency).map_err(Failure::runtime)?)
     } else {
         None
     };
@@ -143,7 +145,13 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         policy,
         queue_alerts,
     };
-    let result = runtime.block_on(serve(config.clone(), store, options, delivery.as_ref()));
+    let result = runtime.block_on(serve(
+        config.clone(),
+        store,
+        options,
+        delivery.as_ref(),
+        metrics,
+    ));
     let counters = result?;
     if let Some(delivery) = delivery {
         match delivery.drain_and_stop(config.shutdown_deadline) {
@@ -193,6 +201,7 @@ async fn serve(
     store: Arc<Store>,
     options: EngineOptions,
     delivery: Option<&crate::alert::Delivery>,
+    metrics: Metrics,
 ) -> Result<Counters, Failure> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -204,7 +213,6 @@ async fn serve(
             cancel.cancel();
         });
     }
-    let metrics = Metrics::new().map_err(Failure::runtime)?;
     // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
     let mut backoff = Duration::from_millis(500);
     let partition_ids = loop {
@@ -409,16 +417,17 @@ fn apply_loop(
             }
             None => engine.tick()?,
         }
+        // A committed batch may carry alerts: delivery looks at once rather than at its poll.
+        let batches = engine.counters().batches;
+        if batches != last_committed_batches {
+            last_committed_batches = batches;
+            if let Some(wake) = &wake {
+                wake.wake();
+            }
+        }
         if last_export.elapsed() >= Duration::from_millis(100) {
             export_metrics(&engine, &mut exported, state, partition_ids, &handles);
             last_export = Instant::now();
-            let batches = engine.counters().batches;
-            if batches != last_committed_batches {
-                last_committed_batches = batches;
-                if let Some(wake) = &wake {
-                    wake.wake();
-                }
-            }
         }
     }
     let counters = engine.finish()?;

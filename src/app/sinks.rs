@@ -80,6 +80,7 @@ pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
             &transition,
             violation.since,
             violation.twin_version,
+            None,
         ));
     }
     Ok(out)

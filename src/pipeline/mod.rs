@@ -142,6 +142,10 @@ struct State {
     uncommitted: std::collections::VecDeque<(u64, Vec<(usize, u64)>)>,
     /// Per source, the committed next index.
     committed: Vec<Option<u64>>,
+    /// The Event Hubs enqueued time of the message being handled (what its alerts carry).
+    enqueued_time: Option<crate::time::Ticks>,
+    /// The open batch queued alerts: it records the outbox's new high-water mark.
+    outbox_grew: bool,
 }
 
 /// The apply engine; see the module docs.
@@ -202,6 +206,8 @@ impl Engine {
                 key_buf: Vec::new(),
                 uncommitted: std::collections::VecDeque::new(),
                 committed: Vec::new(),
+                enqueued_time: None,
+                outbox_grew: false,
             },
         })
     }
@@ -391,6 +397,9 @@ impl State {
         raw: &dyn Fn() -> Cow<'a, [u8]>,
     ) -> Result<(), PipelineError> {
         self.counters.messages += 1;
+        if self.options.queue_alerts {
+            self.enqueued_time = message.eventhubs_enqueued_time().and_then(|p| p.time());
+        }
         let header = match decode_header(message, self.options.max_body_bytes) {
             Ok(header) => header,
             Err(Decoded::DeadLetter(reason)) => {
@@ -589,10 +598,18 @@ impl State {
             }
             if self.options.queue_alerts {
                 let id = format!("{}#{}.{}", self.sources[source.0].alert_name, index, n);
-                let alert = compliance::cloud_event(&id, key, &transition, time, version);
+                let alert = compliance::cloud_event(
+                    &id,
+                    key,
+                    &transition,
+                    time,
+                    version,
+                    self.enqueued_time,
+                );
                 self.store
                     .put_outbox(&mut self.batch, self.next_outbox_seq, &alert)?;
                 self.next_outbox_seq += 1;
+                self.outbox_grew = true;
             }
             n += 1;
         }
@@ -633,6 +650,11 @@ impl State {
         self.batch_no += 1;
         let mut batch = std::mem::take(&mut self.batch);
         self.snapshot.drain_into(&mut batch, self.batch_no)?;
+        if self.outbox_grew {
+            self.store
+                .put_outbox_next(&mut batch, self.next_outbox_seq)?;
+            self.outbox_grew = false;
+        }
         let mut positions = Vec::new();
         for (i, source) in self.sources.iter_mut().enumerate().filter(|(_, s)| s.dirty) {
             self.store

@@ -30,6 +30,10 @@ pub const ALL_CFS: [&str; 7] = [
 /// Key of the data format marker in [`CF_META`].
 pub const META_FORMAT: &[u8] = b"format";
 
+/// Key in [`CF_META`] of the next outbox sequence number: written with every batch that
+/// queues alerts, so that numbers are never reused even after the outbox was emptied.
+pub const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
+
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
     for &b in component {
         out.push(b);

@@ -543,8 +543,31 @@ impl Store {
         Ok(out)
     }
 
-    /// The sequence number after the last outbox entry (0 when empty).
+    /// The next outbox sequence number: past every entry ever queued (the recorded high-water
+    /// mark) and past every entry present.
     pub fn next_outbox_seq(&self) -> Result<u64, StoreError> {
+        let recorded = match self.db.get_cf(self.cf(CF_META)?, META_OUTBOX_NEXT)? {
+            Some(raw) => {
+                u64::from_be_bytes(raw.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "outbox high-water mark",
+                    detail: format!("{raw:?}"),
+                })?)
+            }
+            None => 0,
+        };
+        Ok(recorded.max(self.outbox_end()?))
+    }
+
+    /// Records the next outbox sequence number in `batch`.
+    pub fn put_outbox_next(&self, batch: &mut Batch, next: u64) -> Result<(), StoreError> {
+        batch
+            .inner
+            .put_cf(self.cf(CF_META)?, META_OUTBOX_NEXT, next.to_be_bytes());
+        Ok(())
+    }
+
+    /// The sequence number after the last outbox entry present (0 when empty).
+    fn outbox_end(&self) -> Result<u64, StoreError> {
         let mut iter = self.db.iterator_cf(self.cf(CF_OUTBOX)?, IteratorMode::End);
         match iter.next() {
             Some(item) => {

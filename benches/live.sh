@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The live-ingest benchmark: `twinwatch run` consuming `twinwatch emulator` over loopback
+# (4 partitions, Microsoft's Rust client, the baseline policy, alerts to a file).
+#
+#   benches/live.sh [EVENTS] [RATE] [SECONDS]
+#
+# 1. Throughput: EVENTS (default 500000) generated events preloaded into the emulator; the
+#    time until the service has consumed them all (from its /metrics), as events/s.
+# 2. Latency: the emulator publishes generated events at RATE (default 5000/s, enqueued when
+#    published); after a 10 s warm-up, for SECONDS (default 30), the service's histogram
+#    twinwatch_enqueue_to_alert_seconds (from an event's enqueue to its alerts being on disk in
+#    the alert file) gives the median and p99.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+events=${1:-500000}
+rate=${2:-5000}
+seconds=${3:-30}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/twinwatch-target}"
+cargo build --release --quiet
+bin="$CARGO_TARGET_DIR/release/twinwatch"
+dir="${BENCH_DIR:-/tmp/twinwatch-live-bench}"
+rm -rf "$dir"; mkdir -p "$dir"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+metric() { # sum of a metric's samples
+  curl -s "http://127.0.0.1:$2/metrics" | awk -v m="$1" 'index($0, m)==1 {s+=$NF} END {printf "%d", s}'
+}
+
+start_emulator() { # args: extra emulator args; prints the connection string
+  "$bin" emulator --listen 127.0.0.1:0 --hub bench --partitions 4 "$@" > "$dir/emulator.out" 2> "$dir/emulator.err" &
+  pids+=($!)
+  for _ in $(seq 1 600); do [ -s "$dir/emulator.out" ] && break; sleep 0.1; done
+  head -1 "$dir/emulator.out"
+}
+
+# 1. Throughput.
+"$bin" generate --devices $((events / 10)) --events "$events" --seed 3 --out "$dir/fleet.json" 2>/dev/null
+cs=$(start_emulator "$dir/fleet.json")
+start=$(date +%s.%N)
+TWINWATCH_EVENTHUB_CONNECTION_STRING="$cs" "$bin" run --data-dir "$dir/data1" --listen 127.0.0.1:29501 \
+  --alerts-file "$dir/alerts1.jsonl" 2> "$dir/run1.err" &
+pids+=($!); run1=$!
+while [ "$(metric twinwatch_messages_total 29501 2>/dev/null || echo 0)" -lt "$events" ]; do sleep 0.2; done
+end=$(date +%s.%N)
+kill -TERM "$run1" 2>/dev/null || true; wait "$run1" 2>/dev/null || true
+kill "${pids[0]}" 2>/dev/null || true; wait "${pids[0]}" 2>/dev/null || true
+pids=()
+python3 -c "print(f'throughput: {$events} events in {$end - $start:.2f} s: {$events / ($end - $start):,.0f} events/s')"
+
+# 2. Latency at a steady rate.
+cs=$(start_emulator --rate "$rate" --devices 20000 --seed 5)
+TWINWATCH_EVENTHUB_CONNECTION_STRING="$cs" "$bin" run --data-dir "$dir/data2" --listen 127.0.0.1:29502 \
+  --alerts-file "$dir/alerts2.jsonl" 2> "$dir/run2.err" &
+pids+=($!)
+sleep 10
+curl -s http://127.0.0.1:29502/metrics | grep '^twinwatch_enqueue_to_alert_seconds' > "$dir/before.txt"
+m0=$(metric twinwatch_messages_total 29502)
+sleep "$seconds"
+curl -s http://127.0.0.1:29502/metrics | grep '^twinwatch_enqueue_to_alert_seconds' > "$dir/after.txt"
+m1=$(metric twinwatch_messages_total 29502)
+python3 - "$dir/before.txt" "$dir/after.txt" "$m0" "$m1" "$seconds" <<'PY'
+import re, sys
+def buckets(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r'twinwatch_enqueue_to_alert_seconds_bucket\{le="([^"]+)"\} (\S+)', line)
+        if m:
+            out[float('inf') if m.group(1) == '+Inf' else float(m.group(1))] = float(m.group(2))
+    return out
+b0, b1 = buckets(sys.argv[1]), buckets(sys.argv[2])
+edges = sorted(b1)
+counts = [b1[e] - b0.get(e, 0) for e in edges]
+total = counts[-1]
+def quantile(q):
+    target, prev_edge, prev_count = q * total, 0.0, 0.0
+    for edge, count in zip(edges, counts):
+        if count >= target:
+            if edge == float('inf'):
+                return float('inf')
+            return prev_edge + (edge - prev_edge) * (target - prev_count) / max(count - prev_count, 1e-9)
+        prev_edge, prev_count = edge, count
+    return float('inf')
+rate = (int(sys.argv[4]) - int(sys.argv[3])) / float(sys.argv[5])
+print(f"steady state: {rate:,.0f} events/s consumed; {total:.0f} alerts; enqueue-to-alert median {quantile(0.5)*1000:.0f} ms, p99 {quantile(0.99)*1000:.0f} ms")
+PY
