@@ -68,10 +68,12 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
     println!("  emulator:  {}", emulator.local_addr());
     println!("  snapshot:  {}", dir.join("data").display());
     println!("  metrics:   http://{listen}/metrics   (also /healthz, /readyz)");
-    println!(
-        "  explore:   twinwatch export --data-dir {0}  |  twinwatch violations --data-dir {0}",
-        dir.join("data").display()
-    );
+    if args.dir.is_some() {
+        println!(
+            "  explore:   twinwatch export --data-dir {0}  |  twinwatch violations --data-dir {0}",
+            dir.join("data").display()
+        );
+    }
     println!("  Ctrl-C to stop\n");
     let raw = RawConfig {
         data_dir: Some(dir.join("data")),

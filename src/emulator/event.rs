@@ -246,83 +246,8 @@ pub(crate) fn amqp_message(event: &EmulatedEvent, position: EventPosition) -> Me
 /// Milliseconds since the Unix epoch of an ISO 8601 UTC time as IoT Hub writes them
 /// (`2026-01-01T00:00:00.0050000Z`, `...+00:00`, any number of fraction digits), or `None`.
 pub fn parse_iso8601_ms(text: &str) -> Option<i64> {
-    let bytes = text.as_bytes();
-    let number = |range: std::ops::Range<usize>| -> Option<i64> {
-        let digits = bytes.get(range)?;
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        std::str::from_utf8(digits).ok()?.parse().ok()
-    };
-    if bytes.len() < 19
-        || bytes[4] != b'-'
-        || bytes[7] != b'-'
-        || !matches!(bytes[10], b'T' | b't' | b' ')
-        || bytes[13] != b':'
-        || bytes[16] != b':'
-    {
-        return None;
-    }
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    if second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut millis = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        for (index, digit) in fraction.bytes().take(3).enumerate() {
-            if index < digits {
-                millis = millis * 10 + i64::from(digit - b'0');
-            }
-        }
-        for _ in digits.min(3)..3 {
-            millis *= 10;
-        }
-        rest = &fraction[digits..];
-    }
-    let offset_minutes = match rest {
-        "Z" | "z" | "" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let zone = &rest.as_bytes()[1..];
-            if zone.len() != 5 || zone[2] != b':' {
-                return None;
-            }
-            let hours =
-                i64::from(zone[0].checked_sub(b'0')?) * 10 + i64::from(zone[1].checked_sub(b'0')?);
-            let minutes =
-                i64::from(zone[3].checked_sub(b'0')?) * 10 + i64::from(zone[4].checked_sub(b'0')?);
-            sign * (hours * 60 + minutes)
-        }
-    };
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
-    Some(seconds * 1000 + millis)
+    crate::time::Ticks::parse_lenient(text).map(crate::time::Ticks::unix_millis)
 }
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,37 +2,14 @@
 //! (`tests/data/alerts/*.json`, snapshot-tested with insta), policy rejection, byte-identical
 //! alert files across replays, and at-least-once delivery across SIGKILLs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use rand::SeedableRng;
 use serde_json::Value;
 
-use crate::support::{binary, data_path, expand, write_lines};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run twinwatch")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "twinwatch {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
+use crate::support::{alerts_by_id, binary, data_path, expand, ok, path, run, write_lines};
 /// Runs one scenario; returns the alert file followed by the violations left at the end.
 fn scenario(file: &Path) -> String {
     let case: Value =
@@ -164,22 +141,6 @@ fn replaying_twice_gives_byte_identical_alert_files() {
         "two replays of the same input wrote different alert files"
     );
 }
-
-/// Alerts by id; the same id must always carry the same alert.
-fn alerts_by_id(bytes: &[u8]) -> (BTreeMap<String, Value>, usize) {
-    let mut by_id = BTreeMap::new();
-    let mut n = 0;
-    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let alert: Value = serde_json::from_slice(line).expect("alert json");
-        let id = alert["id"].as_str().expect("id").to_owned();
-        if let Some(previous) = by_id.insert(id.clone(), alert.clone()) {
-            assert_eq!(previous, alert, "two different alerts share the id {id}");
-        }
-        n += 1;
-    }
-    (by_id, n)
-}
-
 #[test]
 fn a_killed_replay_delivers_every_alert_at_least_once() {
     let dir = tempfile::tempdir().expect("tempdir");

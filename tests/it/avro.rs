@@ -7,29 +7,7 @@ use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 
-use crate::support::binary;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(binary())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run twinwatch")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "twinwatch {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use crate::support::{ok, path, run};
 
 fn lines(output: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&output.stdout)

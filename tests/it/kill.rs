@@ -8,29 +8,11 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::binary;
-
-fn twinwatch(args: &[&str]) -> std::process::Output {
-    let output = Command::new(binary())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run twinwatch");
-    assert!(
-        output.status.success(),
-        "twinwatch {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use crate::support::{binary, ok, path};
 
 fn generate(dir: &Path, devices: u64, events: u64) -> std::path::PathBuf {
     let fleet = dir.join("fleet.json");
-    twinwatch(&[
+    ok(&[
         "generate",
         "--devices",
         &devices.to_string(),
@@ -59,7 +41,7 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
     let fleet = generate(dir.path(), 20_000, 200_000);
     let clean = dir.path().join("clean");
     let started = Instant::now();
-    twinwatch(&[
+    ok(&[
         "replay",
         "--data-dir",
         path(&clean),
@@ -109,15 +91,15 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
         kills >= 3,
         "only {kills} replays were killed mid-way (an uninterrupted run took {uninterrupted:?})"
     );
-    let expected = twinwatch(&["export", "--data-dir", path(&clean)]).stdout;
-    let actual = twinwatch(&["export", "--data-dir", path(&killed)]).stdout;
+    let expected = ok(&["export", "--data-dir", path(&clean)]).stdout;
+    let actual = ok(&["export", "--data-dir", path(&killed)]).stdout;
     assert!(!expected.is_empty());
     assert!(
         expected == actual,
         "the export after {kills} kills differs from the uninterrupted run"
     );
-    let expected = twinwatch(&["deadletters", "--data-dir", path(&clean)]).stdout;
-    let actual = twinwatch(&["deadletters", "--data-dir", path(&killed)]).stdout;
+    let expected = ok(&["deadletters", "--data-dir", path(&clean)]).stdout;
+    let actual = ok(&["deadletters", "--data-dir", path(&killed)]).stdout;
     assert!(!expected.is_empty());
     assert!(expected == actual, "the dead letters differ");
 }
@@ -128,9 +110,9 @@ fn replaying_the_same_files_again_changes_nothing() {
     let fleet = generate(dir.path(), 500, 5_000);
     let data = dir.path().join("data");
     let summary = dir.path().join("summary.json");
-    twinwatch(&["replay", "--data-dir", path(&data), path(&fleet)]);
-    let first = twinwatch(&["export", "--data-dir", path(&data)]).stdout;
-    twinwatch(&[
+    ok(&["replay", "--data-dir", path(&data), path(&fleet)]);
+    let first = ok(&["export", "--data-dir", path(&data)]).stdout;
+    ok(&[
         "replay",
         "--data-dir",
         path(&data),
@@ -138,7 +120,7 @@ fn replaying_the_same_files_again_changes_nothing() {
         path(&summary),
         path(&fleet),
     ]);
-    let second = twinwatch(&["export", "--data-dir", path(&data)]).stdout;
+    let second = ok(&["export", "--data-dir", path(&data)]).stdout;
     assert!(first == second, "a second replay changed the export");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&summary).expect("summary")).expect("json");

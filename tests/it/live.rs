@@ -4,22 +4,16 @@
 //! SIGKILL several times while consuming, ends with the same snapshot and every alert
 //! delivered at least once.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use twinwatch::app::emulator::events_of_file;
 use twinwatch::emulator::{Emulator, EmulatorConfig};
 
-use crate::support::binary;
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use crate::support::{alerts_by_id, binary, ok, path};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -28,21 +22,6 @@ fn free_port() -> u16 {
         .expect("addr")
         .port()
 }
-
-fn twinwatch(args: &[&str]) -> Vec<u8> {
-    let output = Command::new(binary())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
-}
-
 /// The emulator on a runtime of its own, preloaded with a file.
 struct Hub {
     runtime: tokio::runtime::Runtime,
@@ -168,7 +147,7 @@ fn sigterm_and_wait(child: &mut Child) {
 
 fn fleet(dir: &Path) -> std::path::PathBuf {
     let file = dir.join("fleet.json");
-    twinwatch(&[
+    ok(&[
         "generate",
         "--devices",
         "600",
@@ -196,38 +175,22 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     sigterm_and_wait(&mut child);
 
     let replayed = dir.path().join("replayed");
-    twinwatch(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = twinwatch(&["export", "--data-dir", path(&data)]);
-    let replay_export = twinwatch(&["export", "--data-dir", path(&replayed)]);
+    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
+    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
+    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(live_export.len() > 10_000);
     assert!(
         live_export == replay_export,
         "the live export differs from the replay's"
     );
-    let live_violations = twinwatch(&["violations", "--data-dir", path(&data)]);
-    let replay_violations = twinwatch(&["violations", "--data-dir", path(&replayed)]);
+    let live_violations = ok(&["violations", "--data-dir", path(&data)]).stdout;
+    let replay_violations = ok(&["violations", "--data-dir", path(&replayed)]).stdout;
     assert!(!live_violations.is_empty());
     assert!(
         live_violations == replay_violations,
         "the live violations differ from the replay's"
     );
 }
-
-fn alerts_by_id(file: &Path) -> (BTreeMap<String, Value>, usize) {
-    let text = std::fs::read_to_string(file).unwrap_or_default();
-    let mut by_id = BTreeMap::new();
-    let mut n = 0;
-    for line in text.lines() {
-        let alert: Value = serde_json::from_str(line).expect("alert");
-        let id = alert["id"].as_str().expect("id").to_owned();
-        if let Some(previous) = by_id.insert(id.clone(), alert.clone()) {
-            assert_eq!(previous, alert, "two different alerts share the id {id}");
-        }
-        n += 1;
-    }
-    (by_id, n)
-}
-
 #[test]
 fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -280,17 +243,17 @@ fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
     }
     sigterm_and_wait(&mut child);
 
-    let a = twinwatch(&["export", "--data-dir", path(&clean)]);
-    let b = twinwatch(&["export", "--data-dir", path(&killed)]);
+    let a = ok(&["export", "--data-dir", path(&clean)]).stdout;
+    let b = ok(&["export", "--data-dir", path(&killed)]).stdout;
     assert!(
         a == b,
         "the export after {kills} kills differs from the uninterrupted run's"
     );
-    let a = twinwatch(&["violations", "--data-dir", path(&clean)]);
-    let b = twinwatch(&["violations", "--data-dir", path(&killed)]);
+    let a = ok(&["violations", "--data-dir", path(&clean)]).stdout;
+    let b = ok(&["violations", "--data-dir", path(&killed)]).stdout;
     assert!(a == b, "the violations after {kills} kills differ");
-    let (expected, n_expected) = alerts_by_id(&clean_alerts);
-    let (delivered, _) = alerts_by_id(&killed_alerts);
+    let (expected, n_expected) = alerts_by_id(&std::fs::read(&clean_alerts).unwrap_or_default());
+    let (delivered, _) = alerts_by_id(&std::fs::read(&killed_alerts).unwrap_or_default());
     assert_eq!(
         n_expected,
         expected.len(),
@@ -378,9 +341,9 @@ fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
     sigterm_and_wait(&mut child);
 
     let replayed = dir.path().join("replayed");
-    twinwatch(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = twinwatch(&["export", "--data-dir", path(&data)]);
-    let replay_export = twinwatch(&["export", "--data-dir", path(&replayed)]);
+    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
+    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
+    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(
         live_export == replay_export,
         "the export after {faults} dropped links differs from the replay's"

@@ -1,7 +1,9 @@
 //! Shared helpers: building storage-route JSON lines from a compact case notation, running
 //! the real pipeline into a temporary RocksDB, and reading its outputs back.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -145,4 +147,44 @@ pub fn data_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(relative)
+}
+
+/// Runs the real binary (logs at warn), whatever its exit.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run twinwatch")
+}
+
+/// Runs the real binary and requires success.
+pub fn ok(args: &[&str]) -> Output {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "twinwatch {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The alerts of a file sink's content by id, and how many lines there were; the same id
+/// must always carry the same alert.
+pub fn alerts_by_id(bytes: &[u8]) -> (BTreeMap<String, Value>, usize) {
+    let mut by_id = BTreeMap::new();
+    let mut n = 0;
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let alert: Value = serde_json::from_slice(line).expect("alert json");
+        let id = alert["id"].as_str().expect("id").to_owned();
+        if let Some(previous) = by_id.insert(id.clone(), alert.clone()) {
+            assert_eq!(previous, alert, "two different alerts share the id {id}");
+        }
+        n += 1;
+    }
+    (by_id, n)
 }
