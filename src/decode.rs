@@ -267,9 +267,14 @@ impl Default for BodyParser {
 }
 
 impl BodyParser {
-    /// Parses a body given as bytes or base64 into a tape (`None`: not UTF-8 JSON). The tape
-    /// borrows this parser's buffer until the next call.
-    pub fn parse<'s>(&'s mut self, body: Body<'_>) -> Option<simd_json::Tape<'s>> {
+    /// Parses a body given as bytes or base64 into a tape (`None`: not UTF-8 JSON), reusing
+    /// `spare`'s allocation when given (hand the tape back with `Tape::reset` once done). The
+    /// tape borrows this parser's buffer until the next call.
+    pub fn parse<'s>(
+        &'s mut self,
+        body: Body<'_>,
+        spare: Option<simd_json::Tape<'static>>,
+    ) -> Option<simd_json::Tape<'s>> {
         self.bytes.clear();
         match body {
             Body::Bytes(b) => self.bytes.extend_from_slice(b),
@@ -280,7 +285,7 @@ impl BodyParser {
         }
         let len = self.bytes.len();
         self.bytes.resize(len + simd_json::INPUT_PADDING, 0);
-        let mut tape = simd_json::Tape::null();
+        let mut tape = spare.unwrap_or_else(simd_json::Tape::null).reset();
         simd_json::fill_tape_padded(&mut self.bytes, len, &mut self.buffers, &mut tape).ok()?;
         Some(tape)
     }

@@ -146,6 +146,8 @@ struct State {
     enqueued_time: Option<crate::time::Ticks>,
     /// The open batch queued alerts: it records the outbox's new high-water mark.
     outbox_grew: bool,
+    /// A tape allocation for bodies that arrive as bytes, reused message after message.
+    spare_tape: Option<simd_json::Tape<'static>>,
 }
 
 /// The apply engine; see the module docs.
@@ -208,6 +210,7 @@ impl Engine {
                 committed: Vec::new(),
                 enqueued_time: None,
                 outbox_grew: false,
+                spare_tape: None,
             },
         })
     }
@@ -410,17 +413,14 @@ impl State {
                 return Ok(());
             }
         };
-        let parsed;
+        let mut parsed = None;
         let body: &[Node<'_>] = match header.body {
             Body::Tape(nodes) => nodes,
             Body::Absent => &[],
-            other => match self.body_parser.parse(other) {
-                Some(tape) => {
-                    parsed = tape;
-                    &parsed.0
-                }
-                None => &[],
-            },
+            other => {
+                parsed = self.body_parser.parse(other, self.spare_tape.take());
+                parsed.as_ref().map_or(&[][..], |tape| &tape.0[..])
+            }
         };
         let event = match decode_body(&header, body) {
             Ok(event) => event,
@@ -428,6 +428,10 @@ impl State {
         };
         let event_version = event.version;
         let outcome = apply(&event, &mut self.snapshot)?;
+        // The body's tape allocation serves the next message.
+        if let Some(tape) = parsed {
+            self.spare_tape = Some(tape.reset());
+        }
         // The key from the header, which borrows only the message, not the body's parser.
         let key = header.key;
         let time = header.op_time;
