@@ -40,9 +40,10 @@ pub fn events_of_file(path: &Path) -> anyhow::Result<Vec<EmulatedEvent>> {
         let mut bodies = Vec::new();
         while let Some(record) = avro.next_record(&mut bodies) {
             let record = record.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let pairs = |p: &[(String, OwnedProp)]| -> Vec<(String, String)> {
-                p.iter().map(|(k, v)| (k.clone(), text(v))).collect()
-            };
+            let pairs =
+                |p: &[(crate::source::avro::PropName, OwnedProp)]| -> Vec<(String, String)> {
+                    p.iter().map(|(k, v)| (k.to_string(), text(v))).collect()
+                };
             let body = record
                 .body
                 .map(|(s, e)| bodies[s as usize..e as usize].to_vec())

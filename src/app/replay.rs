@@ -240,6 +240,11 @@ pub fn replay(
                 ));
                 // The reader may have stopped already; then the buffers are simply dropped.
                 let _ = reader.recycle.try_send(chunk.data);
+                if chunk.records.capacity() > 0 {
+                    let mut records = chunk.records;
+                    records.clear();
+                    let _ = reader.recycle_records.try_send(records);
+                }
                 let _ = reader.recycle.try_send(chunk.parsed.into_buffer());
             }
             ReadEvent::FileEnd {

@@ -48,14 +48,129 @@ impl OwnedProp {
     }
 }
 
+/// A property's name: the names IoT Hub and Event Hubs use are shared, not allocated per
+/// message (see [`prop_name`]).
+pub type PropName = Cow<'static, str>;
+
+/// The property names every message carries, shared across messages.
+const KNOWN_NAMES: [&str; 30] = [
+    "hubName",
+    "deviceId",
+    "moduleId",
+    "opType",
+    "iothub-message-schema",
+    "operationTimestamp",
+    "iothub-connection-device-id",
+    "iothub-connection-module-id",
+    "iothub-connection-auth-generation-id",
+    "iothub-connection-auth-method",
+    "iothub-enqueuedtime",
+    "iothub-message-source",
+    "content-type",
+    "content-encoding",
+    "correlation-id",
+    "message-id",
+    "user-id",
+    "connectionDeviceId",
+    "connectionModuleId",
+    "connectionDeviceGenerationId",
+    "connectionAuthMethod",
+    "enqueuedTime",
+    "contentType",
+    "contentEncoding",
+    "correlationId",
+    "messageId",
+    "userId",
+    "x-opt-sequence-number",
+    "x-opt-offset",
+    "x-opt-enqueued-time",
+];
+
+/// The index in [`KNOWN_NAMES`] of a usual property name (a `match`: no string scan).
+fn known_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "hubName" => 0,
+        "deviceId" => 1,
+        "moduleId" => 2,
+        "opType" => 3,
+        "iothub-message-schema" => 4,
+        "operationTimestamp" => 5,
+        "iothub-connection-device-id" => 6,
+        "iothub-connection-module-id" => 7,
+        "iothub-connection-auth-generation-id" => 8,
+        "iothub-connection-auth-method" => 9,
+        "iothub-enqueuedtime" => 10,
+        "iothub-message-source" => 11,
+        "content-type" => 12,
+        "content-encoding" => 13,
+        "correlation-id" => 14,
+        "message-id" => 15,
+        "user-id" => 16,
+        "connectionDeviceId" => 17,
+        "connectionModuleId" => 18,
+        "connectionDeviceGenerationId" => 19,
+        "connectionAuthMethod" => 20,
+        "enqueuedTime" => 21,
+        "contentType" => 22,
+        "contentEncoding" => 23,
+        "correlationId" => 24,
+        "messageId" => 25,
+        "userId" => 26,
+        "x-opt-sequence-number" => 27,
+        "x-opt-offset" => 28,
+        "x-opt-enqueued-time" => 29,
+        _ => return None,
+    })
+}
+
+/// A property name, shared when it is one of the usual ones.
+pub fn prop_name(name: &str) -> PropName {
+    match known_index(name) {
+        Some(i) => Cow::Borrowed(KNOWN_NAMES[i]),
+        None => Cow::Owned(name.to_owned()),
+    }
+}
+
+/// Where each usual property name sits in a property list (`NONE`: absent), so that
+/// decoding finds a property without scanning the list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NameIndex([u8; KNOWN_NAMES.len()]);
+
+impl NameIndex {
+    const NONE: u8 = u8::MAX;
+
+    fn of(props: &[(PropName, OwnedProp)]) -> NameIndex {
+        let mut index = [Self::NONE; KNOWN_NAMES.len()];
+        for (position, (name, _)) in props.iter().enumerate().take(usize::from(Self::NONE)) {
+            if let Some(i) = known_index(name) {
+                // The first of duplicate names wins, as a scan would find it.
+                if index[i] == Self::NONE {
+                    index[i] = position as u8;
+                }
+            }
+        }
+        NameIndex(index)
+    }
+}
+
+impl Default for NameIndex {
+    fn default() -> Self {
+        NameIndex([Self::NONE; KNOWN_NAMES.len()])
+    }
+}
+
 /// One message as an owned record: a record of a Capture or storage-route file, or an event
 /// received from an Event Hub.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Record {
     /// The Event Hubs enqueued time (`EnqueuedTimeUtc`, `x-opt-enqueued-time`).
     pub enqueued_time: Option<OwnedProp>,
-    pub properties: Vec<(String, OwnedProp)>,
-    pub system_properties: Vec<(String, OwnedProp)>,
+    pub properties: Vec<(PropName, OwnedProp)>,
+    pub system_properties: Vec<(PropName, OwnedProp)>,
+    /// Where the usual names sit in `properties` and `system_properties`: set by
+    /// [`Record::index_names`] once both lists are complete.
+    pub property_index: NameIndex,
+    pub system_index: NameIndex,
     /// The body's range in the block's body buffer; `None` for a null body.
     pub body: Option<(u32, u32)>,
 }
@@ -142,6 +257,7 @@ fn record(value: AvroValue, bodies: &mut Vec<u8>) -> Result<Record, String> {
             _ => {}
         }
     }
+    out.index_names();
     Ok(out)
 }
 
@@ -152,11 +268,11 @@ fn unwrap_union(value: AvroValue) -> AvroValue {
     }
 }
 
-fn map(value: AvroValue) -> Result<Vec<(String, OwnedProp)>, String> {
+fn map(value: AvroValue) -> Result<Vec<(PropName, OwnedProp)>, String> {
     let AvroValue::Map(entries) = unwrap_union(value) else {
         return Ok(Vec::new());
     };
-    let mut out: Vec<(String, OwnedProp)> = entries
+    let mut out: Vec<(PropName, OwnedProp)> = entries
         .into_iter()
         .filter_map(|(k, v)| {
             let prop = match unwrap_union(v) {
@@ -169,7 +285,7 @@ fn map(value: AvroValue) -> Result<Vec<(String, OwnedProp)>, String> {
                 AvroValue::Boolean(b) => OwnedProp::Str(b.to_string()),
                 _ => return None,
             };
-            Some((k, prop))
+            Some((prop_name(&k), prop))
         })
         .collect();
     // Maps come in hash order: sort, so that a dead letter's rendering is stable.
@@ -185,21 +301,36 @@ pub struct RecordMessage<'a> {
     pub body_nodes: Option<&'a [Node<'a>]>,
 }
 
-fn find<'a>(props: &'a [(String, OwnedProp)], name: &str) -> Option<Prop<'a>> {
-    props
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_prop())
+impl Record {
+    /// Indexes the usual names of both property lists (call once they are complete).
+    pub fn index_names(&mut self) {
+        self.property_index = NameIndex::of(&self.properties);
+        self.system_index = NameIndex::of(&self.system_properties);
+    }
+}
+
+fn find<'a>(props: &'a [(PropName, OwnedProp)], index: &NameIndex, name: &str) -> Option<Prop<'a>> {
+    match known_index(name) {
+        Some(i) => match index.0[i] {
+            NameIndex::NONE => None,
+            position => props.get(usize::from(position)).map(|(_, v)| v.as_prop()),
+        },
+        None => props
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_prop()),
+    }
 }
 
 impl<'a> Message<'a> for RecordMessage<'a> {
     fn app_property(&self, name: &str) -> Option<Prop<'a>> {
-        find(&self.record.properties, name)
+        find(&self.record.properties, &self.record.property_index, name)
     }
 
     fn system_property(&self, name: &str, storage_name: &str) -> Option<Prop<'a>> {
-        find(&self.record.system_properties, name)
-            .or_else(|| find(&self.record.system_properties, storage_name))
+        let system = &self.record.system_properties;
+        find(system, &self.record.system_index, name)
+            .or_else(|| find(system, &self.record.system_index, storage_name))
     }
 
     fn eventhubs_enqueued_time(&self) -> Option<Prop<'a>> {
@@ -223,8 +354,10 @@ impl RecordMessage<'_> {
     /// The record as JSON, for a dead letter: the storage-route JSON shape, with the body
     /// embedded when it is UTF-8 and base64 otherwise.
     pub fn raw(&self) -> Cow<'static, [u8]> {
-        let props = |p: &[(String, OwnedProp)]| -> serde_json::Map<String, serde_json::Value> {
-            p.iter().map(|(k, v)| (k.clone(), v.to_json())).collect()
+        let props = |p: &[(PropName, OwnedProp)]| -> serde_json::Map<String, serde_json::Value> {
+            p.iter()
+                .map(|(k, v)| (k.to_string(), v.to_json()))
+                .collect()
         };
         let body = match (self.record.body, std::str::from_utf8(self.body_bytes)) {
             (None, _) => serde_json::Value::Null,

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::avro::{OwnedProp, Record};
+use super::avro::{prop_name, OwnedProp, Record};
 use crate::config::{EventHubConfig, Partitions, StartPosition};
 use crate::time::Ticks;
 
@@ -384,22 +384,23 @@ fn to_live(
     if let Some(properties) = event.event_data().properties() {
         record.properties = properties
             .iter()
-            .filter_map(|(k, v)| Some((k.clone(), simple_prop(v)?)))
+            .filter_map(|(k, v)| Some((prop_name(k), simple_prop(v)?)))
             .collect();
     }
     record.system_properties = event
         .system_properties()
         .iter()
-        .filter_map(|(k, v)| Some((k.clone(), value_prop(v)?)))
+        .filter_map(|(k, v)| Some((prop_name(k), value_prop(v)?)))
         .collect();
     if let Some(properties) = &message.properties {
         if let Some(user_id) = &properties.user_id {
             record
                 .system_properties
-                .push(("user-id".into(), OwnedProp::Bytes(user_id.clone())));
+                .push((prop_name("user-id"), OwnedProp::Bytes(user_id.clone())));
         }
     }
     record.enqueued_time = event.enqueued_time().map(|t| OwnedProp::Time(ticks(t)));
+    record.index_names();
     let body = event.event_data().body().map(<[u8]>::to_vec);
     record.body = body.as_ref().map(|b| (0, b.len() as u32));
     LiveEvent {

@@ -2,6 +2,7 @@
 //! (`storage_json`) or Avro containers (`avro`).
 
 pub mod avro;
+pub mod avro_fast;
 pub mod eventhub;
 pub mod parsed;
 pub mod replay;

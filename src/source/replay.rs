@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::avro::{AvroFile, Record};
+use super::avro::{AvroError, AvroFile, Record};
+use super::avro_fast::FastAvroFile;
 use super::parsed::{LineParser, ParsedLines};
 
 /// Bytes read from a file at a time.
@@ -141,6 +142,8 @@ pub enum ReadEvent {
 pub struct Reader {
     pub events: Receiver<ReadEvent>,
     pub recycle: Sender<Vec<u8>>,
+    /// Emptied record vectors of Avro chunks, for reuse like `recycle`.
+    pub recycle_records: Sender<Vec<Record>>,
     pub handle: std::thread::JoinHandle<()>,
 }
 
@@ -148,20 +151,22 @@ pub struct Reader {
 pub fn spawn_reader(files: Vec<FileStart>) -> io::Result<Reader> {
     let (tx, rx) = crossbeam_channel::bounded(4);
     let (recycle, recycled) = crossbeam_channel::bounded(8);
+    let (recycle_records, recycled_records) = crossbeam_channel::bounded::<Vec<Record>>(4);
     let handle = std::thread::Builder::new()
         .name("twinwatch-reader".into())
         .spawn(move || {
             let mut parser = LineParser::default();
             for (i, start) in files.iter().enumerate() {
-                let keep_going = match read_file(i, start, &tx, &recycled, &mut parser) {
-                    Ok(keep_going) => keep_going,
-                    Err(e) => tx
-                        .send(ReadEvent::FileError {
-                            file: i,
-                            error: e.to_string(),
-                        })
-                        .is_ok(),
-                };
+                let keep_going =
+                    match read_file(i, start, &tx, &recycled, &recycled_records, &mut parser) {
+                        Ok(keep_going) => keep_going,
+                        Err(e) => tx
+                            .send(ReadEvent::FileError {
+                                file: i,
+                                error: e.to_string(),
+                            })
+                            .is_ok(),
+                    };
                 if !keep_going {
                     return;
                 }
@@ -170,6 +175,7 @@ pub fn spawn_reader(files: Vec<FileStart>) -> io::Result<Reader> {
     Ok(Reader {
         events: rx,
         recycle,
+        recycle_records,
         handle,
     })
 }
@@ -180,6 +186,7 @@ fn read_file(
     start: &FileStart,
     tx: &Sender<ReadEvent>,
     recycled: &Receiver<Vec<u8>>,
+    recycled_records: &Receiver<Vec<Record>>,
     parser: &mut LineParser,
 ) -> io::Result<bool> {
     let mut f = File::open(&start.path)?;
@@ -198,7 +205,7 @@ fn read_file(
     let n = f.read(&mut magic)?;
     if n == 4 && &magic == AVRO_MAGIC {
         f.seek(SeekFrom::Start(0))?;
-        return read_avro(file, start, f, tx, recycled, parser);
+        return read_avro(file, start, f, tx, recycled, recycled_records, parser);
     }
     f.seek(SeekFrom::Start(start.byte_offset))?;
     let mut next_record = start.next_record;
@@ -261,6 +268,21 @@ fn read_file(
     }
 }
 
+/// An Avro file's records, through whichever reader fits its schema.
+enum Records<R: Read> {
+    Fast(FastAvroFile<R>),
+    Generic(Box<AvroFile<R>>),
+}
+
+impl<R: Read> Records<R> {
+    fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
+        match self {
+            Records::Fast(reader) => reader.next_record(bodies),
+            Records::Generic(reader) => reader.next_record(bodies),
+        }
+    }
+}
+
 /// Records handed over at a time.
 const BLOCK_RECORDS: usize = 4096;
 
@@ -276,9 +298,21 @@ fn read_avro(
     f: File,
     tx: &Sender<ReadEvent>,
     recycled: &Receiver<Vec<u8>>,
+    recycled_records: &Receiver<Vec<Record>>,
     parser: &mut LineParser,
 ) -> io::Result<bool> {
-    let mut avro = AvroFile::open(io::BufReader::with_capacity(1 << 20, f)).map_err(invalid)?;
+    // The two schemas of IoT Hub and Event Hubs Capture have a direct reader; anything else
+    // goes through apache-avro.
+    let mut avro =
+        match FastAvroFile::open(io::BufReader::with_capacity(1 << 20, f)).map_err(invalid)? {
+            Some(fast) => Records::Fast(fast),
+            None => {
+                let f = File::open(&start.path)?;
+                Records::Generic(Box::new(
+                    AvroFile::open(io::BufReader::with_capacity(1 << 20, f)).map_err(invalid)?,
+                ))
+            }
+        };
     let mut skipped = Vec::new();
     for _ in 0..start.next_record {
         skipped.clear();
@@ -292,7 +326,10 @@ fn read_avro(
     loop {
         let mut data = recycled.try_recv().unwrap_or_default();
         data.clear();
-        let mut records = Vec::with_capacity(BLOCK_RECORDS);
+        let mut records = recycled_records
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BLOCK_RECORDS));
+        records.clear();
         let mut error = None;
         let mut eof = false;
         while records.len() < BLOCK_RECORDS && data.len() < BLOCK_BYTES {

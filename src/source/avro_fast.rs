@@ -1,0 +1,497 @@
+//! A direct reader for the two Avro schemas twinwatch replays most: Event Hubs Capture
+//! `EventData` and IoT Hub's storage-route `Message`. It reads the object container (header,
+//! blocks, sync markers, the null/deflate/snappy codecs) and decodes each datum straight into a
+//! [`Record`], with no generic `Value` in between and one reused decompression buffer: the
+//! generic reader spent most of its time allocating (BENCHMARKS.md, "Avro replay"). Files of
+//! any other schema go through apache-avro ([`super::avro::AvroFile`]).
+
+use std::io::Read;
+
+use super::avro::{prop_name, AvroError, OwnedProp, PropName, Record};
+
+/// The schema of a file this reader handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnownSchema {
+    Capture,
+    Storage,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Codec {
+    Null,
+    Deflate,
+    Snappy,
+}
+
+fn capture_fields() -> serde_json::Value {
+    serde_json::json!([
+        {"name": "SequenceNumber", "type": "long"},
+        {"name": "Offset", "type": "string"},
+        {"name": "EnqueuedTimeUtc", "type": "string"},
+        {"name": "SystemProperties", "type": {"type": "map", "values": ["long", "double", "string", "bytes"]}},
+        {"name": "Properties", "type": {"type": "map", "values": ["long", "double", "string", "bytes"]}},
+        {"name": "Body", "type": ["null", "bytes"]}
+    ])
+}
+
+fn storage_fields() -> serde_json::Value {
+    serde_json::json!([
+        {"name": "EnqueuedTimeUtc", "type": "string"},
+        {"name": "Properties", "type": {"type": "map", "values": "string"}},
+        {"name": "SystemProperties", "type": {"type": "map", "values": "string"}},
+        {"name": "Body", "type": ["null", "bytes"]}
+    ])
+}
+
+/// Recognises a writer schema (its JSON) as one of the two known ones: same fields, same types,
+/// in the same order (names, namespaces and docs aside).
+pub fn known_schema(schema_json: &[u8]) -> Option<KnownSchema> {
+    let schema: serde_json::Value = serde_json::from_slice(schema_json).ok()?;
+    if schema["type"] != "record" {
+        return None;
+    }
+    let fields: Vec<serde_json::Value> = schema["fields"]
+        .as_array()?
+        .iter()
+        .map(|f| serde_json::json!({"name": f["name"], "type": f["type"]}))
+        .collect();
+    let fields = serde_json::Value::Array(fields);
+    if fields == capture_fields() {
+        Some(KnownSchema::Capture)
+    } else if fields == storage_fields() {
+        Some(KnownSchema::Storage)
+    } else {
+        None
+    }
+}
+
+/// A cursor over bytes with Avro's primitive decodings.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn long(&mut self) -> Option<i64> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = *self.bytes.get(self.pos)?;
+            self.pos += 1;
+            n |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(((n >> 1) as i64) ^ -((n & 1) as i64));
+            }
+        }
+        None
+    }
+
+    fn raw(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let out = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(out)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.long()?).ok()?;
+        self.raw(n)
+    }
+
+    fn string(&mut self) -> Option<String> {
+        Some(std::str::from_utf8(self.bytes()?).ok()?.to_owned())
+    }
+
+    fn double(&mut self) -> Option<f64> {
+        Some(f64::from_le_bytes(self.raw(8)?.try_into().ok()?))
+    }
+
+    /// A map, calling `value` for each entry's value.
+    fn map(
+        &mut self,
+        mut value: impl FnMut(&mut Self) -> Option<OwnedProp>,
+    ) -> Option<Vec<(PropName, OwnedProp)>> {
+        let mut out = Vec::new();
+        loop {
+            let mut count = self.long()?;
+            if count == 0 {
+                return Some(out);
+            }
+            if count < 0 {
+                count = count.checked_neg()?;
+                self.long()?; // the block's byte size
+            }
+            for _ in 0..count {
+                let key = prop_name(std::str::from_utf8(self.bytes()?).ok()?);
+                let v = value(self)?;
+                out.push((key, v));
+            }
+        }
+    }
+}
+
+fn union_prop(c: &mut Cursor<'_>) -> Option<OwnedProp> {
+    Some(match c.long()? {
+        0 => OwnedProp::Long(c.long()?),
+        1 => OwnedProp::Double(c.double()?),
+        2 => OwnedProp::Str(c.string()?),
+        3 => OwnedProp::Bytes(c.bytes()?.to_vec()),
+        _ => return None,
+    })
+}
+
+fn string_prop(c: &mut Cursor<'_>) -> Option<OwnedProp> {
+    Some(OwnedProp::Str(c.string()?))
+}
+
+/// Decodes one datum, appending its body to `bodies`.
+fn datum(schema: KnownSchema, c: &mut Cursor<'_>, bodies: &mut Vec<u8>) -> Option<Record> {
+    let mut record = Record::default();
+    match schema {
+        KnownSchema::Capture => {
+            c.long()?; // SequenceNumber
+            c.bytes()?; // Offset
+            record.enqueued_time = Some(OwnedProp::Str(c.string()?));
+            record.system_properties = c.map(union_prop)?;
+            record.properties = c.map(union_prop)?;
+        }
+        KnownSchema::Storage => {
+            record.enqueued_time = Some(OwnedProp::Str(c.string()?));
+            record.properties = c.map(string_prop)?;
+            record.system_properties = c.map(string_prop)?;
+        }
+    }
+    match c.long()? {
+        0 => record.body = None,
+        1 => {
+            let body = c.bytes()?;
+            let start = bodies.len() as u32;
+            bodies.extend_from_slice(body);
+            record.body = Some((start, bodies.len() as u32));
+        }
+        _ => return None,
+    }
+    record.index_names();
+    Some(record)
+}
+
+/// Reads a container of a known schema.
+pub struct FastAvroFile<R: Read> {
+    input: R,
+    schema: KnownSchema,
+    codec: Codec,
+    sync: [u8; 16],
+    /// The current block, decompressed, and the read position in it.
+    block: Vec<u8>,
+    compressed: Vec<u8>,
+    pos: usize,
+    left_in_block: u64,
+    next_index: u64,
+    done: bool,
+}
+
+fn container_error(detail: impl Into<String>) -> AvroError {
+    AvroError::Container(detail.into())
+}
+
+/// Reads a zigzag long from a stream.
+fn read_long(input: &mut impl Read) -> std::io::Result<Option<i64>> {
+    let mut n: u64 = 0;
+    for (i, shift) in (0..64).step_by(7).enumerate() {
+        let mut byte = [0u8; 1];
+        if input.read(&mut byte)? == 0 {
+            return if i == 0 {
+                Ok(None)
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "truncated length",
+                ))
+            };
+        }
+        n |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] < 0x80 {
+            return Ok(Some(((n >> 1) as i64) ^ -((n & 1) as i64)));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "overlong varint",
+    ))
+}
+
+impl<R: Read> FastAvroFile<R> {
+    /// Reads the header; `Ok(None)` when the schema is not one this reader knows (the caller
+    /// then reads the file with apache-avro from the start).
+    pub fn open(mut input: R) -> Result<Option<Self>, AvroError> {
+        let io = |e: std::io::Error| container_error(e.to_string());
+        let mut magic = [0u8; 4];
+        input.read_exact(&mut magic).map_err(io)?;
+        if &magic != b"Obj\x01" {
+            return Err(container_error("not an Avro object container"));
+        }
+        let mut schema_json = None;
+        let mut codec = Codec::Null;
+        loop {
+            let mut count = read_long(&mut input)
+                .map_err(io)?
+                .ok_or_else(|| container_error("truncated header"))?;
+            if count == 0 {
+                break;
+            }
+            if count < 0 {
+                count = count
+                    .checked_neg()
+                    .ok_or_else(|| container_error("bad header"))?;
+                read_long(&mut input).map_err(io)?;
+            }
+            for _ in 0..count {
+                let key = read_bytes(&mut input).map_err(io)?;
+                let value = read_bytes(&mut input).map_err(io)?;
+                match key.as_slice() {
+                    b"avro.schema" => schema_json = Some(value),
+                    b"avro.codec" => {
+                        codec = match value.as_slice() {
+                            b"null" | b"" => Codec::Null,
+                            b"deflate" => Codec::Deflate,
+                            b"snappy" => Codec::Snappy,
+                            other => {
+                                return Err(container_error(format!(
+                                    "unsupported codec {}",
+                                    String::from_utf8_lossy(other)
+                                )))
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut sync = [0u8; 16];
+        input.read_exact(&mut sync).map_err(io)?;
+        let schema_json =
+            schema_json.ok_or_else(|| container_error("no avro.schema in the header"))?;
+        let Some(schema) = known_schema(&schema_json) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            input,
+            schema,
+            codec,
+            sync,
+            block: Vec::new(),
+            compressed: Vec::new(),
+            pos: 0,
+            left_in_block: 0,
+            next_index: 0,
+            done: false,
+        }))
+    }
+
+    /// Loads the next block; `Ok(false)` at the end of the file.
+    fn next_block(&mut self) -> Result<bool, AvroError> {
+        let index = self.next_index;
+        let corrupt = |detail: String| AvroError::Record { index, detail };
+        let io = |e: std::io::Error| AvroError::Record {
+            index,
+            detail: e.to_string(),
+        };
+        let Some(count) = read_long(&mut self.input).map_err(io)? else {
+            return Ok(false);
+        };
+        let size = read_long(&mut self.input)
+            .map_err(io)?
+            .ok_or_else(|| corrupt("truncated block header".into()))?;
+        let (Ok(count), Ok(size)) = (u64::try_from(count), usize::try_from(size)) else {
+            return Err(corrupt("negative block count or size".into()));
+        };
+        if size > 1 << 30 {
+            return Err(corrupt(format!("a block of {size} bytes")));
+        }
+        self.compressed.resize(size, 0);
+        self.input.read_exact(&mut self.compressed).map_err(io)?;
+        let mut sync = [0u8; 16];
+        self.input.read_exact(&mut sync).map_err(io)?;
+        if sync != self.sync {
+            return Err(corrupt("sync marker mismatch: a corrupt block".into()));
+        }
+        match self.codec {
+            Codec::Null => std::mem::swap(&mut self.block, &mut self.compressed),
+            Codec::Deflate => inflate(&self.compressed, &mut self.block)
+                .map_err(|status| corrupt(format!("deflate: {status:?}")))?,
+            Codec::Snappy => {
+                let n = self.compressed.len();
+                if n < 4 {
+                    return Err(corrupt("snappy block without its checksum".into()));
+                }
+                let (data, crc) = self.compressed.split_at(n - 4);
+                let len =
+                    snap::raw::decompress_len(data).map_err(|e| corrupt(format!("snappy: {e}")))?;
+                self.block.resize(len, 0);
+                snap::raw::Decoder::new()
+                    .decompress(data, &mut self.block)
+                    .map_err(|e| corrupt(format!("snappy: {e}")))?;
+                let expected = u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]);
+                if crc32fast::hash(&self.block) != expected {
+                    return Err(corrupt("snappy block checksum mismatch".into()));
+                }
+            }
+        }
+        self.pos = 0;
+        self.left_in_block = count;
+        Ok(true)
+    }
+
+    /// The next record, its body appended to `bodies`; `None` at the end.
+    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
+        if self.done {
+            return None;
+        }
+        while self.left_in_block == 0 {
+            match self.next_block() {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        let index = self.next_index;
+        let mut cursor = Cursor {
+            bytes: &self.block,
+            pos: self.pos,
+        };
+        let record = datum(self.schema, &mut cursor, bodies);
+        self.pos = cursor.pos;
+        self.left_in_block -= 1;
+        self.next_index += 1;
+        match record {
+            Some(record) => Some(Ok(record)),
+            None => {
+                self.done = true;
+                Some(Err(AvroError::Record {
+                    index,
+                    detail: "a datum that does not decode".into(),
+                }))
+            }
+        }
+    }
+}
+
+/// Inflates a raw deflate stream into `out`, reusing its allocation (blocks are decompressed
+/// one after the other: a fresh buffer each time cost page faults).
+fn inflate(input: &[u8], out: &mut Vec<u8>) -> Result<(), miniz_oxide::inflate::TINFLStatus> {
+    use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
+    use miniz_oxide::inflate::TINFLStatus;
+    let mut state = DecompressorOxide::new();
+    let flags = inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF;
+    let capacity = out.capacity().max(input.len() * 4).max(4096);
+    out.clear();
+    out.resize(capacity, 0);
+    let (mut in_pos, mut out_pos) = (0, 0);
+    loop {
+        let (status, consumed, written) =
+            decompress(&mut state, &input[in_pos..], out, out_pos, flags);
+        in_pos += consumed;
+        out_pos += written;
+        match status {
+            TINFLStatus::Done => {
+                out.truncate(out_pos);
+                return Ok(());
+            }
+            TINFLStatus::HasMoreOutput => {
+                let grown = out.len() * 2;
+                out.resize(grown, 0);
+            }
+            other => return Err(other),
+        }
+    }
+}
+
+fn read_bytes(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let n = read_long(input)?.ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "truncated header")
+    })?;
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| *n < 1 << 24)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "bad header length"))?;
+    let mut out = vec![0u8; n];
+    input.read_exact(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::avro::{CAPTURE_SCHEMA, STORAGE_SCHEMA};
+    use crate::source::avro::AvroFile;
+
+    #[test]
+    fn the_published_schemas_are_recognised_and_variants_are_not() {
+        assert_eq!(
+            known_schema(CAPTURE_SCHEMA.as_bytes()),
+            Some(KnownSchema::Capture)
+        );
+        assert_eq!(
+            known_schema(STORAGE_SCHEMA.as_bytes()),
+            Some(KnownSchema::Storage)
+        );
+        let variant = STORAGE_SCHEMA.replace(
+            r#"{"name":"Body","type":["null","bytes"]}"#,
+            r#"{"name":"Body","type":["null","bytes"]},{"name":"Extra","type":"string"}"#,
+        );
+        assert_ne!(variant, STORAGE_SCHEMA);
+        assert_eq!(known_schema(variant.as_bytes()), None);
+    }
+
+    /// A storage-route schema with an extra field is not the known one: the fast reader
+    /// declines it, and the generic reader reads it.
+    #[test]
+    fn another_schema_falls_back_to_the_generic_reader() {
+        let variant = STORAGE_SCHEMA.replace(
+            r#"{"name":"Body","type":["null","bytes"]}"#,
+            r#"{"name":"Body","type":["null","bytes"]},{"name":"Extra","type":"string"}"#,
+        );
+        let schema = apache_avro::Schema::parse_str(&variant).expect("schema");
+        let mut out = Vec::new();
+        {
+            let mut writer = apache_avro::Writer::new(&schema, &mut out).expect("writer");
+            let mut record = apache_avro::types::Record::new(writer.schema()).expect("record");
+            record.put("EnqueuedTimeUtc", "2024-06-01T00:00:00Z");
+            let props: std::collections::HashMap<String, apache_avro::types::Value> = [(
+                "deviceId".to_owned(),
+                apache_avro::types::Value::String("d1".into()),
+            )]
+            .into();
+            record.put("Properties", apache_avro::types::Value::Map(props));
+            record.put(
+                "SystemProperties",
+                apache_avro::types::Value::Map(std::collections::HashMap::new()),
+            );
+            record.put(
+                "Body",
+                apache_avro::types::Value::Union(
+                    1,
+                    Box::new(apache_avro::types::Value::Bytes(b"{}".to_vec())),
+                ),
+            );
+            record.put("Extra", "x");
+            writer.append_value(record).expect("append");
+            writer.flush().expect("flush");
+        }
+        assert!(FastAvroFile::open(&out[..]).expect("header").is_none());
+        let mut generic = AvroFile::open(&out[..]).expect("generic");
+        let mut bodies = Vec::new();
+        let record = generic
+            .next_record(&mut bodies)
+            .expect("one")
+            .expect("valid");
+        assert_eq!(record.properties.len(), 1);
+        assert_eq!(&bodies, b"{}");
+        assert!(generic.next_record(&mut bodies).is_none());
+    }
+}
