@@ -44,12 +44,25 @@ async fn readyz(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
     if let Some(error) = state.failed.lock().ok().and_then(|f| f.clone()) {
         problems.push(format!("the pipeline failed: {error}"));
     }
-    if let Some(error) = state.health.fatal_error() {
-        problems.push(format!("cannot consume: {error}"));
-    }
-    for (id, health) in &state.health.partitions {
-        if !health.connected.load(Ordering::Relaxed) {
-            problems.push(format!("partition {id} is not connected"));
+    match state.health.get() {
+        None => {
+            let reason = state
+                .connect_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or_else(|| "connecting".to_owned());
+            problems.push(format!("not connected to the Event Hub: {reason}"));
+        }
+        Some(health) => {
+            if let Some(error) = health.fatal_error() {
+                problems.push(format!("cannot consume: {error}"));
+            }
+            for (id, partition) in &health.partitions {
+                if !partition.connected.load(Ordering::Relaxed) {
+                    problems.push(format!("partition {id} is not connected"));
+                }
+            }
         }
     }
     if problems.is_empty() {

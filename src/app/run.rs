@@ -85,7 +85,10 @@ fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>
 /// State the HTTP handlers read.
 pub struct ServiceState {
     pub metrics: Metrics,
-    pub health: Arc<SourceHealth>,
+    /// The receivers' health, once the service has connected to the Event Hub.
+    pub health: std::sync::OnceLock<Arc<SourceHealth>>,
+    /// Why the service could not connect (yet), for /readyz.
+    pub connect_error: std::sync::Mutex<Option<String>>,
     pub store_open: AtomicBool,
     /// Set when the apply thread failed: the service cannot go on.
     pub failed: std::sync::Mutex<Option<String>>,
@@ -213,34 +216,12 @@ async fn serve(
             cancel.cancel();
         });
     }
-    // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
-    let mut backoff = Duration::from_millis(500);
-    let partition_ids = loop {
-        match eventhub::connect(&config.eventhub).await {
-            Ok(connected) => break connected,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot connect to the Event Hub; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => {
-                        tracker.close();
-                        return Ok(Counters::default());
-                    }
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    };
-    let health = Arc::new(SourceHealth {
-        partitions: partition_ids
-            .iter()
-            .map(|id| (id.clone(), Arc::new(PartitionHealth::default())))
-            .collect(),
-        fatal: std::sync::Mutex::new(None),
-    });
+    // HTTP first: /healthz and /readyz answer while the service connects, and say why it
+    // cannot (bad credentials, the hub unreachable).
     let state = Arc::new(ServiceState {
         metrics,
-        health: health.clone(),
+        health: std::sync::OnceLock::new(),
+        connect_error: std::sync::Mutex::new(None),
         store_open: AtomicBool::new(true),
         failed: std::sync::Mutex::new(None),
     });
@@ -260,6 +241,38 @@ async fn serve(
             }
         });
     }
+    // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
+    let mut backoff = Duration::from_millis(500);
+    let partition_ids = loop {
+        match eventhub::connect(&config.eventhub).await {
+            Ok(connected) => break connected,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot connect to the Event Hub; retrying");
+                if let Ok(mut error) = state.connect_error.lock() {
+                    *error = Some(e.to_string());
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        tracker.close();
+                        return Ok(Counters::default());
+                    }
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    if let Ok(mut error) = state.connect_error.lock() {
+        *error = None;
+    }
+    let health = Arc::new(SourceHealth {
+        partitions: partition_ids
+            .iter()
+            .map(|id| (id.clone(), Arc::new(PartitionHealth::default())))
+            .collect(),
+        fatal: std::sync::Mutex::new(None),
+    });
+    let _ = state.health.set(health.clone());
 
     // The apply thread owns the engine; it reports each partition's checkpoint first.
     let (tx, rx) = mpsc::channel::<LiveEvent>(CHANNEL_EVENTS);
@@ -504,7 +517,10 @@ fn export_metrics(
                 .with_label_values(&[id])
                 .set(next as i64 - 1);
         }
-        let health = &state.health.partitions[i].1;
+        let Some(health) = state.health.get() else {
+            return;
+        };
+        let health = &health.partitions[i].1;
         m.partition_connected
             .with_label_values(&[id])
             .set(i64::from(health.connected.load(Ordering::Relaxed)));

@@ -186,6 +186,12 @@ impl Emulator {
         });
     }
 
+    /// Fault injection: refuse (or accept again) every token put to `$cbs`, as the service
+    /// refuses a wrong key: clients then fail to authorize.
+    pub fn refuse_tokens(&self, refuse: bool) {
+        self.hub.set_refuse_tokens(refuse);
+    }
+
     /// Fault injection: closes every receiver of `partition` (of every partition when
     /// `None`) with the AMQP error `condition` and `description`, as the service does when it
     /// moves a partition (`amqp:link:detach-forced`) or is overloaded

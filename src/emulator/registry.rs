@@ -103,6 +103,8 @@ pub(crate) struct Hub {
     /// Lower-cased extra consumer groups; empty means any name is accepted.
     consumer_groups: Vec<String>,
     next_reader_id: AtomicU64,
+    /// Fault injection: refuse every `$cbs` token (as the service refuses a wrong key).
+    refuse_tokens: std::sync::atomic::AtomicBool,
 }
 
 /// A stored event and where it sits.
@@ -172,7 +174,17 @@ impl Hub {
                 .map(|group| group.to_ascii_lowercase())
                 .collect(),
             next_reader_id: AtomicU64::new(1),
+            refuse_tokens: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub(crate) fn set_refuse_tokens(&self, refuse: bool) {
+        self.refuse_tokens
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn refuses_tokens(&self) -> bool {
+        self.refuse_tokens.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn name(&self) -> &str {

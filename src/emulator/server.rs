@@ -649,7 +649,7 @@ async fn serve_requests(
         }
         let request = delivery.message();
         let reply = match node {
-            Node::Cbs => cbs_reply(request),
+            Node::Cbs => cbs_reply(request, hub.refuses_tokens()),
             _ => management_reply(request, &hub),
         };
         let reply_to = request
@@ -682,9 +682,15 @@ fn application_property<'a>(message: &'a Message<Body<Value>>, name: &str) -> Op
 }
 
 /// A put-token request: every token is accepted (status 202, which fe2o3-amqp's CBS client
-/// requires exactly).
-fn cbs_reply(request: &Message<Body<Value>>) -> Reply {
+/// requires exactly), unless the test refuses tokens: 401, as the service answers a wrong key.
+fn cbs_reply(request: &Message<Body<Value>>, refuse: bool) -> Reply {
     match application_property(request, "operation") {
+        Some("put-token") if refuse => reply(
+            request,
+            401,
+            "Unauthorized: the token is not valid for this entity (injected)",
+            Value::Null,
+        ),
         Some("put-token") => reply(request, 202, "Accepted", Value::Null),
         other => reply(
             request,

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue};
 use azure_messaging_eventhubs::{
-    ConsumerClient, OpenReceiverOptions, StartLocation, StartPosition as ClientStartPosition,
+    ConsumerClient, OpenReceiverOptions, RetryOptions, StartLocation,
+    StartPosition as ClientStartPosition,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -110,7 +111,21 @@ fn connect_error(config: &EventHubConfig, e: &dyn std::fmt::Display) -> EventHub
 
 /// Opens a client (one AMQP connection) for `config`.
 async fn open_client(config: &EventHubConfig) -> Result<ConsumerClient, EventHubError> {
-    let mut builder = ConsumerClient::builder().with_consumer_group(config.consumer_group.clone());
+    // The client's own retries stay short (its default keeps trying for 60 s): the service
+    // has its own reconnect loop with backoff, and /readyz should tell soon why it cannot
+    // connect (refused credentials, say).
+    let mut retry = RetryOptions::default();
+    if let (Ok(total), Ok(max_delay)) = (
+        Duration::from_secs(10).try_into(),
+        Duration::from_secs(5).try_into(),
+    ) {
+        retry.max_total_elapsed = total;
+        retry.max_delay = max_delay;
+        retry.max_retries = 3;
+    }
+    let mut builder = ConsumerClient::builder()
+        .with_consumer_group(config.consumer_group.clone())
+        .with_retry_options(retry);
     if let Some(endpoint) = &config.custom_endpoint {
         builder = builder.with_custom_endpoint(endpoint.clone());
     }

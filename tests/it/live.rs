@@ -85,7 +85,12 @@ fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
         )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // TWINWATCH_TEST_LOGS=1 shows the service's log, for debugging a test.
+        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("spawn twinwatch run")
 }
@@ -348,4 +353,69 @@ fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
         live_export == replay_export,
         "the export after {faults} dropped links differs from the replay's"
     );
+}
+
+/// /readyz's status and body.
+fn readyz(port: u16) -> Option<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let response = agent
+        .get(&format!("http://127.0.0.1:{port}/readyz"))
+        .call()
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.into_body().read_to_string().ok()?))
+}
+
+#[test]
+fn refused_credentials_are_reported_and_make_readyz_fail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = fleet(dir.path());
+    let hub = Hub::start(&file);
+    hub.emulator.as_ref().expect("running").refuse_tokens(true);
+    let data = dir.path().join("live");
+    let port = free_port();
+    let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        if let Some((503, body)) = readyz(port) {
+            // Not the initial "connecting": the client's refusal, in its own words.
+            if body.contains("not connected") && body.to_lowercase().contains("authoriz") {
+                break body;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never reported the refused credentials"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        !body.contains("SAS_KEY_VALUE"),
+        "the key leaked into /readyz: {body}"
+    );
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the service must keep running"
+    );
+    assert_eq!(
+        consumed(port),
+        Some(0),
+        "nothing may be applied without authorization"
+    );
+    // Credentials fixed on the hub's side: the service connects and consumes everything.
+    hub.emulator.as_ref().expect("running").refuse_tokens(false);
+    wait_consumed(port, hub.published, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while readyz(port).map(|(status, _)| status) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz did not recover: {:?}",
+            readyz(port)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sigterm_and_wait(&mut child);
 }
