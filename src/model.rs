@@ -167,11 +167,3 @@ impl SourceId {
         }
     }
 }
-
-/// A message's place in its source: the record index in a file, or the sequence number in a
-/// partition (with the opaque offset beside it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
-    /// Record index in a file, or sequence number in a partition.
-    pub index: u64,
-}

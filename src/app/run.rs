@@ -4,7 +4,7 @@
 //! thread commits its last batch; the outbox gets a bounded time to drain; exit 0.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,7 +89,6 @@ pub struct ServiceState {
     pub health: std::sync::OnceLock<Arc<SourceHealth>>,
     /// Why the service could not connect (yet), for /readyz.
     pub connect_error: std::sync::Mutex<Option<String>>,
-    pub store_open: AtomicBool,
     /// Set when the apply thread failed: the service cannot go on.
     pub failed: std::sync::Mutex<Option<String>>,
 }
@@ -222,7 +221,6 @@ async fn serve(
         metrics,
         health: std::sync::OnceLock::new(),
         connect_error: std::sync::Mutex::new(None),
-        store_open: AtomicBool::new(true),
         failed: std::sync::Mutex::new(None),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

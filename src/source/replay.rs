@@ -237,10 +237,7 @@ fn read_file(
         let n_lines = lines.len() as u64;
         let n_data = data.len() as u64;
         if !lines.is_empty() || eof {
-            let mut work = recycled.try_recv().unwrap_or_default();
-            work.clear();
-            work.extend_from_slice(&data);
-            let parsed = parser.parse(work, &lines);
+            let parsed = parse_copy(parser, recycled, &data, &lines);
             let chunk = Chunk {
                 file,
                 first_record: next_record,
@@ -281,6 +278,20 @@ impl<R: Read> Records<R> {
             Records::Generic(reader) => reader.next_record(bodies),
         }
     }
+}
+
+/// Parses `lines` of a copy of `data` (in a recycled buffer), so that `data` stays as read for
+/// dead letters.
+fn parse_copy(
+    parser: &mut LineParser,
+    recycled: &Receiver<Vec<u8>>,
+    data: &[u8],
+    lines: &[(u32, u32)],
+) -> ParsedLines {
+    let mut work = recycled.try_recv().unwrap_or_default();
+    work.clear();
+    work.extend_from_slice(data);
+    parser.parse(work, lines)
 }
 
 /// Records handed over at a time.
@@ -348,10 +359,7 @@ fn read_avro(
         let lines: Vec<(u32, u32)> = records.iter().map(|r| r.body.unwrap_or((0, 0))).collect();
         let n = records.len() as u64;
         if !records.is_empty() {
-            let mut work = recycled.try_recv().unwrap_or_default();
-            work.clear();
-            work.extend_from_slice(&data);
-            let parsed = parser.parse(work, &lines);
+            let parsed = parse_copy(parser, recycled, &data, &lines);
             let chunk = Chunk {
                 file,
                 first_record: next_record,

@@ -2,14 +2,16 @@
 //! (`tests/data/alerts/*.json`, snapshot-tested with insta), policy rejection, byte-identical
 //! alert files across replays, and at-least-once delivery across SIGKILLs.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use rand::SeedableRng;
 use serde_json::Value;
 
-use crate::support::{alerts_by_id, binary, data_path, expand, ok, path, run, write_lines};
+use crate::support::{
+    assert_every_alert_delivered, binary, data_path, expand, generate_fleet, ok, path, run,
+    write_lines,
+};
 /// Runs one scenario; returns the alert file followed by the violations left at the end.
 fn scenario(file: &Path) -> String {
     let case: Value =
@@ -99,28 +101,10 @@ fn a_policy_with_a_bad_regex_is_rejected() {
     );
 }
 
-fn generate(dir: &Path, devices: u64, events: u64) -> std::path::PathBuf {
-    let fleet = dir.join("fleet.json");
-    ok(&[
-        "generate",
-        "--devices",
-        &devices.to_string(),
-        "--events",
-        &events.to_string(),
-        "--seed",
-        "11",
-        "--noise",
-        "0.05",
-        "--out",
-        path(&fleet),
-    ]);
-    fleet
-}
-
 #[test]
 fn replaying_twice_gives_byte_identical_alert_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fleet = generate(dir.path(), 2_000, 20_000);
+    let fleet = generate_fleet(dir.path(), 2_000, 20_000, 11, 0.05);
     let mut files = Vec::new();
     for run in ["a", "b"] {
         let alerts = dir.path().join(format!("{run}.jsonl"));
@@ -144,7 +128,7 @@ fn replaying_twice_gives_byte_identical_alert_files() {
 #[test]
 fn a_killed_replay_delivers_every_alert_at_least_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fleet = generate(dir.path(), 10_000, 120_000);
+    let fleet = generate_fleet(dir.path(), 10_000, 120_000, 11, 0.05);
     let clean_alerts = dir.path().join("clean.jsonl");
     let started = std::time::Instant::now();
     ok(&[
@@ -194,28 +178,5 @@ fn a_killed_replay_delivers_every_alert_at_least_once() {
         }
     }
     assert!(kills >= 3, "only {kills} replays were killed mid-way");
-    let (expected, n_expected) = alerts_by_id(&std::fs::read(&clean_alerts).expect("clean alerts"));
-    let (delivered, n_delivered) =
-        alerts_by_id(&std::fs::read(&killed_alerts).expect("killed alerts"));
-    assert_eq!(
-        n_expected,
-        expected.len(),
-        "an uninterrupted run delivers each alert once"
-    );
-    assert!(n_expected > 1000, "the fleet should raise alerts");
-    let missing: BTreeSet<&String> = expected
-        .keys()
-        .filter(|id| !delivered.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} alerts never delivered, e.g. {:?}",
-        missing.len(),
-        missing.iter().next()
-    );
-    assert_eq!(
-        expected, delivered,
-        "the delivered alerts differ from the uninterrupted run's"
-    );
-    assert!(n_delivered >= n_expected);
+    assert_every_alert_delivered(&clean_alerts, &killed_alerts, 1000);
 }

@@ -2,31 +2,12 @@
 //! same arguments ends with the same export as an uninterrupted run, and replaying the same
 //! files again changes nothing.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-use crate::support::{binary, ok, path};
-
-fn generate(dir: &Path, devices: u64, events: u64) -> std::path::PathBuf {
-    let fleet = dir.join("fleet.json");
-    ok(&[
-        "generate",
-        "--devices",
-        &devices.to_string(),
-        "--events",
-        &events.to_string(),
-        "--seed",
-        "7",
-        "--noise",
-        "0.05",
-        "--out",
-        path(&fleet),
-    ]);
-    fleet
-}
+use crate::support::{binary, generate_fleet, ok, path};
 
 /// A random delay before a kill: between 30 ms and a quarter of an uninterrupted run (at most
 /// 400 ms), so that six kills in a row still leave work for the next start.
@@ -38,7 +19,7 @@ pub fn kill_delay(rng: &mut impl Rng, uninterrupted: Duration) -> Duration {
 #[test]
 fn a_replay_killed_repeatedly_ends_with_the_same_export() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fleet = generate(dir.path(), 20_000, 200_000);
+    let fleet = generate_fleet(dir.path(), 20_000, 200_000, 7, 0.05);
     let clean = dir.path().join("clean");
     let started = Instant::now();
     ok(&[
@@ -107,7 +88,7 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
 #[test]
 fn replaying_the_same_files_again_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let fleet = generate(dir.path(), 500, 5_000);
+    let fleet = generate_fleet(dir.path(), 500, 5_000, 7, 0.05);
     let data = dir.path().join("data");
     let summary = dir.path().join("summary.json");
     ok(&["replay", "--data-dir", path(&data), path(&fleet)]);

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use twinwatch::app::emulator::events_of_file;
 use twinwatch::emulator::{Emulator, EmulatorConfig};
 
-use crate::support::{alerts_by_id, binary, ok, path};
+use crate::support::{assert_every_alert_delivered, binary, generate_fleet, ok, path};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -30,7 +30,8 @@ struct Hub {
 }
 
 impl Hub {
-    fn start(file: &Path) -> Hub {
+    /// An emulator with 4 partitions and nothing published yet.
+    fn empty(hub: &str) -> Hub {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -39,20 +40,26 @@ impl Hub {
         let emulator = runtime
             .block_on(Emulator::start(EmulatorConfig::new(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
-                "iothub-ehub-test",
+                hub,
                 4,
             )))
             .expect("emulator");
-        let events = events_of_file(file).expect("events");
-        let published = events.len() as u64;
-        for event in events {
-            emulator.publish(event);
-        }
         Hub {
             runtime,
             emulator: Some(emulator),
-            published,
+            published: 0,
         }
+    }
+
+    /// An emulator preloaded with a file's events.
+    fn start(file: &Path) -> Hub {
+        let mut hub = Hub::empty("iothub-ehub-test");
+        let events = events_of_file(file).expect("events");
+        hub.published = events.len() as u64;
+        for event in events {
+            hub.emulator.as_ref().expect("running").publish(event);
+        }
+        hub
     }
 
     fn connection_string(&self) -> String {
@@ -150,28 +157,10 @@ fn sigterm_and_wait(child: &mut Child) {
     }
 }
 
-fn fleet(dir: &Path) -> std::path::PathBuf {
-    let file = dir.join("fleet.json");
-    ok(&[
-        "generate",
-        "--devices",
-        "600",
-        "--events",
-        "6000",
-        "--seed",
-        "21",
-        "--noise",
-        "0.03",
-        "--out",
-        path(&file),
-    ]);
-    file
-}
-
 #[test]
 fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = fleet(dir.path());
+    let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
     let hub = Hub::start(&file);
     let data = dir.path().join("live");
     let port = free_port();
@@ -199,7 +188,7 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
 #[test]
 fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = fleet(dir.path());
+    let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
     let hub = Hub::start(&file);
 
     // The uninterrupted reference run.
@@ -257,58 +246,25 @@ fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
     let a = ok(&["violations", "--data-dir", path(&clean)]).stdout;
     let b = ok(&["violations", "--data-dir", path(&killed)]).stdout;
     assert!(a == b, "the violations after {kills} kills differ");
-    let (expected, n_expected) = alerts_by_id(&std::fs::read(&clean_alerts).unwrap_or_default());
-    let (delivered, _) = alerts_by_id(&std::fs::read(&killed_alerts).unwrap_or_default());
-    assert_eq!(
-        n_expected,
-        expected.len(),
-        "an uninterrupted run delivers each alert once"
-    );
-    assert!(n_expected > 100);
-    let missing: Vec<&String> = expected
-        .keys()
-        .filter(|id| !delivered.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} alerts never delivered, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
-    assert_eq!(
-        expected, delivered,
-        "the delivered alerts differ from the uninterrupted run's"
-    );
+    assert_every_alert_delivered(&clean_alerts, &killed_alerts, 100);
 }
 
 #[test]
 fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = fleet(dir.path());
+    let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
     let events = events_of_file(&file).expect("events");
     let total = events.len() as u64;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let emulator = runtime
-        .block_on(Emulator::start(EmulatorConfig::new(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            "iothub-ehub-faults",
-            4,
-        )))
-        .expect("emulator");
+    let mut hub = Hub::empty("iothub-ehub-faults");
+    hub.published = total;
     // Published while the service consumes, so that faults land mid-stream.
     {
-        let _guard = runtime.enter();
-        emulator.spawn_publisher(events.into_iter(), 1500.0);
+        let _guard = hub.runtime.enter();
+        hub.emulator
+            .as_ref()
+            .expect("running")
+            .spawn_publisher(events.into_iter(), 1500.0);
     }
-    let hub = Hub {
-        runtime,
-        emulator: Some(emulator),
-        published: total,
-    };
     let data = dir.path().join("live");
     let port = free_port();
     let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
@@ -372,7 +328,7 @@ fn readyz(port: u16) -> Option<(u16, String)> {
 #[test]
 fn refused_credentials_are_reported_and_make_readyz_fail() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let file = fleet(dir.path());
+    let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
     let hub = Hub::start(&file);
     hub.emulator.as_ref().expect("running").refuse_tokens(true);
     let data = dir.path().join("live");

@@ -188,3 +188,54 @@ pub fn alerts_by_id(bytes: &[u8]) -> (BTreeMap<String, Value>, usize) {
     }
     (by_id, n)
 }
+
+/// Checks that the alert file of a run that was killed and restarted holds every alert of an
+/// uninterrupted run's file, each id with the same alert (duplicates allowed), and that the
+/// uninterrupted run raised at least `at_least` alerts, each once.
+pub fn assert_every_alert_delivered(clean: &Path, killed: &Path, at_least: usize) {
+    let (expected, n_expected) = alerts_by_id(&std::fs::read(clean).expect("clean alerts"));
+    let (delivered, n_delivered) = alerts_by_id(&std::fs::read(killed).expect("killed alerts"));
+    assert_eq!(
+        n_expected,
+        expected.len(),
+        "an uninterrupted run delivers each alert once"
+    );
+    assert!(
+        n_expected >= at_least,
+        "only {n_expected} alerts: the fleet should raise more"
+    );
+    let missing: Vec<&String> = expected
+        .keys()
+        .filter(|id| !delivered.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} alerts never delivered, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert_eq!(
+        expected, delivered,
+        "the delivered alerts differ from the uninterrupted run's"
+    );
+    assert!(n_delivered >= n_expected);
+}
+
+/// A generated fleet (`twinwatch generate`, storage-route JSON lines) in `dir/fleet.json`.
+pub fn generate_fleet(dir: &Path, devices: u64, events: u64, seed: u64, noise: f64) -> PathBuf {
+    let fleet = dir.join("fleet.json");
+    ok(&[
+        "generate",
+        "--devices",
+        &devices.to_string(),
+        "--events",
+        &events.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--noise",
+        &noise.to_string(),
+        "--out",
+        path(&fleet),
+    ]);
+    fleet
+}
