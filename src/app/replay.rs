@@ -241,9 +241,8 @@ pub fn replay(
                 // The reader may have stopped already; then the buffers are simply dropped.
                 let _ = reader.recycle.try_send(chunk.data);
                 if chunk.records.capacity() > 0 {
-                    let mut records = chunk.records;
-                    records.clear();
-                    let _ = reader.recycle_records.try_send(records);
+                    // Not cleared: the reader decodes into these records again.
+                    let _ = reader.recycle_records.try_send(chunk.records);
                 }
                 let _ = reader.recycle.try_send(chunk.parsed.into_buffer());
             }

@@ -272,10 +272,15 @@ enum Records<R: Read> {
 }
 
 impl<R: Read> Records<R> {
-    fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
+    /// Decodes the next record into `record`; the direct reader reuses its allocations.
+    fn next_record_into(
+        &mut self,
+        record: &mut Record,
+        bodies: &mut Vec<u8>,
+    ) -> Option<Result<(), AvroError>> {
         match self {
-            Records::Fast(reader) => reader.next_record(bodies),
-            Records::Generic(reader) => reader.next_record(bodies),
+            Records::Fast(reader) => reader.next_record_into(record, bodies),
+            Records::Generic(reader) => Some(reader.next_record(bodies)?.map(|r| *record = r)),
         }
     }
 }
@@ -324,10 +329,10 @@ fn read_avro(
                 ))
             }
         };
-    let mut skipped = Vec::new();
+    let (mut skipped, mut scratch) = (Vec::new(), Record::default());
     for _ in 0..start.next_record {
         skipped.clear();
-        match avro.next_record(&mut skipped) {
+        match avro.next_record_into(&mut scratch, &mut skipped) {
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(invalid(e)),
             None => break,
@@ -337,15 +342,20 @@ fn read_avro(
     loop {
         let mut data = recycled.try_recv().unwrap_or_default();
         data.clear();
+        // Recycled records come back as they were used: each is decoded into again, keeping
+        // its allocations instead of being freed on the apply thread and made anew here.
         let mut records = recycled_records
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(BLOCK_RECORDS));
-        records.clear();
+        let mut n = 0;
         let mut error = None;
         let mut eof = false;
-        while records.len() < BLOCK_RECORDS && data.len() < BLOCK_BYTES {
-            match avro.next_record(&mut data) {
-                Some(Ok(record)) => records.push(record),
+        while n < BLOCK_RECORDS && data.len() < BLOCK_BYTES {
+            if n == records.len() {
+                records.push(Record::default());
+            }
+            match avro.next_record_into(&mut records[n], &mut data) {
+                Some(Ok(())) => n += 1,
                 Some(Err(e)) => {
                     error = Some(invalid(e));
                     break;
@@ -356,6 +366,7 @@ fn read_avro(
                 }
             }
         }
+        records.truncate(n);
         let lines: Vec<(u32, u32)> = records.iter().map(|r| r.body.unwrap_or((0, 0))).collect();
         let n = records.len() as u64;
         if !records.is_empty() {
