@@ -59,6 +59,11 @@ pub struct RawConfig {
     pub batching: RawBatching,
     /// How long a stop (SIGTERM, Ctrl-C) may take, seconds (default 30).
     pub shutdown_deadline_secs: Option<u64>,
+    /// Bearer token required by the query API (`/v1/*`); better from the environment
+    /// (`TWINWATCH_API_TOKEN`) or a file. Without one, the API is open.
+    pub api_token: Option<String>,
+    /// A file holding the API's bearer token (a mounted Kubernetes Secret, say).
+    pub api_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,8 +75,15 @@ pub struct RawEventHub {
     pub connection_string: Option<String>,
     /// The consumer group (default `$Default`).
     pub consumer_group: Option<String>,
-    /// The partitions this instance owns: `"all"` (default) or a list of partition ids.
+    /// The partitions this instance owns: `"all"` (default), a list of partition ids, or
+    /// `"ordinal"`: replica k of `replicas` owns the partitions at positions i of the hub's
+    /// list with i % replicas == k.
     pub partitions: Option<toml::Value>,
+    /// With `partitions = "ordinal"`: how many replicas share the hub.
+    pub replicas: Option<u32>,
+    /// With `partitions = "ordinal"`: this replica's ordinal; from `TWINWATCH_REPLICA_ORDINAL`,
+    /// else from the trailing `-N` of the host name (a StatefulSet pod's name).
+    pub ordinal: Option<u32>,
     /// Where a partition without a checkpoint starts: `earliest` (default) or `latest`.
     pub start_position: Option<String>,
     /// An endpoint to connect to instead of the namespace's (`amqp://host:port` for an emulator
@@ -120,6 +132,37 @@ pub struct RawBatching {
 pub enum Partitions {
     All,
     List(Vec<String>),
+    /// Replica `ordinal` of `replicas` owns the partitions at positions i of the hub's list
+    /// with `i % replicas == ordinal`.
+    Ordinal {
+        replicas: u32,
+        ordinal: u32,
+    },
+}
+
+impl Partitions {
+    /// The partitions owned, among the hub's `ids` (in the hub's order); a listed id the hub
+    /// does not have is an error.
+    pub fn select(&self, ids: &[String]) -> Result<Vec<String>, String> {
+        match self {
+            Partitions::All => Ok(ids.to_vec()),
+            Partitions::List(wanted) => match wanted.iter().find(|id| !ids.contains(id)) {
+                Some(missing) => Err(missing.clone()),
+                None => Ok(wanted.clone()),
+            },
+            Partitions::Ordinal { replicas, ordinal } => Ok(ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i as u64 % u64::from(*replicas) == u64::from(*ordinal))
+                .map(|(_, id)| id.clone())
+                .collect()),
+        }
+    }
+}
+
+/// The ordinal at the end of a StatefulSet pod's host name (`twinwatch-2` → 2).
+fn ordinal_of_host(host: &str) -> Option<u32> {
+    host.trim().rsplit_once('-')?.1.parse().ok()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,6 +211,7 @@ pub struct Config {
     pub cache_bytes: usize,
     pub max_body_bytes: usize,
     pub shutdown_deadline: Duration,
+    pub api_token: Option<Secret>,
 }
 
 impl RawConfig {
@@ -184,7 +228,9 @@ impl RawConfig {
     }
 
     /// Fills what the file leaves out from the environment (`TWINWATCH_DATA_DIR`,
-    /// `TWINWATCH_EVENTHUB_CONNECTION_STRING`, `TWINWATCH_WEBHOOK_TOKEN`).
+    /// `TWINWATCH_EVENTHUB_CONNECTION_STRING`, `TWINWATCH_WEBHOOK_TOKEN`,
+    /// `TWINWATCH_API_TOKEN`, and for `partitions = "ordinal"` `TWINWATCH_REPLICA_ORDINAL` or
+    /// the ordinal in `HOSTNAME`).
     pub fn with_environment(mut self, env: impl Fn(&str) -> Option<String>) -> RawConfig {
         if self.data_dir.is_none() {
             self.data_dir = env("TWINWATCH_DATA_DIR").map(PathBuf::from);
@@ -194,6 +240,14 @@ impl RawConfig {
         }
         if self.alerts.webhook_token.is_none() {
             self.alerts.webhook_token = env("TWINWATCH_WEBHOOK_TOKEN");
+        }
+        if self.api_token.is_none() && self.api_token_file.is_none() {
+            self.api_token = env("TWINWATCH_API_TOKEN");
+        }
+        if self.eventhub.ordinal.is_none() {
+            self.eventhub.ordinal = env("TWINWATCH_REPLICA_ORDINAL")
+                .and_then(|v| v.trim().parse().ok())
+                .or_else(|| env("HOSTNAME").as_deref().and_then(ordinal_of_host));
         }
         self
     }
@@ -253,6 +307,24 @@ impl RawConfig {
             3600,
             &mut problems,
         );
+        let api_token = match (self.api_token, &self.api_token_file) {
+            (Some(_), Some(_)) => {
+                problems.push("api_token and api_token_file: give one, not both".into());
+                None
+            }
+            (Some(token), None) => Some(token),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) => Some(text.trim().to_owned()),
+                Err(e) => {
+                    problems.push(format!("api_token_file: {}: {e}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if api_token.as_ref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push("the API token is empty".into());
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems.join("\n")));
         }
@@ -267,6 +339,7 @@ impl RawConfig {
             cache_bytes: (cache_mib as usize) << 20,
             max_body_bytes: max_body as usize,
             shutdown_deadline: Duration::from_secs(deadline),
+            api_token: api_token.map(Secret::new),
         })
     }
 }
@@ -354,6 +427,30 @@ fn validate_eventhub(raw: RawEventHub, problems: &mut Vec<String>) -> Option<Eve
     let partitions = match raw.partitions {
         None => Partitions::All,
         Some(toml::Value::String(s)) if s == "all" => Partitions::All,
+        Some(toml::Value::String(s)) if s == "ordinal" => match (raw.replicas, raw.ordinal) {
+            (Some(replicas), Some(ordinal)) if ordinal < replicas => {
+                Partitions::Ordinal { replicas, ordinal }
+            }
+            (Some(replicas @ 1..), Some(ordinal)) => {
+                problems.push(format!(
+                    "eventhub.partitions = \"ordinal\": ordinal {ordinal} is not below replicas = {replicas}"
+                ));
+                Partitions::All
+            }
+            (None | Some(0), _) => {
+                problems.push(
+                    "eventhub.partitions = \"ordinal\" needs eventhub.replicas (at least 1)".into(),
+                );
+                Partitions::All
+            }
+            (Some(_), None) => {
+                problems.push(
+                    "eventhub.partitions = \"ordinal\": no ordinal (eventhub.ordinal, TWINWATCH_REPLICA_ORDINAL, or a host name ending in -N)"
+                        .into(),
+                );
+                Partitions::All
+            }
+        },
         Some(toml::Value::Array(items)) => {
             let ids: Vec<String> = items
                 .iter()
@@ -371,7 +468,9 @@ fn validate_eventhub(raw: RawEventHub, problems: &mut Vec<String>) -> Option<Eve
             Partitions::List(ids)
         }
         Some(_) => {
-            problems.push("eventhub.partitions: a list of partition ids, or \"all\"".into());
+            problems.push(
+                "eventhub.partitions: a list of partition ids, \"all\" or \"ordinal\"".into(),
+            );
             Partitions::All
         }
     };
@@ -514,6 +613,78 @@ max_messages = 0
         assert_eq!(
             config.eventhub.partitions,
             Partitions::List(vec!["0".into(), "2".into()])
+        );
+    }
+
+    /// A StatefulSet replica owns every `replicas`-th partition from its ordinal, which comes
+    /// from `TWINWATCH_REPLICA_ORDINAL` or else from the pod's host name.
+    #[test]
+    fn partitions_by_ordinal_split_the_hub_between_replicas() {
+        let file = format!(
+            "data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\npartitions = \"ordinal\"\nreplicas = 3\n"
+        );
+        let hub: Vec<String> = (0..8).map(|i| i.to_string()).collect();
+        let owned = |vars: &[(&str, &str)]| {
+            let raw: RawConfig = toml::from_str(&file).expect("parses");
+            let config = raw.with_environment(env(vars)).validate().expect("valid");
+            config.eventhub.partitions.select(&hub).expect("select")
+        };
+        assert_eq!(owned(&[("HOSTNAME", "twinwatch-0")]), ["0", "3", "6"]);
+        assert_eq!(owned(&[("HOSTNAME", "twinwatch-2")]), ["2", "5"]);
+        assert_eq!(
+            owned(&[
+                ("TWINWATCH_REPLICA_ORDINAL", "1"),
+                ("HOSTNAME", "twinwatch-2")
+            ]),
+            ["1", "4", "7"]
+        );
+        let mut all: Vec<String> = (0..3)
+            .flat_map(|k| owned(&[("TWINWATCH_REPLICA_ORDINAL", &k.to_string())]))
+            .collect();
+        all.sort_by_key(|id| id.parse::<u32>().unwrap_or(u32::MAX));
+        assert_eq!(all, hub, "every partition owned exactly once");
+        for (vars, expected) in [
+            (&[("HOSTNAME", "laptop")][..], "no ordinal"),
+            (
+                &[("TWINWATCH_REPLICA_ORDINAL", "3")][..],
+                "not below replicas",
+            ),
+        ] {
+            let raw: RawConfig = toml::from_str(&file).expect("parses");
+            let error = raw
+                .with_environment(env(vars))
+                .validate()
+                .expect_err("invalid")
+                .to_string();
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
+    }
+
+    #[test]
+    fn the_api_token_comes_from_the_environment_or_a_file() {
+        let base = format!("data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\n");
+        let raw: RawConfig = toml::from_str(&base).expect("parses");
+        let config = raw
+            .with_environment(env(&[("TWINWATCH_API_TOKEN", "t0ken")]))
+            .validate()
+            .expect("valid");
+        assert_eq!(config.api_token.as_ref().map(Secret::expose), Some("t0ken"));
+        assert!(!format!("{config:?}").contains("t0ken"), "the token leaked");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "from-file\n").expect("write");
+        let raw: RawConfig = toml::from_str(&format!(
+            "api_token_file = {:?}\n{base}",
+            path.display().to_string()
+        ))
+        .expect("parses");
+        let config = raw
+            .with_environment(env(&[("TWINWATCH_API_TOKEN", "ignored")]))
+            .validate()
+            .expect("valid");
+        assert_eq!(
+            config.api_token.as_ref().map(Secret::expose),
+            Some("from-file")
         );
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::avro::{prop_name, OwnedProp, Record};
-use crate::config::{EventHubConfig, Partitions, StartPosition};
+use crate::config::{EventHubConfig, StartPosition};
 use crate::time::Ticks;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -142,17 +142,10 @@ pub async fn connect(config: &EventHubConfig) -> Result<Vec<String>, EventHubErr
         .get_eventhub_properties()
         .await
         .map_err(|e| connect_error(config, &e))?;
-    let ids = match &config.partitions {
-        Partitions::All => properties.partition_ids.clone(),
-        Partitions::List(ids) => {
-            for id in ids {
-                if !properties.partition_ids.contains(id) {
-                    return Err(EventHubError::UnknownPartition(id.clone()));
-                }
-            }
-            ids.clone()
-        }
-    };
+    let ids = config
+        .partitions
+        .select(&properties.partition_ids)
+        .map_err(EventHubError::UnknownPartition)?;
     let _ = client.close().await;
     Ok(ids)
 }
