@@ -2,7 +2,6 @@
 //! alive) and `/readyz` (connected to the Event Hub, every owned partition's receiver attached,
 //! the pipeline running; the store was opened before the listener started).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -23,6 +22,8 @@ pub fn router(state: Arc<ServiceState>) -> Router {
 }
 
 async fn metrics(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
+    // RocksDB's properties are read from memory: quick enough for the runtime.
+    state.refresh_gauges();
     (
         [(
             header::CONTENT_TYPE,
@@ -37,31 +38,7 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
-    let mut problems = Vec::new();
-    if let Some(error) = state.failed.lock().ok().and_then(|f| f.clone()) {
-        problems.push(format!("the pipeline failed: {error}"));
-    }
-    match state.health.get() {
-        None => {
-            let reason = state
-                .connect_error
-                .lock()
-                .ok()
-                .and_then(|e| e.clone())
-                .unwrap_or_else(|| "connecting".to_owned());
-            problems.push(format!("not connected to the Event Hub: {reason}"));
-        }
-        Some(health) => {
-            if let Some(error) = health.fatal_error() {
-                problems.push(format!("cannot consume: {error}"));
-            }
-            for (id, partition) in &health.partitions {
-                if !partition.connected.load(Ordering::Relaxed) {
-                    problems.push(format!("partition {id} is not connected"));
-                }
-            }
-        }
-    }
+    let problems = state.problems();
     if problems.is_empty() {
         (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response()
     } else {

@@ -30,8 +30,37 @@ pub fn init_logging(format: Option<LogFormat>) {
     };
 }
 
+/// Buckets for durations from a millisecond to a minute.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// What the pipeline observes itself, per batch (cheap clones of the registered metrics).
+#[derive(Clone, Debug)]
+pub struct PipelineMetrics {
+    /// `twinwatch_batch_size_messages`.
+    pub batch_size: prometheus::Histogram,
+    /// `twinwatch_apply_duration_seconds`: the apply thread's time on one batch.
+    pub apply_seconds: prometheus::Histogram,
+    /// `twinwatch_commit_duration_seconds`: RocksDB's write of one batch.
+    pub commit_seconds: prometheus::Histogram,
+}
+
+/// What the delivery thread observes (cheap clones of the registered metrics).
+#[derive(Clone, Debug)]
+pub struct DeliveryMetrics {
+    pub enqueue_to_alert_seconds: prometheus::Histogram,
+    pub deliveries: prometheus::IntCounterVec,
+    pub retries: prometheus::IntCounterVec,
+    pub failures: prometheus::IntCounterVec,
+    pub outbox_pending: prometheus::IntGauge,
+    /// When the alert at the head of the outbox started waiting (Unix ms; 0: none waits):
+    /// `twinwatch_outbox_oldest_age_seconds` is computed from it at each scrape.
+    pub head_waiting_since_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The service's Prometheus metrics, declared once; registered on their own registry so that
-/// /metrics shows exactly these and the process collector.
+/// /metrics shows exactly these and the process collector. Each is documented in the README.
 pub struct Metrics {
     pub registry: prometheus::Registry,
     /// `twinwatch_messages_total{outcome}`: applied, stale, ignored, dead_lettered.
@@ -42,8 +71,15 @@ pub struct Metrics {
     pub alerts: prometheus::IntCounterVec,
     /// `twinwatch_batches_total`.
     pub batches: prometheus::IntCounter,
+    pub pipeline: PipelineMetrics,
+    pub delivery: DeliveryMetrics,
+    /// `twinwatch_outbox_oldest_age_seconds`.
+    pub outbox_oldest_age_seconds: prometheus::Gauge,
     /// `twinwatch_checkpoint_sequence_number{partition}`: the last committed sequence number.
     pub checkpoint_sequence_number: prometheus::IntGaugeVec,
+    /// `twinwatch_partition_lag_events{partition}`: the hub's last enqueued sequence number
+    /// minus the checkpoint.
+    pub partition_lag_events: prometheus::IntGaugeVec,
     /// `twinwatch_partition_connected{partition}`: 1 while a receiver is attached.
     pub partition_connected: prometheus::IntGaugeVec,
     /// `twinwatch_receiver_reconnects_total{partition}`.
@@ -54,100 +90,191 @@ pub struct Metrics {
     pub twins: prometheus::IntGauge,
     /// `twinwatch_tombstones`.
     pub tombstones: prometheus::IntGauge,
+    /// `twinwatch_failing_twins{rule,severity}`.
+    pub failing_twins: prometheus::IntGaugeVec,
     /// `twinwatch_event_age_seconds`: now minus the enqueued time of the last applied event.
     pub event_age_seconds: prometheus::Gauge,
-    /// `twinwatch_enqueue_to_alert_seconds`: from an event's enqueue to its alerts' acceptance
-    /// by every sink.
-    pub enqueue_to_alert_seconds: prometheus::Histogram,
+    /// `twinwatch_rocksdb_*`: read from RocksDB at each scrape.
+    pub rocksdb_memtable_bytes: prometheus::IntGauge,
+    pub rocksdb_pending_compaction_bytes: prometheus::IntGauge,
+    pub rocksdb_block_cache_usage_bytes: prometheus::IntGauge,
+    pub rocksdb_live_sst_bytes: prometheus::IntGauge,
+    /// `twinwatch_ready`: 1 when /readyz answers 200.
+    pub ready: prometheus::IntGauge,
+}
+
+/// Registers `metric` and hands it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &prometheus::Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
-        use prometheus::{opts, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
-        let registry = prometheus::Registry::new();
-        let messages = IntCounterVec::new(
-            opts!(
-                "twinwatch_messages_total",
-                "Messages consumed by this process, by outcome"
-            ),
-            &["outcome"],
+        use prometheus::{
+            opts, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+        };
+        let r = prometheus::Registry::new();
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            registered(&r, IntCounterVec::new(opts!(name, help), &[label])?)
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            registered(&r, IntGaugeVec::new(opts!(name, help), labels)?)
+        };
+        let gauge = |name: &str, help: &str| registered(&r, IntGauge::new(name, help)?);
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            registered(
+                &r,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+            )
+        };
+        let messages = counter_vec(
+            "twinwatch_messages_total",
+            "Messages consumed by this process, by outcome",
+            "outcome",
         )?;
-        let dead_letters = IntCounterVec::new(
-            opts!(
-                "twinwatch_dead_letters_total",
-                "Messages dead-lettered by this process, by reason"
-            ),
-            &["reason"],
+        let dead_letters = counter_vec(
+            "twinwatch_dead_letters_total",
+            "Messages dead-lettered by this process, by reason",
+            "reason",
         )?;
-        let alerts = IntCounterVec::new(
-            opts!(
-                "twinwatch_alerts_total",
-                "Alerts raised by this process, by kind (opened, resolved)"
-            ),
-            &["kind"],
+        let alerts = counter_vec(
+            "twinwatch_alerts_total",
+            "Alerts raised by this process, by kind (opened, resolved)",
+            "kind",
         )?;
-        let batches = IntCounter::new("twinwatch_batches_total", "Batches committed to the store")?;
-        let checkpoint_sequence_number = IntGaugeVec::new(
-            opts!(
-                "twinwatch_checkpoint_sequence_number",
-                "The last committed sequence number of each owned partition"
-            ),
+        let batches = registered(
+            &r,
+            IntCounter::new("twinwatch_batches_total", "Batches committed to the store")?,
+        )?;
+        let pipeline = PipelineMetrics {
+            batch_size: histogram(
+                "twinwatch_batch_size_messages",
+                "Messages per committed batch",
+                vec![
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0,
+                ],
+            )?,
+            apply_seconds: histogram(
+                "twinwatch_apply_duration_seconds",
+                "The apply thread's time on one batch: decoding, applying, evaluating, encoding",
+                SECONDS_BUCKETS.to_vec(),
+            )?,
+            commit_seconds: histogram(
+                "twinwatch_commit_duration_seconds",
+                "RocksDB's write of one batch (twins, checkpoints, violations, alerts) to the WAL and memtable",
+                SECONDS_BUCKETS.to_vec(),
+            )?,
+        };
+        let delivery = DeliveryMetrics {
+            enqueue_to_alert_seconds: histogram(
+                "twinwatch_enqueue_to_alert_seconds",
+                "From an event's Event Hubs enqueue to its alerts' acceptance by every sink",
+                vec![
+                    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4,
+                    0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
+                ],
+            )?,
+            deliveries: counter_vec(
+                "twinwatch_sink_deliveries_total",
+                "Alerts accepted by each sink",
+                "sink",
+            )?,
+            retries: counter_vec(
+                "twinwatch_sink_retries_total",
+                "Runs of alerts sent to a sink again after it failed",
+                "sink",
+            )?,
+            failures: counter_vec(
+                "twinwatch_sink_failures_total",
+                "Failed deliveries of a run of alerts, by sink",
+                "sink",
+            )?,
+            outbox_pending: gauge(
+                "twinwatch_outbox_pending_alerts",
+                "Alerts committed but not yet accepted by every sink",
+            )?,
+            head_waiting_since_ms: Default::default(),
+        };
+        let outbox_oldest_age_seconds = registered(
+            &r,
+            Gauge::new(
+                "twinwatch_outbox_oldest_age_seconds",
+                "How long the oldest alert in the outbox has waited for delivery (0 when none waits)",
+            )?,
+        )?;
+        let checkpoint_sequence_number = gauge_vec(
+            "twinwatch_checkpoint_sequence_number",
+            "The last committed sequence number of each owned partition",
             &["partition"],
         )?;
-        let partition_connected = IntGaugeVec::new(
-            opts!(
-                "twinwatch_partition_connected",
-                "1 while the partition's receiver is attached"
-            ),
+        let partition_lag_events = gauge_vec(
+            "twinwatch_partition_lag_events",
+            "The hub's last enqueued sequence number minus the committed one, per owned partition",
             &["partition"],
         )?;
-        let receiver_reconnects = IntCounterVec::new(
-            opts!(
-                "twinwatch_receiver_reconnects_total",
-                "Receiver reconnections, by partition"
-            ),
+        let partition_connected = gauge_vec(
+            "twinwatch_partition_connected",
+            "1 while the partition's receiver is attached",
             &["partition"],
         )?;
-        let receiver_displaced = IntCounterVec::new(
-            opts!(
-                "twinwatch_receiver_displaced_total",
-                "Times another consumer with a higher owner level took the partition"
-            ),
-            &["partition"],
+        let receiver_reconnects = counter_vec(
+            "twinwatch_receiver_reconnects_total",
+            "Receiver reconnections, by partition",
+            "partition",
         )?;
-        let twins = IntGauge::new("twinwatch_twins", "Twins in the snapshot")?;
-        let tombstones = IntGauge::new(
+        let receiver_displaced = counter_vec(
+            "twinwatch_receiver_displaced_total",
+            "Times another consumer with a higher owner level took the partition",
+            "partition",
+        )?;
+        let twins = gauge("twinwatch_twins", "Twins in the snapshot")?;
+        let tombstones = gauge(
             "twinwatch_tombstones",
             "Tombstones of deleted twins in the snapshot",
         )?;
-        let event_age_seconds = Gauge::new(
-            "twinwatch_event_age_seconds",
-            "Now minus the Event Hubs enqueued time of the last applied event",
+        let failing_twins = gauge_vec(
+            "twinwatch_failing_twins",
+            "Twins failing each policy rule, by rule and severity",
+            &["rule", "severity"],
         )?;
-        let enqueue_to_alert_seconds = prometheus::Histogram::with_opts(
-            prometheus::HistogramOpts::new(
-                "twinwatch_enqueue_to_alert_seconds",
-                "From an event's Event Hubs enqueue to its alerts' acceptance by every sink",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5,
-                0.75, 1.0, 2.0, 5.0, 10.0, 30.0,
-            ]),
+        let event_age_seconds = registered(
+            &r,
+            Gauge::new(
+                "twinwatch_event_age_seconds",
+                "Now minus the Event Hubs enqueued time of the last applied event",
+            )?,
         )?;
-        registry.register(Box::new(enqueue_to_alert_seconds.clone()))?;
-        registry.register(Box::new(messages.clone()))?;
-        registry.register(Box::new(dead_letters.clone()))?;
-        registry.register(Box::new(alerts.clone()))?;
-        registry.register(Box::new(batches.clone()))?;
-        registry.register(Box::new(checkpoint_sequence_number.clone()))?;
-        registry.register(Box::new(partition_connected.clone()))?;
-        registry.register(Box::new(receiver_reconnects.clone()))?;
-        registry.register(Box::new(receiver_displaced.clone()))?;
-        registry.register(Box::new(twins.clone()))?;
-        registry.register(Box::new(tombstones.clone()))?;
-        registry.register(Box::new(event_age_seconds.clone()))?;
+        let rocksdb_memtable_bytes = gauge(
+            "twinwatch_rocksdb_memtable_bytes",
+            "RocksDB: bytes in all memtables (rocksdb.cur-size-all-mem-tables)",
+        )?;
+        let rocksdb_pending_compaction_bytes = gauge(
+            "twinwatch_rocksdb_pending_compaction_bytes",
+            "RocksDB: estimated bytes compaction has to rewrite (rocksdb.estimate-pending-compaction-bytes)",
+        )?;
+        let rocksdb_block_cache_usage_bytes = gauge(
+            "twinwatch_rocksdb_block_cache_usage_bytes",
+            "RocksDB: bytes in the block cache (rocksdb.block-cache-usage)",
+        )?;
+        let rocksdb_live_sst_bytes = gauge(
+            "twinwatch_rocksdb_live_sst_bytes",
+            "RocksDB: bytes of the live SST files (rocksdb.live-sst-files-size)",
+        )?;
+        let ready = gauge("twinwatch_ready", "1 when /readyz answers 200")?;
+        let build_info = gauge_vec(
+            "twinwatch_build_info",
+            "Always 1; the version in a label",
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
+        r.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         // Every outcome shows from the start, at 0.
@@ -157,20 +284,32 @@ impl Metrics {
         for kind in ["opened", "resolved"] {
             alerts.with_label_values(&[kind]);
         }
+        for reason in crate::model::DeadLetterReason::ALL {
+            dead_letters.with_label_values(&[reason.as_str()]);
+        }
         Ok(Metrics {
-            registry,
+            registry: r,
             messages,
             dead_letters,
             alerts,
             batches,
+            pipeline,
+            delivery,
+            outbox_oldest_age_seconds,
             checkpoint_sequence_number,
+            partition_lag_events,
             partition_connected,
             receiver_reconnects,
             receiver_displaced,
             twins,
             tombstones,
+            failing_twins,
             event_age_seconds,
-            enqueue_to_alert_seconds,
+            rocksdb_memtable_bytes,
+            rocksdb_pending_compaction_bytes,
+            rocksdb_block_cache_usage_bytes,
+            rocksdb_live_sst_bytes,
+            ready,
         })
     }
 

@@ -71,10 +71,71 @@ fn redacted_url(url: &str) -> String {
     }
 }
 
-/// POSTs `body` to `url` and succeeds on a 2xx answer. Any other answer is an error with its
-/// status and the start of its body; no answer at all (refused, reset, timed out) is status 0.
+/// An HTTP sink's client: its agent, and once the service is stopping, the moment every
+/// request must be over by.
+struct Poster {
+    agent: ureq::Agent,
+    timeout: Duration,
+    stop_by: Option<Instant>,
+}
+
+impl Poster {
+    fn new(timeout: Duration) -> Poster {
+        Poster {
+            agent: agent(timeout),
+            timeout,
+            stop_by: None,
+        }
+    }
+
+    /// POSTs `body` to `url` and succeeds on a 2xx answer. Any other answer is an error with
+    /// its status and the start of its body; no answer at all (refused, reset, timed out, the
+    /// stop deadline reached) is status 0.
+    fn post(
+        &self,
+        sink: &str,
+        url: &str,
+        content_type: &str,
+        authorization: Option<&HeaderValue>,
+        body: &[u8],
+    ) -> Result<(), SinkError> {
+        let Some(stop_by) = self.stop_by else {
+            return post(
+                &self.agent,
+                None,
+                sink,
+                url,
+                content_type,
+                authorization,
+                body,
+            );
+        };
+        let left = stop_by.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SinkError::Http {
+                sink: sink.to_owned(),
+                status: 0,
+                detail: "not sent: the service's stop deadline has passed".into(),
+            });
+        }
+        let limit = Some(left.min(self.timeout));
+        post(
+            &self.agent,
+            limit,
+            sink,
+            url,
+            content_type,
+            authorization,
+            body,
+        )
+    }
+}
+
+/// POSTs `body` to `url` (see [`Poster::post`]), within `limit` when given instead of the
+/// agent's timeout.
 fn post(
     agent: &ureq::Agent,
+    limit: Option<Duration>,
     sink: &str,
     url: &str,
     content_type: &str,
@@ -82,6 +143,9 @@ fn post(
     body: &[u8],
 ) -> Result<(), SinkError> {
     let mut request = agent.post(url).header("Content-Type", content_type);
+    if let Some(limit) = limit {
+        request = request.config().timeout_global(Some(limit)).build();
+    }
     if let Some(value) = authorization {
         request = request.header("Authorization", value.clone());
     }
@@ -169,7 +233,7 @@ pub struct WebhookSink {
     /// `webhook <url without credentials>`, naming the sink in errors.
     label: String,
     authorization: Authorization,
-    agent: ureq::Agent,
+    poster: Poster,
     progress: Option<RunProgress>,
 }
 
@@ -192,7 +256,7 @@ impl WebhookSink {
             label: format!("webhook {}", redacted_url(&url)),
             url,
             authorization,
-            agent: agent(timeout),
+            poster: Poster::new(timeout),
             progress: None,
         }
     }
@@ -201,6 +265,10 @@ impl WebhookSink {
 impl Sink for WebhookSink {
     fn name(&self) -> &'static str {
         "webhook"
+    }
+
+    fn stop_by(&mut self, at: Instant) {
+        self.poster.stop_by = Some(at);
     }
 
     fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), SinkError> {
@@ -228,8 +296,7 @@ impl Sink for WebhookSink {
             );
         }
         for (i, alert) in alerts.iter().enumerate().skip(n_skipped) {
-            let posted = post(
-                &self.agent,
+            let posted = self.poster.post(
                 &self.label,
                 &self.url,
                 CLOUDEVENTS_CONTENT_TYPE,
@@ -461,7 +528,7 @@ struct AlertmanagerClient {
     url: String,
     /// `alertmanager <url without credentials>`, naming the sink in errors.
     label: String,
-    agent: ureq::Agent,
+    poster: Poster,
     body: Vec<u8>,
 }
 
@@ -474,14 +541,8 @@ impl AlertmanagerClient {
             self.body.clear();
             serde_json::to_writer(&mut self.body, chunk)
                 .expect("alerts made of strings always serialize");
-            post(
-                &self.agent,
-                &self.label,
-                &self.url,
-                "application/json",
-                None,
-                &self.body,
-            )?;
+            self.poster
+                .post(&self.label, &self.url, "application/json", None, &self.body)?;
         }
         Ok(())
     }
@@ -496,7 +557,7 @@ impl AlertmanagerSink {
             client: AlertmanagerClient {
                 label: format!("alertmanager {}", redacted_url(&url)),
                 url,
-                agent: agent(timeout),
+                poster: Poster::new(timeout),
                 body: Vec::new(),
             },
             repost_interval,
@@ -538,6 +599,10 @@ impl AlertmanagerSink {
 impl Sink for AlertmanagerSink {
     fn name(&self) -> &'static str {
         "alertmanager"
+    }
+
+    fn stop_by(&mut self, at: Instant) {
+        self.client.poster.stop_by = Some(at);
     }
 
     fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), SinkError> {

@@ -16,6 +16,7 @@ use rand::Rng;
 
 use super::sinks::Sink;
 use crate::store::{Batch, Store, StoreError};
+use crate::telemetry::DeliveryMetrics;
 
 /// Alerts read from the outbox at a time.
 const RUN: usize = 1024;
@@ -36,8 +37,13 @@ pub struct Delivery {
     wake: Sender<()>,
     draining: Arc<AtomicBool>,
     deadline: Arc<parking_deadline::Deadline>,
-    handle: JoinHandle<Result<DeliveryReport, StoreError>>,
+    /// The thread's result, sent when it stops (a panic drops the sender).
+    done: Receiver<Result<DeliveryReport, StoreError>>,
+    handle: JoinHandle<()>,
 }
+
+/// Time past the drain deadline allowed for a sink call already under way.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 mod parking_deadline {
     use std::sync::Mutex;
@@ -52,6 +58,10 @@ mod parking_deadline {
             if let Ok(mut d) = self.0.lock() {
                 *d = Some(at);
             }
+        }
+
+        pub fn get(&self) -> Option<Instant> {
+            self.0.lock().ok().and_then(|d| *d)
         }
 
         pub fn passed(&self) -> bool {
@@ -84,29 +94,42 @@ impl Delivery {
     }
 
     /// Delivers what is left, giving up after `deadline` (what is left stays in the outbox),
-    /// and stops.
+    /// and stops. Returns by the deadline (and a short grace) even when a sink call hangs:
+    /// the thread is then left behind, and what it had not deleted is delivered again by the
+    /// next start.
     pub fn drain_and_stop(self, deadline: Duration) -> Result<DeliveryReport, StoreError> {
         self.deadline.set(Instant::now() + deadline);
         self.draining.store(true, Ordering::SeqCst);
         let _ = self.wake.try_send(());
-        self.handle.join().unwrap_or_else(|_| {
-            Err(StoreError::Corrupt {
+        match self.done.recv_timeout(deadline + DRAIN_GRACE) {
+            Ok(result) => {
+                // It has only its locals left to drop, the store among them: wait for that,
+                // so that RocksDB is never closed while the process exits.
+                let _ = self.handle.join();
+                result
+            }
+            Err(RecvTimeoutError::Timeout) => Err(StoreError::Corrupt {
+                what: "delivery",
+                detail: format!("a sink did not answer within the {deadline:?} deadline; undelivered alerts stay in the outbox"),
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(StoreError::Corrupt {
                 what: "delivery",
                 detail: "the delivery thread panicked".into(),
-            })
-        })
+            }),
+        }
     }
 }
 
-/// Starts delivering the outbox of `store` to `sinks`.
-/// `latency`, when given, observes for every delivered alert the time since its causing event
-/// was enqueued (the alert's `enqueuedtime`).
+/// Starts delivering the outbox of `store` to `sinks`. `metrics`, when given, counts
+/// deliveries, retries and failures per sink, tracks the outbox's backlog, and observes for
+/// every delivered alert the time since its causing event was enqueued (its `enqueuedtime`).
 pub fn spawn_delivery(
     store: Arc<Store>,
     sinks: Vec<Box<dyn Sink>>,
-    latency: Option<prometheus::Histogram>,
+    metrics: Option<DeliveryMetrics>,
 ) -> std::io::Result<Delivery> {
     let (wake, woken) = crossbeam_channel::bounded(1);
+    let (finished, done) = crossbeam_channel::bounded(1);
     let draining = Arc::new(AtomicBool::new(false));
     let deadline = Arc::new(parking_deadline::Deadline::default());
     let handle = std::thread::Builder::new()
@@ -115,20 +138,22 @@ pub fn spawn_delivery(
             let draining = draining.clone();
             let deadline = deadline.clone();
             move || {
-                run(
+                let result = run(
                     &store,
                     sinks,
                     &woken,
                     &draining,
                     &deadline,
-                    latency.as_ref(),
-                )
+                    metrics.as_ref(),
+                );
+                let _ = finished.send(result);
             }
         })?;
     Ok(Delivery {
         wake,
         draining,
         deadline,
+        done,
         handle,
     })
 }
@@ -139,7 +164,7 @@ fn run(
     woken: &Receiver<()>,
     draining: &AtomicBool,
     deadline: &parking_deadline::Deadline,
-    latency: Option<&prometheus::Histogram>,
+    metrics: Option<&DeliveryMetrics>,
 ) -> Result<DeliveryReport, StoreError> {
     let mut report = DeliveryReport::default();
     // The position after the last run delivered. Sequence numbers are never reused (the
@@ -151,13 +176,33 @@ fn run(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+    if let Some(metrics) = metrics {
+        // Every sink's counters show from the start, at 0.
+        for sink in &sinks {
+            for counter in [&metrics.deliveries, &metrics.retries, &metrics.failures] {
+                counter.with_label_values(&[sink.name()]);
+            }
+        }
+    }
+    // The oldest alert in the outbox, as last seen (for the backlog metrics).
+    let mut head = None;
+    let mut told_to_stop = false;
     loop {
+        tell_stop(&mut sinks, draining, deadline, &mut told_to_stop);
         for sink in &mut sinks {
             if let Err(error) = sink.tick() {
                 tracing::warn!(sink = sink.name(), error = %error, kind = error.kind(), "sink housekeeping failed");
             }
         }
         let entries = store.outbox_from(next, RUN)?;
+        if let Some(metrics) = metrics {
+            backlog(
+                store,
+                metrics,
+                entries.first().map(|(seq, _)| *seq),
+                &mut head,
+            )?;
+        }
         if entries.is_empty() {
             if draining.load(Ordering::SeqCst) {
                 return Ok(report);
@@ -172,15 +217,41 @@ fn run(
         let mut waiting: Vec<usize> = (0..sinks.len()).collect();
         let mut backoff = FIRST_BACKOFF;
         while !waiting.is_empty() {
+            tell_stop(&mut sinks, draining, deadline, &mut told_to_stop);
             waiting.retain(|&i| match sinks[i].deliver(&alerts) {
-                Ok(()) => false,
+                Ok(()) => {
+                    if let Some(metrics) = metrics {
+                        metrics
+                            .deliveries
+                            .with_label_values(&[sinks[i].name()])
+                            .inc_by(alerts.len() as u64);
+                    }
+                    false
+                }
                 Err(error) => {
                     tracing::warn!(sink = sinks[i].name(), error = %error, kind = error.kind(), "alert delivery failed; retrying");
+                    if let Some(metrics) = metrics {
+                        metrics
+                            .failures
+                            .with_label_values(&[sinks[i].name()])
+                            .inc();
+                    }
                     true
                 }
             });
             if waiting.is_empty() {
                 break;
+            }
+            if let Some(metrics) = metrics {
+                backlog(
+                    store,
+                    metrics,
+                    entries.first().map(|(seq, _)| *seq),
+                    &mut head,
+                )?;
+                for &i in &waiting {
+                    metrics.retries.with_label_values(&[sinks[i].name()]).inc();
+                }
             }
             if draining.load(Ordering::SeqCst) && deadline.passed() {
                 report.left_in_outbox = count_left(store, next)?;
@@ -207,8 +278,8 @@ fn run(
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        if let Some(latency) = latency {
-            observe_latency(latency, &alerts);
+        if let Some(metrics) = metrics {
+            observe_latency(&metrics.enqueue_to_alert_seconds, &alerts);
         }
         let mut batch = Batch::default();
         for (seq, _) in &entries {
@@ -218,6 +289,57 @@ fn run(
         report.delivered += entries.len() as u64;
         next = entries.last().map_or(next, |(seq, _)| seq + 1);
     }
+}
+
+/// Once the service is stopping, tells every sink the deadline its calls must keep (once).
+fn tell_stop(
+    sinks: &mut [Box<dyn Sink>],
+    draining: &AtomicBool,
+    deadline: &parking_deadline::Deadline,
+    told: &mut bool,
+) {
+    if *told || !draining.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Some(at) = deadline.get() {
+        for sink in sinks {
+            sink.stop_by(at);
+        }
+        *told = true;
+    }
+}
+
+/// Updates the backlog metrics, `head` being the oldest alert in the outbox: the alerts from
+/// it to the committed high-water mark are pending (sequence numbers are consecutive), and it
+/// has waited since it first became the head in this process.
+fn backlog(
+    store: &Store,
+    metrics: &DeliveryMetrics,
+    head: Option<u64>,
+    tracked: &mut Option<u64>,
+) -> Result<(), StoreError> {
+    let pending = match head {
+        Some(head) => store.next_outbox_seq()?.saturating_sub(head),
+        None => 0,
+    };
+    metrics.outbox_pending.set(pending as i64);
+    let since = &metrics.head_waiting_since_ms;
+    match head {
+        None => since.store(0, Ordering::Relaxed),
+        Some(head) => {
+            if *tracked != Some(head) || since.load(Ordering::Relaxed) == 0 {
+                *tracked = Some(head);
+                since.store(unix_ms(), Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Observes now minus each alert's `enqueuedtime` (alerts without one are skipped).

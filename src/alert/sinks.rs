@@ -44,6 +44,9 @@ pub trait Sink: Send {
     fn tick(&mut self) -> Result<(), SinkError> {
         Ok(())
     }
+    /// The service is stopping: every call from now on must be over by `at` (an HTTP sink
+    /// shortens its requests' timeout; a local one has nothing to do).
+    fn stop_by(&mut self, _at: std::time::Instant) {}
 }
 
 /// CloudEvents JSON lines appended to a file (never truncated); each run is synced to disk

@@ -33,6 +33,7 @@ impl TuningArgs {
             cache_bytes: (self.cache_mib as usize) << 20,
             policy,
             queue_alerts,
+            metrics: None,
         }
     }
 }

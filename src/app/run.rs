@@ -82,15 +82,94 @@ fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>
     Ok(out)
 }
 
+/// An outbox whose oldest alert has waited this long makes the service not ready.
+const OUTBOX_STUCK_AFTER: Duration = Duration::from_secs(300);
+
 /// State the HTTP handlers read.
 pub struct ServiceState {
     pub metrics: Metrics,
+    pub store: Arc<Store>,
     /// The receivers' health, once the service has connected to the Event Hub.
     pub health: std::sync::OnceLock<Arc<SourceHealth>>,
     /// Why the service could not connect (yet), for /readyz.
     pub connect_error: std::sync::Mutex<Option<String>>,
     /// Set when the apply thread failed: the service cannot go on.
     pub failed: std::sync::Mutex<Option<String>>,
+}
+
+impl ServiceState {
+    /// Why the service is not ready (empty when it is): the pipeline failed, not connected,
+    /// a fatal receiver error, a partition without its receiver, or alerts stuck in the
+    /// outbox. (The store is open: it was opened before the listener started.)
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(error) = self.failed.lock().ok().and_then(|f| f.clone()) {
+            problems.push(format!("the pipeline failed: {error}"));
+        }
+        match self.health.get() {
+            None => {
+                let reason = self
+                    .connect_error
+                    .lock()
+                    .ok()
+                    .and_then(|e| e.clone())
+                    .unwrap_or_else(|| "connecting".to_owned());
+                problems.push(format!("not connected to the Event Hub: {reason}"));
+            }
+            Some(health) => {
+                if let Some(error) = health.fatal_error() {
+                    problems.push(format!("cannot consume: {error}"));
+                }
+                for (id, partition) in &health.partitions {
+                    if !partition.connected.load(Ordering::Relaxed) {
+                        problems.push(format!("partition {id} is not connected"));
+                    }
+                }
+            }
+        }
+        let waited = self.outbox_oldest_age();
+        if waited >= OUTBOX_STUCK_AFTER {
+            problems.push(format!(
+                "the outbox is stuck: its oldest alert has waited {} s for a sink",
+                waited.as_secs()
+            ));
+        }
+        problems
+    }
+
+    /// How long the oldest alert in the outbox has waited for delivery (zero when none waits).
+    fn outbox_oldest_age(&self) -> Duration {
+        let since = self
+            .metrics
+            .delivery
+            .head_waiting_since_ms
+            .load(Ordering::Relaxed);
+        if since == 0 {
+            return Duration::ZERO;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Duration::from_millis(now.saturating_sub(since))
+    }
+
+    /// Sets the gauges read at scrape time: RocksDB's figures, the outbox's oldest alert's
+    /// age, readiness.
+    pub fn refresh_gauges(&self) {
+        let m = &self.metrics;
+        let stats = self.store.stats();
+        let gauge = |g: &prometheus::IntGauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        gauge(&m.rocksdb_memtable_bytes, stats.memtable_bytes);
+        gauge(
+            &m.rocksdb_pending_compaction_bytes,
+            stats.pending_compaction_bytes,
+        );
+        gauge(&m.rocksdb_block_cache_usage_bytes, stats.block_cache_bytes);
+        gauge(&m.rocksdb_live_sst_bytes, stats.live_sst_bytes);
+        m.outbox_oldest_age_seconds
+            .set(self.outbox_oldest_age().as_secs_f64());
+        m.ready.set(i64::from(self.problems().is_empty()));
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
@@ -128,8 +207,8 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
     let queue_alerts = !sinks.is_empty();
     let metrics = Metrics::new().map_err(Failure::runtime)?;
     let delivery = if queue_alerts {
-        let latency = Some(metrics.enqueue_to_alert_seconds.clone());
-        Some(spawn_delivery(store.clone(), sinks, latency).map_err(Failure::runtime)?)
+        let observed = Some(metrics.delivery.clone());
+        Some(spawn_delivery(store.clone(), sinks, observed).map_err(Failure::runtime)?)
     } else {
         None
     };
@@ -146,6 +225,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         cache_bytes: config.cache_bytes,
         policy,
         queue_alerts,
+        metrics: Some(metrics.pipeline.clone()),
     };
     let result = runtime.block_on(serve(
         config.clone(),
@@ -154,9 +234,14 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         delivery.as_ref(),
         metrics,
     ));
-    let counters = result?;
+    let (counters, stopping_since) = result?;
     if let Some(delivery) = delivery {
-        match delivery.drain_and_stop(config.shutdown_deadline) {
+        // The whole stop fits in the deadline: delivery gets what the pipeline left of it.
+        let left = config
+            .shutdown_deadline
+            .saturating_sub(stopping_since.elapsed())
+            .max(Duration::from_millis(100));
+        match delivery.drain_and_stop(left) {
             Ok(report) if report.left_in_outbox > 0 => tracing::warn!(
                 left = report.left_in_outbox,
                 "alerts not yet accepted by every sink stay queued for the next start"
@@ -197,14 +282,15 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Runs the service until a stop signal; returns this process's counts.
+/// Runs the service until a stop signal; returns this process's counts and when the stop
+/// began.
 async fn serve(
     config: Config,
     store: Arc<Store>,
     options: EngineOptions,
     delivery: Option<&crate::alert::Delivery>,
     metrics: Metrics,
-) -> Result<Counters, Failure> {
+) -> Result<(Counters, Instant), Failure> {
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     {
@@ -219,6 +305,7 @@ async fn serve(
     // cannot (bad credentials, the hub unreachable).
     let state = Arc::new(ServiceState {
         metrics,
+        store: store.clone(),
         health: std::sync::OnceLock::new(),
         connect_error: std::sync::Mutex::new(None),
         failed: std::sync::Mutex::new(None),
@@ -252,7 +339,7 @@ async fn serve(
                 tokio::select! {
                     _ = cancel.cancelled() => {
                         tracker.close();
-                        return Ok(Counters::default());
+                        return Ok((Counters::default(), Instant::now()));
                     }
                     _ = tokio::time::sleep(backoff) => {}
                 }
@@ -324,7 +411,9 @@ async fn serve(
     );
     tracker.close();
     cancel.cancelled().await;
-    let deadline = config.shutdown_deadline;
+    let stopping_since = Instant::now();
+    // The receivers stop at once; the HTTP listener finishes the requests under way.
+    let deadline = config.shutdown_deadline / 2;
     if tokio::time::timeout(deadline, tracker.wait())
         .await
         .is_err()
@@ -336,7 +425,7 @@ async fn serve(
         .map_err(Failure::runtime)?
         .map_err(|_| Failure::runtime(anyhow::anyhow!("the apply thread panicked")))?
         .map_err(Failure::runtime)?;
-    Ok(counters)
+    Ok((counters, stopping_since))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -377,6 +466,8 @@ fn apply_loop(
         }
     }
     let _ = starts_tx.send(starts);
+    // Each partition's checkpoint at the start: its position until this process commits.
+    let resumed_at = expected.clone();
     let mut exported = Counters::default();
     let mut last_export = Instant::now();
     let mut last_committed_batches = 0;
@@ -437,7 +528,14 @@ fn apply_loop(
             }
         }
         if last_export.elapsed() >= Duration::from_millis(100) {
-            export_metrics(&engine, &mut exported, state, partition_ids, &handles);
+            export_metrics(
+                &engine,
+                &mut exported,
+                state,
+                partition_ids,
+                &handles,
+                &resumed_at,
+            );
             last_export = Instant::now();
         }
     }
@@ -506,6 +604,7 @@ fn export_metrics(
     state: &ServiceState,
     partition_ids: &[String],
     handles: &[SourceHandle],
+    resumed_at: &[u64],
 ) {
     export_metrics_final(engine.counters(), exported, state);
     let m = &state.metrics;
@@ -522,6 +621,18 @@ fn export_metrics(
         m.partition_connected
             .with_label_values(&[id])
             .set(i64::from(health.connected.load(Ordering::Relaxed)));
+        // The lag shows once the hub's end has been read.
+        let hub_next = health.hub_next_sequence.load(Ordering::Relaxed);
+        if hub_next >= 0 {
+            let committed_next = engine
+                .committed_next_index(handles[i])
+                .unwrap_or(resumed_at[i])
+                .try_into()
+                .unwrap_or(i64::MAX);
+            m.partition_lag_events
+                .with_label_values(&[id])
+                .set((hub_next - committed_next).max(0));
+        }
         let reconnects = m.receiver_reconnects.with_label_values(&[id]);
         add(
             &reconnects,
@@ -534,6 +645,11 @@ fn export_metrics(
             health.displaced.load(Ordering::Relaxed),
             displaced.get(),
         );
+    }
+    for (rule, severity, n) in engine.failing_twins() {
+        m.failing_twins
+            .with_label_values(&[rule, severity.as_str()])
+            .set(n as i64);
     }
     m.twins.set(engine.snapshot().directory.n_live() as i64);
     m.tombstones

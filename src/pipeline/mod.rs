@@ -21,10 +21,11 @@ use simd_json::Node;
 use crate::compliance::{self, decode_violation, Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
 use crate::model::{DeadLetterReason, SourceId, TwinKey};
-use crate::policy::{Policy, TwinView};
+use crate::policy::{Policy, Severity, TwinView};
 use crate::source::storage_json::StorageJsonMessage;
 use crate::store::keys::{encode_twin_key, twin_key};
 use crate::store::{Batch, Checkpoint, Store, StoreError};
+use crate::telemetry::PipelineMetrics;
 use crate::twin::{apply, Outcome};
 pub use snapshot::{Directory, Snapshot};
 
@@ -61,6 +62,8 @@ pub struct EngineOptions {
     /// Whether alerts go to the outbox (some sink will deliver them); without, they are only
     /// counted, and the violation set is kept all the same.
     pub queue_alerts: bool,
+    /// Per-batch histograms (the service's /metrics); `None` spares replay the clock reads.
+    pub metrics: Option<PipelineMetrics>,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +75,7 @@ impl Default for EngineOptions {
             cache_bytes: 256 << 20,
             policy: Arc::new(Policy::baseline()),
             queue_alerts: false,
+            metrics: None,
         }
     }
 }
@@ -115,6 +119,9 @@ type WriteResult = Result<u64, StoreError>;
 /// Each failing twin's violations: encoded twin key → its failing rules, in policy order.
 type ViolationSets = HashMap<Box<[u8]>, Vec<Violation>, foldhash::fast::RandomState>;
 
+/// How many twins fail each rule: rule id → (severity, count).
+type FailingCounts = BTreeMap<Box<str>, (Severity, u64)>;
+
 /// Everything but the parsing buffers, so that a parsed tape and the state can be borrowed
 /// at once.
 struct State {
@@ -132,6 +139,9 @@ struct State {
     writer: Option<JoinHandle<()>>,
     body_parser: BodyParser,
     violations: ViolationSets,
+    failing_counts: FailingCounts,
+    /// The apply thread's time on the open batch (measured only with `options.metrics`).
+    busy: Duration,
     next_outbox_seq: u64,
     failing: Vec<usize>,
     transitions: Vec<Transition>,
@@ -163,6 +173,7 @@ impl Engine {
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
         let violations = load_violations(&store, &options.policy)?;
+        let failing_counts = failing_counts(&violations, &options.policy);
         let next_outbox_seq = store.next_outbox_seq()?;
         let snapshot = Snapshot::new(store.clone(), directory, options.cache_bytes);
         // Two batches may wait for the writer: the apply thread builds the next one while
@@ -170,11 +181,16 @@ impl Engine {
         let (to_writer, writer_input) = crossbeam_channel::bounded::<(u64, Batch)>(1);
         let (writer_output, from_writer) = crossbeam_channel::bounded::<WriteResult>(4);
         let writer_store = store.clone();
+        let commit_seconds = options.metrics.as_ref().map(|m| m.commit_seconds.clone());
         let writer = std::thread::Builder::new()
             .name("twinwatch-writer".into())
             .spawn(move || {
                 for (batch_no, mut batch) in writer_input {
+                    let started = Instant::now();
                     let result = writer_store.write(&mut batch).map(|()| batch_no);
+                    if let Some(histogram) = &commit_seconds {
+                        histogram.observe(started.elapsed().as_secs_f64());
+                    }
                     let failed = result.is_err();
                     if writer_output.send(result).is_err() || failed {
                         return;
@@ -201,6 +217,8 @@ impl Engine {
                 writer: Some(writer),
                 body_parser: BodyParser::default(),
                 violations,
+                failing_counts,
+                busy: Duration::ZERO,
                 next_outbox_seq,
                 failing: Vec::new(),
                 transitions: Vec::new(),
@@ -240,6 +258,15 @@ impl Engine {
 
     pub fn snapshot(&self) -> &Snapshot {
         &self.state.snapshot
+    }
+
+    /// How many twins fail each rule of the policy (and each rule no longer in it that some
+    /// twin still fails): `(rule id, severity, count)` by rule id.
+    pub fn failing_twins(&self) -> impl Iterator<Item = (&str, Severity, u64)> + '_ {
+        self.state
+            .failing_counts
+            .iter()
+            .map(|(rule, &(severity, n))| (&**rule, severity, n))
     }
 
     /// One line of a storage-route JSON file: record `index` of `source`, ending at
@@ -399,6 +426,22 @@ impl State {
         message: &impl Message<'a>,
         raw: &dyn Fn() -> Cow<'a, [u8]>,
     ) -> Result<(), PipelineError> {
+        if self.options.metrics.is_none() {
+            return self.handle_timeless(source, index, message, raw);
+        }
+        let started = Instant::now();
+        let result = self.handle_timeless(source, index, message, raw);
+        self.busy += started.elapsed();
+        result
+    }
+
+    fn handle_timeless<'a>(
+        &mut self,
+        source: SourceHandle,
+        index: u64,
+        message: &impl Message<'a>,
+        raw: &dyn Fn() -> Cow<'a, [u8]>,
+    ) -> Result<(), PipelineError> {
         self.counters.messages += 1;
         if self.options.queue_alerts {
             self.enqueued_time = message.eventhubs_enqueued_time().and_then(|p| p.time());
@@ -533,10 +576,17 @@ impl State {
             if !current.iter().any(|v| v.rule_id == *rule_id) {
                 self.store
                     .delete_violation(&mut self.batch, &encoded, rule_id)?;
+                if let Some((_, n)) = self.failing_counts.get_mut(rule_id) {
+                    *n = n.saturating_sub(1);
+                }
             }
         }
         for violation in &current {
             if !before.contains(&violation.rule_id) {
+                self.failing_counts
+                    .entry(violation.rule_id.clone())
+                    .or_insert((violation.severity, 0))
+                    .1 += 1;
                 self.store.put_violation(
                     &mut self.batch,
                     &encoded,
@@ -565,6 +615,9 @@ impl State {
                 let _ = self
                     .store
                     .delete_violation(&mut self.batch, &encoded, &violation.rule_id);
+                if let Some((_, n)) = self.failing_counts.get_mut(&violation.rule_id) {
+                    *n = n.saturating_sub(1);
+                }
             }
             compliance::deleted(stored, &mut self.transitions);
         }
@@ -652,6 +705,7 @@ impl State {
             return Ok(());
         }
         self.batch_no += 1;
+        let started = self.options.metrics.is_some().then(Instant::now);
         let mut batch = std::mem::take(&mut self.batch);
         self.snapshot.drain_into(&mut batch, self.batch_no)?;
         if self.outbox_grew {
@@ -667,6 +721,11 @@ impl State {
             positions.push((i, source.checkpoint.next_index));
         }
         self.uncommitted.push_back((self.batch_no, positions));
+        if let (Some(metrics), Some(started)) = (&self.options.metrics, started) {
+            let busy = std::mem::take(&mut self.busy) + started.elapsed();
+            metrics.apply_seconds.observe(busy.as_secs_f64());
+            metrics.batch_size.observe(self.n_in_batch as f64);
+        }
         let to_writer = self.to_writer.as_ref().ok_or(PipelineError::WriterGone)?;
         // A full channel blocks here: the backpressure that keeps the apply thread at most
         // two batches ahead of RocksDB.
@@ -713,6 +772,21 @@ impl State {
             }
         }
     }
+}
+
+/// Counts the twins failing each rule; every rule of `policy` is listed, at 0 when none fails.
+fn failing_counts(violations: &ViolationSets, policy: &Policy) -> FailingCounts {
+    let mut out: FailingCounts = policy
+        .rules()
+        .iter()
+        .map(|rule| (rule.id.as_str().into(), (rule.severity, 0)))
+        .collect();
+    for violation in violations.values().flatten() {
+        out.entry(violation.rule_id.clone())
+            .or_insert((violation.severity, 0))
+            .1 += 1;
+    }
+    out
 }
 
 /// Loads every twin's violations, each twin's in the order of `policy` (rules no longer in it

@@ -8,7 +8,7 @@
 //! a higher owner level is logged, counted and retried; bad credentials are fatal and make
 //! `/readyz` fail.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -29,6 +29,8 @@ use crate::time::Ticks;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PREFETCH: u32 = 300;
+/// How often the hub's last enqueued sequence numbers are read (for the lag metric).
+const LAG_POLL: Duration = Duration::from_secs(5);
 
 /// One received event, owned, on its way to the apply thread.
 pub struct LiveEvent {
@@ -45,11 +47,24 @@ pub struct LiveEvent {
 }
 
 /// What `/readyz` and the metrics read about the receivers.
-#[derive(Default)]
 pub struct PartitionHealth {
     pub connected: AtomicBool,
     pub reconnects: AtomicU64,
     pub displaced: AtomicU64,
+    /// The hub's last enqueued sequence number plus one, as last read (0 for an empty
+    /// partition; -1 until read).
+    pub hub_next_sequence: AtomicI64,
+}
+
+impl Default for PartitionHealth {
+    fn default() -> Self {
+        Self {
+            connected: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            displaced: AtomicU64::new(0),
+            hub_next_sequence: AtomicI64::new(-1),
+        }
+    }
 }
 
 pub struct SourceHealth {
@@ -192,6 +207,12 @@ pub fn spawn_receivers(
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) {
+    {
+        let config = config.clone();
+        let health = health.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move { poll_last_enqueued(config, health, cancel).await });
+    }
     for start in starts {
         let config = config.clone();
         let health = health.clone();
@@ -211,6 +232,56 @@ pub fn spawn_receivers(
             )
             .await;
         });
+    }
+}
+
+/// Reads every owned partition's last enqueued sequence number every [`LAG_POLL`], on a
+/// connection of its own, until cancelled; errors are retried at the next poll.
+async fn poll_last_enqueued(
+    config: EventHubConfig,
+    health: Arc<SourceHealth>,
+    cancel: CancellationToken,
+) {
+    let mut client: Option<ConsumerClient> = None;
+    loop {
+        if client.is_none() {
+            client = tokio::select! {
+                _ = cancel.cancelled() => return,
+                opened = open_client(&config) => opened.ok(),
+            };
+        }
+        if let Some(active) = &client {
+            for (id, partition) in &health.partitions {
+                let read = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    read = active.get_partition_properties(id) => read,
+                };
+                match read {
+                    Ok(properties) => {
+                        let next = if properties.is_empty {
+                            0
+                        } else {
+                            properties.last_enqueued_sequence_number + 1
+                        };
+                        partition.hub_next_sequence.store(next, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(partition = %id, error = %scrub(&e.to_string()), "cannot read the partition's properties");
+                        if let Some(old) = client.take() {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(LAG_POLL) => {}
+        }
+    }
+    if let Some(client) = client {
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
     }
 }
 

@@ -589,4 +589,39 @@ impl Store {
         self.db.write_opt(inner, &self.write_options)?;
         Ok(())
     }
+
+    /// RocksDB's figures that matter to an operator, summed over the column families (the
+    /// block cache is shared: read once).
+    pub fn stats(&self) -> StoreStats {
+        let sum = |property: &str| -> u64 {
+            ALL_CFS
+                .iter()
+                .filter_map(|name| self.db.cf_handle(name))
+                .filter_map(|cf| self.db.property_int_value_cf(cf, property).ok().flatten())
+                .sum()
+        };
+        let first_cf = self.db.cf_handle(CF_TWINS);
+        StoreStats {
+            memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+            live_sst_bytes: sum("rocksdb.live-sst-files-size"),
+            block_cache_bytes: first_cf
+                .and_then(|cf| {
+                    self.db
+                        .property_int_value_cf(cf, "rocksdb.block-cache-usage")
+                        .ok()
+                        .flatten()
+                })
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// See [`Store::stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub memtable_bytes: u64,
+    pub pending_compaction_bytes: u64,
+    pub block_cache_bytes: u64,
+    pub live_sst_bytes: u64,
 }

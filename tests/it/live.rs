@@ -15,7 +15,7 @@ use twinwatch::emulator::{Emulator, EmulatorConfig};
 
 use crate::support::{assert_every_alert_delivered, binary, generate_fleet, ok, path};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -23,15 +23,15 @@ fn free_port() -> u16 {
         .port()
 }
 /// The emulator on a runtime of its own, preloaded with a file.
-struct Hub {
-    runtime: tokio::runtime::Runtime,
-    emulator: Option<Emulator>,
-    published: u64,
+pub struct Hub {
+    pub runtime: tokio::runtime::Runtime,
+    pub emulator: Option<Emulator>,
+    pub published: u64,
 }
 
 impl Hub {
     /// An emulator with 4 partitions and nothing published yet.
-    fn empty(hub: &str) -> Hub {
+    pub fn empty(hub: &str) -> Hub {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -52,7 +52,7 @@ impl Hub {
     }
 
     /// An emulator preloaded with a file's events.
-    fn start(file: &Path) -> Hub {
+    pub fn start(file: &Path) -> Hub {
         let mut hub = Hub::empty("iothub-ehub-test");
         let events = events_of_file(file).expect("events");
         hub.published = events.len() as u64;
@@ -62,7 +62,7 @@ impl Hub {
         hub
     }
 
-    fn connection_string(&self) -> String {
+    pub fn connection_string(&self) -> String {
         self.emulator.as_ref().expect("running").connection_string()
     }
 }
@@ -75,7 +75,7 @@ impl Drop for Hub {
     }
 }
 
-fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
+pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
     Command::new(binary())
         .args([
             "run",
@@ -104,7 +104,7 @@ fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
 
 /// `twinwatch_messages_total`, all outcomes, from the service's /metrics (None while it is
 /// not listening).
-fn consumed(port: u16) -> Option<u64> {
+pub fn consumed(port: u16) -> Option<u64> {
     let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
         .call()
         .ok()?
@@ -119,7 +119,7 @@ fn consumed(port: u16) -> Option<u64> {
     )
 }
 
-fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
+pub fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
     let deadline = Instant::now() + limit;
     loop {
         let n = consumed(port).unwrap_or(0);
@@ -134,7 +134,7 @@ fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
     }
 }
 
-fn sigterm_and_wait(child: &mut Child) {
+pub fn sigterm_and_wait(child: &mut Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -6,5 +6,6 @@ mod avro;
 mod cases;
 mod kill;
 mod live;
+mod operations;
 mod properties;
 mod support;
