@@ -178,6 +178,21 @@ pub fn encode_violation(v: &Violation) -> Vec<u8> {
     .expect("a JSON value always serializes")
 }
 
+/// A violation as `twinwatch violations` prints it and the query API answers it:
+/// `hubName`, `deviceId`, `moduleId` (module twins only), `ruleId`, `severity`, `since`,
+/// `twinVersion`.
+pub fn violation_line(key: TwinKey<'_>, rule_id: &str, v: &Violation) -> serde_json::Value {
+    let mut line = json!({"hubName": key.hub, "deviceId": key.device_id});
+    if !key.module_id.is_empty() {
+        line["moduleId"] = json!(key.module_id);
+    }
+    line["ruleId"] = json!(rule_id);
+    line["severity"] = json!(v.severity.as_str());
+    line["since"] = json!(v.since.to_string());
+    line["twinVersion"] = json!(v.twin_version);
+    line
+}
+
 pub fn decode_violation(rule_id: &str, bytes: &[u8]) -> Option<Violation> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
     Some(Violation {

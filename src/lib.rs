@@ -20,6 +20,7 @@
 //!   and metrics.
 
 pub mod alert;
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod compliance;

@@ -97,14 +97,7 @@ pub fn violations(data_dir: &Path) -> Result<ExitCode, Failure> {
             let v = crate::compliance::decode_violation(&rule_id, &value).ok_or_else(|| {
                 io::Error::other(format!("corrupt violation {} {rule_id}", key.as_key()))
             })?;
-            let mut line = json!({"hubName": &*key.hub, "deviceId": &*key.device_id});
-            if !key.module_id.is_empty() {
-                line["moduleId"] = json!(&*key.module_id);
-            }
-            line["ruleId"] = json!(rule_id);
-            line["severity"] = json!(v.severity.as_str());
-            line["since"] = json!(v.since.to_string());
-            line["twinVersion"] = json!(v.twin_version);
+            let line = crate::compliance::violation_line(key.as_key(), &rule_id, &v);
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
         }

@@ -153,6 +153,30 @@ impl ServiceState {
         Duration::from_millis(now.saturating_sub(since))
     }
 
+    /// The live counts `/v1/stats` adds to what it reads from the store.
+    fn live_stats(&self) -> serde_json::Value {
+        let m = &self.metrics;
+        let messages: serde_json::Map<String, serde_json::Value> =
+            ["applied", "stale", "ignored", "dead_lettered"]
+                .into_iter()
+                .map(|outcome| {
+                    let n = m.messages.with_label_values(&[outcome]).get();
+                    (outcome.to_owned(), serde_json::json!(n))
+                })
+                .collect();
+        serde_json::json!({
+            "twins": m.twins.get(),
+            "tombstones": m.tombstones.get(),
+            "messages": messages,
+            "alerts": {
+                "opened": m.alerts.with_label_values(&["opened"]).get(),
+                "resolved": m.alerts.with_label_values(&["resolved"]).get(),
+            },
+            "outboxPending": m.delivery.outbox_pending.get(),
+            "ready": self.problems().is_empty(),
+        })
+    }
+
     /// Sets the gauges read at scrape time: RocksDB's figures, the outbox's oldest alert's
     /// age, readiness.
     pub fn refresh_gauges(&self) {
@@ -314,9 +338,18 @@ async fn serve(
         .await
         .with_context(|| format!("listening on {}", config.listen))
         .map_err(Failure::runtime)?;
-    tracing::info!(address = %config.listen, "serving /metrics, /healthz, /readyz");
+    tracing::info!(
+        address = %config.listen,
+        api_token = config.api_token.is_some(),
+        "serving /metrics, /healthz, /readyz, /v1/*"
+    );
     {
-        let app = crate::http::router(state.clone());
+        let stats: crate::api::StatsFn = {
+            let state = state.clone();
+            Arc::new(move || state.live_stats())
+        };
+        let api = crate::api::router(state.store.clone(), config.api_token.clone(), stats);
+        let app = crate::http::router(state.clone()).merge(api);
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let server = axum::serve(listener, app)

@@ -156,6 +156,9 @@ fn decode_tombstone(bytes: &[u8]) -> Result<(i64, Ticks), StoreError> {
 /// A violation as stored: the twin, the rule id, and the encoded violation.
 pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
 
+/// A twin and its violations: `(rule id, encoded violation)` by rule id.
+pub type TwinAndViolations = (TwinRecord, Vec<(String, Vec<u8>)>);
+
 /// A dead letter as stored.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetterRecord {
@@ -588,6 +591,84 @@ impl Store {
         let inner = std::mem::take(&mut batch.inner);
         self.db.write_opt(inner, &self.write_options)?;
         Ok(())
+    }
+
+    /// A twin and its violations (`(rule id, encoded violation)` by rule id), read from one
+    /// snapshot so that they agree; `None` when the twin does not exist (deleted or never
+    /// seen). A device twin's key is a prefix of its own violations' keys but of none of its
+    /// modules' (their key has the module id where the device's has the terminator).
+    pub fn twin_with_violations(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<TwinAndViolations>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let Some(bytes) = snapshot.get_cf(self.cf(CF_TWINS)?, key)? else {
+            return Ok(None);
+        };
+        let twin = decode_twin(&bytes)?;
+        let mut violations = Vec::new();
+        let iter = snapshot.iterator_cf(
+            self.cf(CF_VIOLATIONS)?,
+            IteratorMode::From(key, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            let Some(rule) = k.strip_prefix(key) else {
+                break;
+            };
+            let rule = String::from_utf8(rule.to_vec()).map_err(|_| StoreError::Corrupt {
+                what: "violation key",
+                detail: format!("{k:?}"),
+            })?;
+            violations.push((rule, v.into_vec()));
+        }
+        Ok(Some((twin, violations)))
+    }
+
+    /// Violations in key order from just after `after` (or from the start of `prefix`), those
+    /// under `prefix` only, that `keep` accepts: at most `limit` of them, looking at no more
+    /// than `max_scan` entries. Also returns where to continue: `None` when nothing further
+    /// matches, else the last key looked at.
+    pub fn violations_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
+        mut keep: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
+        let start = after.unwrap_or(prefix);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_VIOLATIONS)?,
+            IteratorMode::From(start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        for (scanned, item) in iter.enumerate() {
+            let (k, v) = item?;
+            if after == Some(&k[..]) {
+                continue;
+            }
+            if !k.starts_with(prefix) {
+                return Ok((out, None));
+            }
+            if scanned >= max_scan {
+                return Ok((out, last));
+            }
+            let (twin, rule_id) = decode_violation_key(&k).ok_or_else(|| StoreError::Corrupt {
+                what: "violation key",
+                detail: format!("{k:?}"),
+            })?;
+            if keep(&rule_id, &v) {
+                if out.len() == limit {
+                    // One more matches: the page is full and there is more.
+                    return Ok((out, last));
+                }
+                out.push((twin, rule_id, v.into_vec()));
+            }
+            last = Some(k.into_vec());
+        }
+        Ok((out, None))
     }
 
     /// RocksDB's figures that matter to an operator, summed over the column families (the
