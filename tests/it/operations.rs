@@ -209,6 +209,35 @@ fn prometheus_scrapes_the_service_and_counts_what_it_consumed() {
             "{family} is missing from /metrics"
         );
     }
+    // The query API answers a twin exactly as its export line (read beside the running
+    // service).
+    let exported = ok(&["export", "--data-dir", path(&dir.path().join("data"))]).stdout;
+    let exported = String::from_utf8(exported).expect("utf-8");
+    let module_line = exported
+        .lines()
+        .find(|l| l.contains("\"moduleId\""))
+        .expect("a module twin");
+    for line in [exported.lines().next().expect("a twin"), module_line] {
+        let expected: Value = serde_json::from_str(line).expect("json");
+        let mut uri = format!(
+            "http://127.0.0.1:{port}/v1/twins/{}/{}",
+            expected["hubName"].as_str().expect("hub"),
+            expected["deviceId"].as_str().expect("device")
+        );
+        if let Some(module) = expected["moduleId"].as_str() {
+            uri.push_str(&format!("/modules/{module}"));
+        }
+        let answer: Value = serde_json::from_str(
+            &ureq::get(&uri)
+                .call()
+                .expect("GET twin")
+                .into_body()
+                .read_to_string()
+                .expect("body"),
+        )
+        .expect("json");
+        assert_eq!(answer["twin"], expected, "{uri}");
+    }
     sigterm_and_wait(&mut service);
     let exported = ok(&["export", "--data-dir", path(&dir.path().join("data"))]).stdout;
     let lines = exported.iter().filter(|&&b| b == b'\n').count() as f64;
