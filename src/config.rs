@@ -687,4 +687,33 @@ max_messages = 0
             Some("from-file")
         );
     }
+
+    /// The configuration files the repository ships (the example and the Kubernetes
+    /// ConfigMap's) are valid as they are, with the secrets from the environment.
+    #[test]
+    fn the_shipped_configurations_are_valid() {
+        let configmap: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(include_str!("../deploy/kubernetes/configmap.yaml"))
+                .expect("configmap.yaml");
+        let in_configmap = configmap["data"]["twinwatch.toml"]
+            .as_str()
+            .expect("the ConfigMap has twinwatch.toml");
+        for (name, text) in [
+            (
+                "deploy/twinwatch.toml",
+                include_str!("../deploy/twinwatch.toml"),
+            ),
+            ("the ConfigMap's twinwatch.toml", in_configmap),
+        ] {
+            let raw: RawConfig = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let config = raw
+                .with_environment(env(&[
+                    ("TWINWATCH_EVENTHUB_CONNECTION_STRING", EMULATOR),
+                    ("HOSTNAME", "twinwatch-1"),
+                ]))
+                .validate()
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(config.data_dir, std::path::Path::new("/data"), "{name}");
+        }
+    }
 }
