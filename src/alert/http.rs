@@ -99,26 +99,20 @@ impl Poster {
         authorization: Option<&HeaderValue>,
         body: &[u8],
     ) -> Result<(), SinkError> {
-        let Some(stop_by) = self.stop_by else {
-            return post(
-                &self.agent,
-                None,
-                sink,
-                url,
-                content_type,
-                authorization,
-                body,
-            );
+        let limit = match self.stop_by {
+            None => None,
+            Some(stop_by) => {
+                let left = stop_by.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(SinkError::Http {
+                        sink: sink.to_owned(),
+                        status: 0,
+                        detail: "not sent: the service's stop deadline has passed".into(),
+                    });
+                }
+                Some(left.min(self.timeout))
+            }
         };
-        let left = stop_by.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(SinkError::Http {
-                sink: sink.to_owned(),
-                status: 0,
-                detail: "not sent: the service's stop deadline has passed".into(),
-            });
-        }
-        let limit = Some(left.min(self.timeout));
         post(
             &self.agent,
             limit,

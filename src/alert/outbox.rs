@@ -195,13 +195,9 @@ fn run(
             }
         }
         let entries = store.outbox_from(next, RUN)?;
+        let first = entries.first().map(|(seq, _)| *seq);
         if let Some(metrics) = metrics {
-            backlog(
-                store,
-                metrics,
-                entries.first().map(|(seq, _)| *seq),
-                &mut head,
-            )?;
+            backlog(store, metrics, first, &mut head)?;
         }
         if entries.is_empty() {
             if draining.load(Ordering::SeqCst) {
@@ -243,12 +239,7 @@ fn run(
                 break;
             }
             if let Some(metrics) = metrics {
-                backlog(
-                    store,
-                    metrics,
-                    entries.first().map(|(seq, _)| *seq),
-                    &mut head,
-                )?;
+                backlog(store, metrics, first, &mut head)?;
                 for &i in &waiting {
                     metrics.retries.with_label_values(&[sinks[i].name()]).inc();
                 }

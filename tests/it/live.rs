@@ -76,8 +76,9 @@ impl Drop for Hub {
 }
 
 pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
-    Command::new(binary())
-        .args([
+    spawn_run(
+        hub,
+        &[
             "run",
             "--data-dir",
             path(data),
@@ -85,7 +86,14 @@ pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child 
             path(alerts),
             "--listen",
             &format!("127.0.0.1:{port}"),
-        ])
+        ],
+    )
+}
+
+/// Starts the binary with `args`, the hub's connection string in the environment.
+pub fn spawn_run(hub: &Hub, args: &[&str]) -> Child {
+    Command::new(binary())
+        .args(args)
         .env(
             "TWINWATCH_EVENTHUB_CONNECTION_STRING",
             hub.connection_string(),

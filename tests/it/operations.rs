@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::live::{consumed, free_port, sigterm_and_wait, spawn_service, wait_consumed, Hub};
-use crate::support::{assert_every_alert_delivered, binary, generate_fleet, ok, path};
+use crate::live::{
+    consumed, free_port, sigterm_and_wait, spawn_run, spawn_service, wait_consumed, Hub,
+};
+use crate::support::{assert_every_alert_delivered, generate_fleet, ok, path};
 
 /// The service's /metrics (None while it is not listening yet).
 fn try_metrics_text(port: u16) -> Option<String> {
@@ -269,22 +271,7 @@ impl Drop for Service {
 
 /// Starts `twinwatch run --config` with the hub's connection string from the environment.
 fn spawn_with_config(hub: &Hub, config: &Path) -> Service {
-    Command::new(binary())
-        .args(["run", "--config", path(config)])
-        .env(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            hub.connection_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .map(Service)
-        .expect("spawn twinwatch run")
+    Service(spawn_run(hub, &["run", "--config", path(config)]))
 }
 
 #[test]
