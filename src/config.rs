@@ -64,6 +64,9 @@ pub struct RawConfig {
     pub api_token: Option<String>,
     /// A file holding the API's bearer token (a mounted Kubernetes Secret, say).
     pub api_token_file: Option<PathBuf>,
+    /// Consuming pauses while the data directory's disk has less than this free, MiB
+    /// (default 256): a batch is never written into a full disk.
+    pub min_free_disk_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +215,7 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub shutdown_deadline: Duration,
     pub api_token: Option<Secret>,
+    pub min_free_bytes: u64,
 }
 
 impl RawConfig {
@@ -340,6 +344,7 @@ impl RawConfig {
             max_body_bytes: max_body as usize,
             shutdown_deadline: Duration::from_secs(deadline),
             api_token: api_token.map(Secret::new),
+            min_free_bytes: self.min_free_disk_mib.unwrap_or(256) << 20,
         })
     }
 }

@@ -99,6 +99,8 @@ pub struct Metrics {
     pub rocksdb_pending_compaction_bytes: prometheus::IntGauge,
     pub rocksdb_block_cache_usage_bytes: prometheus::IntGauge,
     pub rocksdb_live_sst_bytes: prometheus::IntGauge,
+    /// `twinwatch_disk_free_bytes`: free space on the data directory's filesystem.
+    pub disk_free_bytes: prometheus::IntGauge,
     /// `twinwatch_ready`: 1 when /readyz answers 200.
     pub ready: prometheus::IntGauge,
 }
@@ -264,6 +266,10 @@ impl Metrics {
             "twinwatch_rocksdb_live_sst_bytes",
             "RocksDB: bytes of the live SST files (rocksdb.live-sst-files-size)",
         )?;
+        let disk_free_bytes = gauge(
+            "twinwatch_disk_free_bytes",
+            "Free bytes on the data directory's filesystem (consuming pauses below min_free_disk_mib)",
+        )?;
         let ready = gauge("twinwatch_ready", "1 when /readyz answers 200")?;
         let build_info = gauge_vec(
             "twinwatch_build_info",
@@ -309,6 +315,7 @@ impl Metrics {
             rocksdb_pending_compaction_bytes,
             rocksdb_block_cache_usage_bytes,
             rocksdb_live_sst_bytes,
+            disk_free_bytes,
             ready,
         })
     }

@@ -34,6 +34,7 @@ impl TuningArgs {
             policy,
             queue_alerts,
             metrics: None,
+            min_free_bytes: None,
         }
     }
 }

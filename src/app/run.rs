@@ -127,6 +127,9 @@ impl ServiceState {
                 }
             }
         }
+        if let Some(problem) = self.store.space_problem() {
+            problems.push(problem);
+        }
         let waited = self.outbox_oldest_age();
         if waited >= OUTBOX_STUCK_AFTER {
             problems.push(format!(
@@ -190,6 +193,9 @@ impl ServiceState {
         );
         gauge(&m.rocksdb_block_cache_usage_bytes, stats.block_cache_bytes);
         gauge(&m.rocksdb_live_sst_bytes, stats.live_sst_bytes);
+        if let Ok(free) = self.store.free_bytes() {
+            gauge(&m.disk_free_bytes, free);
+        }
         m.outbox_oldest_age_seconds
             .set(self.outbox_oldest_age().as_secs_f64());
         m.ready.set(i64::from(self.problems().is_empty()));
@@ -250,6 +256,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         policy,
         queue_alerts,
         metrics: Some(metrics.pipeline.clone()),
+        min_free_bytes: Some(config.min_free_bytes),
     };
     let result = runtime.block_on(serve(
         config.clone(),
@@ -445,6 +452,8 @@ async fn serve(
     tracker.close();
     cancel.cancelled().await;
     let stopping_since = Instant::now();
+    // A batch waiting for disk space is not written: its events are read again next start.
+    state.store.stop_waiting();
     // The receivers stop at once; the HTTP listener finishes the requests under way.
     let deadline = config.shutdown_deadline / 2;
     if tokio::time::timeout(deadline, tracker.wait())

@@ -64,6 +64,9 @@ pub struct EngineOptions {
     pub queue_alerts: bool,
     /// Per-batch histograms (the service's /metrics); `None` spares replay the clock reads.
     pub metrics: Option<PipelineMetrics>,
+    /// Before each write, wait until the disk has this many bytes free (the service); `None`
+    /// writes at once, and a full disk fails the write (replay).
+    pub min_free_bytes: Option<u64>,
 }
 
 impl Default for EngineOptions {
@@ -76,6 +79,7 @@ impl Default for EngineOptions {
             policy: Arc::new(Policy::baseline()),
             queue_alerts: false,
             metrics: None,
+            min_free_bytes: None,
         }
     }
 }
@@ -182,10 +186,17 @@ impl Engine {
         let (writer_output, from_writer) = crossbeam_channel::bounded::<WriteResult>(4);
         let writer_store = store.clone();
         let commit_seconds = options.metrics.as_ref().map(|m| m.commit_seconds.clone());
+        let min_free = options.min_free_bytes;
         let writer = std::thread::Builder::new()
             .name("twinwatch-writer".into())
             .spawn(move || {
                 for (batch_no, mut batch) in writer_input {
+                    if let Some(min_free) = min_free {
+                        if let Err(e) = writer_store.wait_for_space(min_free) {
+                            let _ = writer_output.send(Err(e));
+                            return;
+                        }
+                    }
                     let started = Instant::now();
                     let result = writer_store.write(&mut batch).map(|()| batch_no);
                     if let Some(histogram) = &commit_seconds {

@@ -36,6 +36,8 @@ pub enum StoreError {
     Corrupt { what: &'static str, detail: String },
     #[error("column family {0} is missing")]
     MissingColumnFamily(&'static str),
+    #[error("{0}")]
+    NoSpace(String),
 }
 
 impl StoreError {
@@ -46,6 +48,7 @@ impl StoreError {
             StoreError::Format { .. } => "format",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::MissingColumnFamily(_) => "missing_cf",
+            StoreError::NoSpace(_) => "no_space",
         }
     }
 }
@@ -208,6 +211,11 @@ impl Batch {
 pub struct Store {
     db: DB,
     write_options: WriteOptions,
+    path: std::path::PathBuf,
+    /// Why writes are waiting for disk space (`None`: they are not).
+    space_problem: std::sync::Mutex<Option<String>>,
+    /// Set when the service stops: a write waiting for space gives up.
+    stop_waiting: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -237,7 +245,7 @@ impl Store {
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&db_options, path, cfs)?;
-        let store = Store::from_db(db);
+        let store = Store::from_db(db, path);
         store.check_format(path, true)?;
         Ok(store)
     }
@@ -246,17 +254,92 @@ impl Store {
     /// writer.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let db = DB::open_cf_for_read_only(&Options::default(), path, ALL_CFS, false)?;
-        let store = Store::from_db(db);
+        let store = Store::from_db(db, path);
         store.check_format(path, false)?;
         Ok(store)
     }
 
-    fn from_db(db: DB) -> Store {
+    fn from_db(db: DB, path: &Path) -> Store {
         let mut write_options = WriteOptions::default();
         // The WAL is on and survives a process crash; syncing each batch would only protect
         // against a machine crash, at the cost of a disk flush per batch.
         write_options.set_sync(false);
-        Store { db, write_options }
+        Store {
+            db,
+            write_options,
+            path: path.to_owned(),
+            space_problem: std::sync::Mutex::new(None),
+            stop_waiting: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Free bytes on the data directory's filesystem (for an unprivileged process).
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(std::io::Error::other)?;
+        let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: `path` is a NUL-terminated string and `stat` a buffer of the right type,
+        // which statvfs fills when it returns 0.
+        let stat = unsafe {
+            if libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            stat.assume_init()
+        };
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+
+    /// Waits until the filesystem has `min_free` bytes free, so that a write never meets a
+    /// full disk half-way (RocksDB stops accepting writes after one). While it waits, the
+    /// reason is in [`Store::space_problem`] and the writer, and so the whole pipeline, pauses.
+    /// Gives up with [`StoreError::NoSpace`] once [`Store::stop_waiting`] was called.
+    pub fn wait_for_space(&self, min_free: u64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let mut warned = false;
+        loop {
+            let free = self.free_bytes().unwrap_or(u64::MAX);
+            if free >= min_free {
+                if warned {
+                    tracing::info!(free_mib = free >> 20, "disk space is back: writing again");
+                }
+                self.set_space_problem(None);
+                return Ok(());
+            }
+            let problem = format!(
+                "the data directory's disk is full: {} MiB free on {}, {} MiB needed to write; consuming is paused until space is freed",
+                free >> 20,
+                self.path.display(),
+                min_free >> 20
+            );
+            if !warned {
+                tracing::error!("{problem}");
+                warned = true;
+            }
+            self.set_space_problem(Some(problem.clone()));
+            if self.stop_waiting.load(Ordering::SeqCst) {
+                return Err(StoreError::NoSpace(problem));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
+    fn set_space_problem(&self, problem: Option<String>) {
+        if let Ok(mut slot) = self.space_problem.lock() {
+            *slot = problem;
+        }
+    }
+
+    /// Why writes are paused, if they are.
+    pub fn space_problem(&self) -> Option<String> {
+        self.space_problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Makes a write waiting for space give up (the service is stopping).
+    pub fn stop_waiting(&self) {
+        self.stop_waiting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn check_format(&self, path: &Path, writable: bool) -> Result<(), StoreError> {

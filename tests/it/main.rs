@@ -4,6 +4,7 @@
 mod alerts;
 mod avro;
 mod cases;
+mod faults;
 mod kill;
 mod live;
 mod operations;
