@@ -789,3 +789,53 @@ pub struct StoreStats {
     pub block_cache_bytes: u64,
     pub live_sst_bytes: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data directory of another (say a newer) format is refused, by the writer and by the
+    /// readers, with both formats named; nothing in it is changed.
+    #[test]
+    fn a_directory_of_another_format_is_refused_clearly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+            let meta = store.cf(CF_META).expect("meta");
+            store
+                .db
+                .put_cf(meta, META_FORMAT, "twinwatch-snapshot-2")
+                .expect("put");
+        }
+        let refused = |result: Result<Store, StoreError>| {
+            let Err(error) = result else {
+                panic!("a directory of another format was opened");
+            };
+            assert_eq!(error.kind(), "format");
+            let text = error.to_string();
+            assert!(
+                text.contains("twinwatch-snapshot-2") && text.contains(FORMAT),
+                "{text}"
+            );
+        };
+        refused(Store::open(dir.path(), &StoreOptions::default()));
+        // Refused again: the writer's attempt left the marker as it was.
+        refused(Store::open_read_only(dir.path()));
+    }
+
+    #[test]
+    fn waiting_for_space_gives_up_when_told_to_stop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        assert!(store.wait_for_space(0).is_ok());
+        assert_eq!(store.space_problem(), None);
+        store.stop_waiting();
+        let error = store
+            .wait_for_space(u64::MAX)
+            .expect_err("no disk is that large");
+        assert_eq!(error.kind(), "no_space");
+        assert!(store
+            .space_problem()
+            .is_some_and(|p| p.contains("disk is full")));
+    }
+}
