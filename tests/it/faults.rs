@@ -147,3 +147,111 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(live == reference, "the export after the full disk differs");
 }
+
+/// The sum of a metric's samples whose labels contain `labels` (None while not listening).
+fn metric(port: u16, name: &str, labels: &str) -> Option<f64> {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+            .filter(|l| l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// A consumer with a higher owner level (epoch) steals a partition mid-stream: the service
+/// counts the displacement, keeps retrying while the other holds it, takes it back when the
+/// other leaves, and ends with every event applied once and the snapshot of a replay.
+#[test]
+fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = generate_fleet(dir.path(), 600, 6000, 24, 0.03);
+    let events = twinwatch::app::emulator::events_of_file(&file).expect("events");
+    let total = events.len() as u64;
+    let mut hub = Hub::empty("iothub-ehub-stolen");
+    hub.published = total;
+    {
+        let _guard = hub.runtime.enter();
+        hub.emulator
+            .as_ref()
+            .expect("running")
+            .spawn_publisher(events.into_iter(), 800.0);
+    }
+    let config = |name: &str, port: u16, extra: &str| {
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[eventhub]\n{extra}\n",
+                path(&dir.path().join(name))
+            ),
+        )
+        .expect("config");
+        file
+    };
+    let port = free_port();
+    let ours = config("ours", port, "owner_level = 1");
+    let mut service = spawn_run(&hub, &["run", "--config", path(&ours)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumed(port).unwrap_or(0) < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "the service did not start consuming"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The thief: owner level 2 on partition 0.
+    let thief_port = free_port();
+    let thief = config("thief", thief_port, "owner_level = 2\npartitions = [\"0\"]");
+    let mut thief = spawn_run(&hub, &["run", "--config", path(&thief)]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(
+        port,
+        "twinwatch_receiver_displaced_total",
+        "partition=\"0\"",
+    )
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the displacement was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // While the thief holds it, partition 0 is not ours, and the service says so.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        metric(port, "twinwatch_partition_connected", "partition=\"0\""),
+        Some(0.0)
+    );
+    let held = consumed(thief_port).expect("the thief's metrics");
+    assert!(held > 0, "the thief consumed nothing");
+    sigterm_and_wait(&mut thief);
+
+    // The partition comes back: every event counted exactly once, no gap.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while consumed(port).unwrap_or(0) < total {
+        assert!(
+            Instant::now() < deadline,
+            "only {:?} of {total} consumed after the thief left",
+            consumed(port)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(consumed(port), Some(total), "an event was applied twice");
+    sigterm_and_wait(&mut service);
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
+    let live = ok(&["export", "--data-dir", path(&dir.path().join("ours"))]).stdout;
+    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
+    assert!(live == reference, "the export after the theft differs");
+}
