@@ -255,3 +255,141 @@ fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
     let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(live == reference, "the export after the theft differs");
 }
+
+/// A minimal HTTP/1.1 receiver on `port`: answers 200 to every request (keep-alive) and keeps
+/// each request's body.
+struct Receiver {
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Receiver {
+    fn start(port: u16) -> Receiver {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().expect("clone");
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let line = line.trim_end();
+                            if line.is_empty() {
+                                break;
+                            }
+                            if let Some((name, value)) = line.split_once(':') {
+                                if name.eq_ignore_ascii_case("content-length") {
+                                    length = value.trim().parse().unwrap_or(0);
+                                }
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        kept.lock().expect("lock").push(body);
+                        if writer
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Receiver { bodies }
+    }
+
+    /// The ids of the CloudEvents received.
+    fn ids(&self) -> std::collections::BTreeSet<String> {
+        self.bodies
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// The webhook is down while the service consumes: alerts wait in the outbox (visible in the
+/// metrics, delivery failures counted), and once it is up every alert arrives.
+#[test]
+fn a_webhook_outage_delays_alerts_and_loses_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = generate_fleet(dir.path(), 600, 6000, 25, 0.03);
+    let hub = Hub::start(&file);
+    let webhook_port = free_port();
+    let port = free_port();
+    let alerts = dir.path().join("alerts.jsonl");
+    let config = dir.path().join("twinwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[alerts]\nfile = {:?}\nwebhook_url = \"http://127.0.0.1:{webhook_port}/alerts\"\nsink_timeout_secs = 2\n",
+            path(&dir.path().join("data")),
+            path(&alerts)
+        ),
+    )
+    .expect("config");
+    let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while consumed(port).unwrap_or(0) < hub.published {
+        assert!(Instant::now() < deadline, "the service did not consume");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Down: the alerts wait, and the metrics say so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = metric_plain(port, "twinwatch_outbox_pending_alerts").unwrap_or(0.0);
+        let failures =
+            metric(port, "twinwatch_sink_failures_total", "sink=\"webhook\"").unwrap_or(0.0);
+        if pending > 0.0 && failures >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outage does not show: pending {pending}, failures {failures}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Up again: everything pending is delivered.
+    let receiver = Receiver::start(webhook_port);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric_plain(port, "twinwatch_outbox_pending_alerts") != Some(0.0) {
+        assert!(Instant::now() < deadline, "the outbox did not drain");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sigterm_and_wait(&mut service);
+    let (in_file, _) = crate::support::alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
+    let in_file: std::collections::BTreeSet<String> = in_file.into_keys().collect();
+    assert!(in_file.len() >= 100, "only {} alerts", in_file.len());
+    assert_eq!(
+        receiver.ids(),
+        in_file,
+        "the webhook did not get every alert after the outage"
+    );
+}
+
+/// A metric without labels.
+fn metric_plain(port: u16, name: &str) -> Option<f64> {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()?;
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
