@@ -18,6 +18,7 @@
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
 //!   and metrics.
+//! - [`failpoint`]: named crash and delay spots for the reliability suite (a cargo feature).
 
 pub mod alert;
 pub mod api;
@@ -27,6 +28,7 @@ pub mod compliance;
 pub mod config;
 pub mod decode;
 pub mod emulator;
+pub mod failpoint;
 pub mod generate;
 pub mod http;
 pub mod model;

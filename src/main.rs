@@ -8,6 +8,9 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // With the `failpoints` feature, `FAILPOINTS` arms crash spots (the reliability suite).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = twinwatch::failpoint::setup();
     let cli = twinwatch::cli::Cli::parse();
     twinwatch::telemetry::init_logging(cli.log_format);
     twinwatch::app::run(cli)

@@ -272,6 +272,7 @@ fn run(
         if let Some(metrics) = metrics {
             observe_latency(&metrics.enqueue_to_alert_seconds, &alerts);
         }
+        crate::failpoint::hit(crate::failpoint::DELIVERY_AFTER_ACK);
         let mut batch = Batch::default();
         for (seq, _) in &entries {
             store.delete_outbox(&mut batch, *seq)?;

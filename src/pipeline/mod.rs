@@ -197,8 +197,10 @@ impl Engine {
                             return;
                         }
                     }
+                    crate::failpoint::hit(crate::failpoint::WRITER_BEFORE_WRITE);
                     let started = Instant::now();
                     let result = writer_store.write(&mut batch).map(|()| batch_no);
+                    crate::failpoint::hit(crate::failpoint::WRITER_AFTER_WRITE);
                     if let Some(histogram) = &commit_seconds {
                         histogram.observe(started.elapsed().as_secs_f64());
                     }
@@ -738,6 +740,7 @@ impl State {
             metrics.batch_size.observe(self.n_in_batch as f64);
         }
         let to_writer = self.to_writer.as_ref().ok_or(PipelineError::WriterGone)?;
+        crate::failpoint::hit(crate::failpoint::APPLY_BEFORE_HANDOFF);
         // A full channel blocks here: the backpressure that keeps the apply thread at most
         // two batches ahead of RocksDB.
         to_writer

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::live::{consumed, free_port, sigterm_and_wait, spawn_run, Hub};
+use crate::service::{
+    committed, consumed, free_port, metric, metric_plain, readyz, sigterm_and_wait, spawn_run, Hub,
+    Receiver,
+};
 use crate::support::{generate_fleet, ok, path};
 
 /// A tmpfs of `mib` MiB mounted at `at` (the tests run as root, as `.ci/run` does), unmounted
@@ -50,30 +53,6 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").args(["-l", path(&self.0)]).status();
     }
-}
-
-fn readyz(port: u16) -> Option<(u16, String)> {
-    let response = ureq::get(&format!("http://127.0.0.1:{port}/readyz"))
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.into_body().read_to_string().ok()?))
-}
-
-fn committed(port: u16) -> f64 {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_body().read_to_string().ok())
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("twinwatch_checkpoint_sequence_number{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|seq| seq + 1.0)
-        .sum()
 }
 
 #[test]
@@ -146,23 +125,6 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     let live = ok(&["export", "--data-dir", path(&data)]).stdout;
     let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(live == reference, "the export after the full disk differs");
-}
-
-/// The sum of a metric's samples whose labels contain `labels` (None while not listening).
-fn metric(port: u16, name: &str, labels: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    Some(
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
 }
 
 /// A consumer with a higher owner level (epoch) steals a partition mid-stream: the service
@@ -256,71 +218,6 @@ fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
     assert!(live == reference, "the export after the theft differs");
 }
 
-/// A minimal HTTP/1.1 receiver on `port`: answers 200 to every request (keep-alive) and keeps
-/// each request's body.
-struct Receiver {
-    bodies: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
-}
-
-impl Receiver {
-    fn start(port: u16) -> Receiver {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
-        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = bodies.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let kept = kept.clone();
-                std::thread::spawn(move || {
-                    let mut writer = stream.try_clone().expect("clone");
-                    let mut reader = BufReader::new(stream);
-                    loop {
-                        let mut length = 0usize;
-                        loop {
-                            let mut line = String::new();
-                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let line = line.trim_end();
-                            if line.is_empty() {
-                                break;
-                            }
-                            if let Some((name, value)) = line.split_once(':') {
-                                if name.eq_ignore_ascii_case("content-length") {
-                                    length = value.trim().parse().unwrap_or(0);
-                                }
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        kept.lock().expect("lock").push(body);
-                        if writer
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Receiver { bodies }
-    }
-
-    /// The ids of the CloudEvents received.
-    fn ids(&self) -> std::collections::BTreeSet<String> {
-        self.bodies
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-            .filter_map(|v| v["id"].as_str().map(str::to_owned))
-            .collect()
-    }
-}
-
 /// The webhook is down while the service consumes: alerts wait in the outbox (visible in the
 /// metrics, delivery failures counted), and once it is up every alert arrives.
 #[test]
@@ -379,17 +276,4 @@ fn a_webhook_outage_delays_alerts_and_loses_none() {
         in_file,
         "the webhook did not get every alert after the outage"
     );
-}
-
-/// A metric without labels.
-fn metric_plain(port: u16, name: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }

@@ -4,166 +4,15 @@
 //! SIGKILL several times while consuming, ends with the same snapshot and every alert
 //! delivered at least once.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use twinwatch::app::emulator::events_of_file;
-use twinwatch::emulator::{Emulator, EmulatorConfig};
 
-use crate::support::{assert_every_alert_delivered, binary, generate_fleet, ok, path};
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-/// The emulator on a runtime of its own, preloaded with a file.
-pub struct Hub {
-    pub runtime: tokio::runtime::Runtime,
-    pub emulator: Option<Emulator>,
-    pub published: u64,
-}
-
-impl Hub {
-    /// An emulator with 4 partitions and nothing published yet.
-    pub fn empty(hub: &str) -> Hub {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let emulator = runtime
-            .block_on(Emulator::start(EmulatorConfig::new(
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                hub,
-                4,
-            )))
-            .expect("emulator");
-        Hub {
-            runtime,
-            emulator: Some(emulator),
-            published: 0,
-        }
-    }
-
-    /// An emulator preloaded with a file's events.
-    pub fn start(file: &Path) -> Hub {
-        let mut hub = Hub::empty("iothub-ehub-test");
-        let events = events_of_file(file).expect("events");
-        hub.published = events.len() as u64;
-        for event in events {
-            hub.emulator.as_ref().expect("running").publish(event);
-        }
-        hub
-    }
-
-    pub fn connection_string(&self) -> String {
-        self.emulator.as_ref().expect("running").connection_string()
-    }
-}
-
-impl Drop for Hub {
-    fn drop(&mut self) {
-        if let Some(emulator) = self.emulator.take() {
-            self.runtime.block_on(emulator.shutdown());
-        }
-    }
-}
-
-pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
-    spawn_run(
-        hub,
-        &[
-            "run",
-            "--data-dir",
-            path(data),
-            "--alerts-file",
-            path(alerts),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    )
-}
-
-/// Starts the binary with `args`, the hub's connection string in the environment.
-pub fn spawn_run(hub: &Hub, args: &[&str]) -> Child {
-    Command::new(binary())
-        .args(args)
-        .env(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            hub.connection_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        // TWINWATCH_TEST_LOGS=1 shows the service's log, for debugging a test.
-        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("spawn twinwatch run")
-}
-
-/// `twinwatch_messages_total`, all outcomes, from the service's /metrics (None while it is
-/// not listening).
-pub fn consumed(port: u16) -> Option<u64> {
-    let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with("twinwatch_messages_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64,
-    )
-}
-
-pub fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let n = consumed(port).unwrap_or(0);
-        if n >= at_least {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {at_least} messages consumed in {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-pub fn sigterm_and_wait(child: &mut Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(40);
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            assert!(
-                status.success(),
-                "twinwatch run exited with {status} on SIGTERM"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "twinwatch run did not stop within 40 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use crate::service::{
+    consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, Hub,
+};
+use crate::support::{assert_every_alert_delivered, generate_fleet, ok, path};
 
 #[test]
 fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
@@ -317,20 +166,6 @@ fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
         live_export == replay_export,
         "the export after {faults} dropped links differs from the replay's"
     );
-}
-
-/// /readyz's status and body.
-fn readyz(port: u16) -> Option<(u16, String)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let response = agent
-        .get(&format!("http://127.0.0.1:{port}/readyz"))
-        .call()
-        .ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.into_body().read_to_string().ok()?))
 }
 
 #[test]

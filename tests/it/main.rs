@@ -9,4 +9,5 @@ mod kill;
 mod live;
 mod operations;
 mod properties;
+mod service;
 mod support;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::live::{
+use crate::service::{
     consumed, free_port, sigterm_and_wait, spawn_run, spawn_service, wait_consumed, Hub,
 };
 use crate::support::{assert_every_alert_delivered, generate_fleet, ok, path};
