@@ -49,8 +49,9 @@ pub trait Sink: Send {
     fn stop_by(&mut self, _at: std::time::Instant) {}
 }
 
-/// CloudEvents JSON lines appended to a file (never truncated); each run is synced to disk
-/// before it counts as accepted.
+/// CloudEvents JSON lines appended to a file; each run is synced to disk before it counts as
+/// accepted. The file is only ever cut to drop a torn last line: a run that was never
+/// accepted (a crash or a full disk in the middle of its write), so it is written again.
 pub struct FileSink {
     path: PathBuf,
     file: File,
@@ -59,7 +60,21 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn open(path: &Path) -> io::Result<FileSink> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let whole = whole_lines_len(&file, len)?;
+        if whole < len {
+            tracing::warn!(
+                file = %path.display(),
+                bytes = len - whole,
+                "cutting a torn last line from the alert file (a run interrupted mid-write; it is delivered again)"
+            );
+            file.set_len(whole)?;
+        }
         Ok(FileSink {
             path: path.to_path_buf(),
             file,
@@ -79,15 +94,40 @@ impl Sink for FileSink {
             self.buf.extend_from_slice(alert);
             self.buf.push(b'\n');
         }
-        let result = self
-            .file
-            .write_all(&self.buf)
-            .and_then(|()| self.file.sync_data());
+        let result = self.file.metadata().and_then(|meta| {
+            let before = meta.len();
+            self.file
+                .write_all(&self.buf)
+                .and_then(|()| self.file.sync_data())
+                .inspect_err(|_| {
+                    // A failed write (a full disk) may have left part of the run: cut it, so
+                    // that the retry does not append to a torn line.
+                    let _ = self.file.set_len(before);
+                })
+        });
         result.map_err(|source| SinkError::Io {
             sink: self.path.display().to_string(),
             source,
         })
     }
+}
+
+/// The length of `file`'s first `len` bytes up to and including their last newline: what is
+/// left once a torn last line is cut.
+fn whole_lines_len(file: &File, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    let mut chunk = [0u8; 8192];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.read_exact_at(part, start)?;
+        if let Some(i) = memchr::memrchr(b'\n', part) {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 /// CloudEvents JSON lines on standard output.
@@ -151,5 +191,46 @@ impl Sink for ConsoleSink {
                 sink: "console".into(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (found by the crash campaign, tests/reliability/crash.rs): a replay killed
+    /// while the file sink was writing a run left half a line; the next run appended after it,
+    /// and the file had a line that was not JSON. The torn line is now cut at open.
+    #[test]
+    fn a_torn_last_line_left_by_a_crash_is_cut_before_appending() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("alerts.jsonl");
+        std::fs::write(&path, b"{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":").expect("write");
+        let mut sink = FileSink::open(&path).expect("open");
+        sink.deliver(&[b"{\"id\":\"3\"}"]).expect("deliver");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":\"3\"}\n"
+        );
+    }
+
+    #[test]
+    fn whole_files_and_files_without_any_newline_are_handled() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("alerts.jsonl");
+        // Longer than one read chunk, with the only newline far from the end.
+        let mut text = b"{\"id\":\"1\"}\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', 20_000));
+        std::fs::write(&path, &text).expect("write");
+        FileSink::open(&path).expect("open");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{\"id\":\"1\"}\n");
+        // Nothing but a torn line: emptied.
+        std::fs::write(&path, b"{\"id\"").expect("write");
+        FileSink::open(&path).expect("open");
+        assert!(std::fs::read(&path).expect("read").is_empty());
+        // Whole lines stay as they are.
+        std::fs::write(&path, b"{}\n{}\n").expect("write");
+        FileSink::open(&path).expect("open");
+        assert_eq!(std::fs::read(&path).expect("read"), b"{}\n{}\n");
     }
 }

@@ -13,4 +13,5 @@ mod service;
 #[path = "../it/support.rs"]
 mod support;
 
+mod crash;
 mod report;

@@ -1,0 +1,472 @@
+//! Crash campaigns: a replay, and the service consuming from the emulator, each killed by
+//! SIGKILL again and again (seeded), at random moments from outside and at the precise spots
+//! of `twinwatch::failpoint` from inside (before a batch is handed to the writer, before and
+//! after its write, after the sinks acknowledged alerts but before the outbox forgets them).
+//!
+//! A round is one data directory: killed until a run gets to the end, then run once more to
+//! the end. After each round its export and violations must equal an uninterrupted run's, and
+//! every alert of the uninterrupted run must be in the round's file sink at least once. Rounds
+//! follow one another until the campaign has its kills.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use twinwatch::failpoint;
+
+use crate::report::{self, Scale};
+use crate::service::{committed, free_port, metric_plain, sigterm_and_wait, Hub};
+use crate::support::{alerts_by_id, binary, generate_fleet, ok, path};
+
+/// How an attempt is meant to die.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// SIGKILL from outside after this long.
+    After(Duration),
+    /// SIGKILL from inside at this failpoint's `n + 1`-th hit.
+    At(&'static str, u32),
+}
+
+impl Kill {
+    /// Every fifth attempt dies from outside, the others at each failpoint in turn, so that
+    /// every spot is hit in every campaign.
+    fn pick(attempt: usize, rng: &mut ChaCha8Rng, plan: &Plan) -> Kill {
+        let spots = failpoint::NAMES;
+        match attempt % (spots.len() + 1) {
+            0 => Kill::After(Duration::from_millis(
+                rng.gen_range(plan.outside_ms.clone()),
+            )),
+            i => Kill::At(spots[i - 1], rng.gen_range(0..plan.hits)),
+        }
+    }
+
+    fn failpoints(self) -> Option<String> {
+        match self {
+            Kill::After(_) => None,
+            Kill::At(name, n) => Some(format!("{name}={n}*off->return")),
+        }
+    }
+}
+
+/// How a campaign kills: how many, when from outside, after how many hits of a spot at most.
+struct Plan {
+    kills: u64,
+    /// The delay before a kill from outside, in milliseconds.
+    outside_ms: std::ops::RangeInclusive<u64>,
+    /// A spot kills at its hit number 1 to `hits`.
+    hits: u32,
+}
+
+/// What a campaign's subject is: how to start it, and how to run it to the end.
+trait Subject {
+    /// Starts a run on `data`, alerts into `alerts`, `FAILPOINTS` set to `failpoints`.
+    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child;
+    /// Runs once, uninterrupted, until everything is applied and every alert delivered.
+    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path);
+    /// How long an attempt may take to die at its failpoint before it is killed from outside
+    /// (a live service idles once it has caught up; a replay may finish first).
+    fn patience(&self) -> Duration;
+    /// Whether the run started last has committed everything there is (a live service does
+    /// not end by itself).
+    fn caught_up(&self) -> bool {
+        false
+    }
+}
+
+struct Replay {
+    fleet: PathBuf,
+}
+
+impl Subject for Replay {
+    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        let mut command = Command::new(binary());
+        command.args([
+            "replay",
+            "--data-dir",
+            path(data),
+            "--batch-size",
+            "500",
+            "--alerts-file",
+            path(alerts),
+            path(&self.fleet),
+        ]);
+        start(command, failpoints, log)
+    }
+
+    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
+        let mut child = self.spawn(data, alerts, None, log);
+        let status = wait_at_most(&mut child, Duration::from_secs(300))
+            .expect("a replay did not finish within 300 s");
+        assert!(status.success(), "a replay failed: {status}");
+        assert_no_panic(log);
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(120)
+    }
+}
+
+struct Live {
+    hub: Hub,
+    /// The configuration every run gets: small batches, so that a spot is hit often.
+    config: PathBuf,
+    /// The port of the run started last.
+    port: std::cell::Cell<u16>,
+}
+
+impl Live {
+    fn spawn_on(
+        &self,
+        data: &Path,
+        alerts: &Path,
+        failpoints: Option<&str>,
+        log: &Path,
+        port: u16,
+    ) -> Child {
+        let mut command = Command::new(binary());
+        command
+            .args([
+                "run",
+                "--config",
+                path(&self.config),
+                "--data-dir",
+                path(data),
+                "--alerts-file",
+                path(alerts),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env(
+                "TWINWATCH_EVENTHUB_CONNECTION_STRING",
+                self.hub.connection_string(),
+            );
+        start(command, failpoints, log)
+    }
+}
+
+impl Subject for Live {
+    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        self.port.set(free_port());
+        self.spawn_on(data, alerts, failpoints, log, self.port.get())
+    }
+
+    fn caught_up(&self) -> bool {
+        committed(self.port.get()) as u64 == self.hub.published
+    }
+
+    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
+        let port = free_port();
+        let mut child = self.spawn_on(data, alerts, None, log, port);
+        // Every partition committed to its last event, and the outbox empty.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let caught_up = committed(port) as u64 == self.hub.published;
+            if caught_up && metric_plain(port, "twinwatch_outbox_pending_alerts") == Some(0.0) {
+                break;
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("the service exited with {status} before catching up");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not catch up within 300 s (committed {})",
+                committed(port)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sigterm_and_wait(&mut child);
+        assert_no_panic(log);
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(3)
+    }
+}
+
+fn start(mut command: Command, failpoints: Option<&str>, log: &Path) -> Child {
+    command
+        .env(
+            "RUST_LOG",
+            std::env::var("TWINWATCH_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env_remove("FAILPOINTS")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"));
+    if let Some(failpoints) = failpoints {
+        command.env("FAILPOINTS", failpoints);
+    }
+    command.spawn().expect("spawn twinwatch")
+}
+
+/// The child's exit status, or `None` if it is still running after `limit`.
+fn wait_at_most(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sigkill(child: &mut Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+}
+
+fn assert_no_panic(log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        !text.contains("panicked"),
+        "twinwatch panicked (log {}):\n{text}",
+        log.display()
+    );
+}
+
+/// The outputs a round must reproduce.
+struct Reference {
+    export: Vec<u8>,
+    violations: Vec<u8>,
+    alerts: BTreeMap<String, serde_json::Value>,
+}
+
+impl Reference {
+    fn of(data: &Path, alerts: &Path) -> Reference {
+        let (alerts, n) = alerts_by_id(&std::fs::read(alerts).expect("alerts"));
+        assert_eq!(
+            n,
+            alerts.len(),
+            "an uninterrupted run delivers each alert once"
+        );
+        Reference {
+            export: ok(&["export", "--data-dir", path(data)]).stdout,
+            violations: ok(&["violations", "--data-dir", path(data)]).stdout,
+            alerts,
+        }
+    }
+}
+
+/// What a campaign did.
+#[derive(Default)]
+struct Tally {
+    rounds: u64,
+    attempts: u64,
+    /// Kills by where they happened (`outside` or a failpoint's name).
+    kills: BTreeMap<&'static str, u64>,
+    /// Runs that got to the end of their work before their kill.
+    finished_first: u64,
+    alerts_expected: u64,
+    alerts_delivered: u64,
+}
+
+impl Tally {
+    fn kills(&self) -> u64 {
+        self.kills.values().sum()
+    }
+}
+
+/// Kills `subject` as `plan` says, in rounds, checking each round against `reference`.
+fn campaign(
+    subject: &dyn Subject,
+    reference: &Reference,
+    dir: &Path,
+    plan: &Plan,
+    rng: &mut ChaCha8Rng,
+) -> Tally {
+    let target = plan.kills;
+    let mut tally = Tally::default();
+    let log = dir.join("attempt.log");
+    while tally.kills() < target {
+        tally.rounds += 1;
+        let data = dir.join(format!("round-{}", tally.rounds));
+        let alerts = dir.join(format!("round-{}.jsonl", tally.rounds));
+        // Kill until a run gets to the end by itself (or the campaign has its kills).
+        let mut attempt = 0;
+        while tally.kills() < target {
+            let kill = Kill::pick(attempt, rng, plan);
+            attempt += 1;
+            tally.attempts += 1;
+            let failpoints = kill.failpoints();
+            let mut child = subject.spawn(&data, &alerts, failpoints.as_deref(), &log);
+            let status = match kill {
+                Kill::After(delay) => wait_at_most(&mut child, delay),
+                Kill::At(spot, _) => match wait_at_most(&mut child, subject.patience()) {
+                    Some(status) if status.signal() == Some(libc::SIGKILL) => {
+                        *tally.kills.entry(spot).or_default() += 1;
+                        assert_no_panic(&log);
+                        continue;
+                    }
+                    status => status,
+                },
+            };
+            assert_no_panic(&log);
+            match status {
+                Some(status) => {
+                    assert!(
+                        status.success(),
+                        "a run ended with {status} (attempt {attempt}, {kill:?})"
+                    );
+                    tally.finished_first += 1;
+                    break;
+                }
+                // A live service that has caught up waits for more: that is the end of the
+                // round, not a kill worth counting.
+                None if subject.caught_up() => {
+                    sigkill(&mut child);
+                    tally.finished_first += 1;
+                    break;
+                }
+                None => {
+                    sigkill(&mut child);
+                    *tally.kills.entry("outside").or_default() += 1;
+                }
+            }
+        }
+        subject.run_to_end(&data, &alerts, &log);
+        check_round(reference, &data, &alerts, &mut tally);
+    }
+    tally
+}
+
+fn check_round(reference: &Reference, data: &Path, alerts: &Path, tally: &mut Tally) {
+    let round = tally.rounds;
+    let export = ok(&["export", "--data-dir", path(data)]).stdout;
+    assert!(
+        export == reference.export,
+        "round {round}: the export after {} kills differs from the uninterrupted run's",
+        tally.kills()
+    );
+    let violations = ok(&["violations", "--data-dir", path(data)]).stdout;
+    assert!(
+        violations == reference.violations,
+        "round {round}: the violations differ from the uninterrupted run's"
+    );
+    let (delivered, n_delivered) = alerts_by_id(&std::fs::read(alerts).unwrap_or_default());
+    let missing: Vec<&String> = reference
+        .alerts
+        .keys()
+        .filter(|id| !delivered.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "round {round}: {} alerts never delivered, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert_eq!(
+        delivered, reference.alerts,
+        "round {round}: the delivered alerts differ from the uninterrupted run's"
+    );
+    tally.alerts_expected += reference.alerts.len() as u64;
+    tally.alerts_delivered += n_delivered as u64;
+}
+
+fn record(campaign: &str, tally: &Tally, events: u64) {
+    let mut figures = vec![
+        ("kills", tally.kills()),
+        ("rounds", tally.rounds),
+        ("runs", tally.attempts + tally.rounds),
+        ("finished_before_kill", tally.finished_first),
+        ("events_per_round", events),
+        ("alerts_expected", tally.alerts_expected),
+        ("alerts_delivered", tally.alerts_delivered),
+        ("alerts_missing", 0),
+        ("export_mismatches", 0),
+    ];
+    for (at, n) in &tally.kills {
+        figures.push((at, *n));
+    }
+    report::record(campaign, &figures);
+}
+
+fn assert_every_spot_hit(tally: &Tally) {
+    for spot in failpoint::NAMES {
+        assert!(
+            tally.kills.get(spot).copied().unwrap_or(0) > 0,
+            "no kill at {spot}: {:?}",
+            tally.kills
+        );
+    }
+}
+
+#[test]
+fn replay_crash_campaign() {
+    let scale = report::scale();
+    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_124));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = scale.pick(200_000, 60_000);
+    let fleet = generate_fleet(dir.path(), events / 10, events, 31, 0.05);
+    let subject = Replay { fleet };
+
+    let clean = dir.path().join("clean");
+    let clean_alerts = dir.path().join("clean.jsonl");
+    let started = Instant::now();
+    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
+    let whole = started.elapsed().as_millis() as u64;
+    let reference = Reference::of(&clean, &clean_alerts);
+    assert!(reference.alerts.len() >= 500, "too few alerts to check");
+
+    let plan = Plan {
+        kills: scale.pick(30, 10),
+        // From outside: anywhere from the start-up to a tenth of an uninterrupted run.
+        outside_ms: 20..=(whole / 10).max(60),
+        // A batch is 500 events.
+        hits: 6,
+    };
+    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
+    if scale == Scale::Full {
+        assert_every_spot_hit(&tally);
+    }
+    record("crash-replay", &tally, events);
+}
+
+#[test]
+fn live_crash_campaign() {
+    let scale = report::scale();
+    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_125));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = scale.pick(150_000, 40_000);
+    let fleet = generate_fleet(dir.path(), events / 10, events, 32, 0.05);
+    let config = dir.path().join("twinwatch.toml");
+    std::fs::write(&config, "[batching]\nmax_messages = 500\n").expect("config");
+    let subject = Live {
+        hub: Hub::start(&fleet),
+        config,
+        port: std::cell::Cell::new(0),
+    };
+    assert_eq!(subject.hub.published, events);
+
+    let clean = dir.path().join("clean");
+    let clean_alerts = dir.path().join("clean.jsonl");
+    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
+    let reference = Reference::of(&clean, &clean_alerts);
+    assert!(reference.alerts.len() >= 200, "too few alerts to check");
+    // The live snapshot is the replay's (tests/it/live.rs shows it; checked here again).
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", "--data-dir", path(&replayed), path(&fleet)]);
+    assert!(
+        ok(&["export", "--data-dir", path(&replayed)]).stdout == reference.export,
+        "the uninterrupted live run's export differs from a replay's"
+    );
+
+    let plan = Plan {
+        kills: scale.pick(30, 10),
+        // The service starts consuming about 200 ms after it is started, and then takes
+        // 3 to 5 s for the whole hub at full scale.
+        outside_ms: 100..=800,
+        // A batch is 500 events (the configuration) or what arrived in 50 ms.
+        hits: 6,
+    };
+    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
+    if scale == Scale::Full {
+        assert_every_spot_hit(&tally);
+    }
+    record("crash-live", &tally, events);
+}
