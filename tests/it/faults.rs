@@ -1,59 +1,13 @@
 //! Faults a service meets in production, injected around the real binary: here, the data
 //! directory's disk filling up.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::service::{
     committed, consumed, free_port, metric, metric_plain, readyz, sigterm_and_wait, spawn_run, Hub,
-    Receiver,
+    Receiver, SmallDisk,
 };
 use crate::support::{generate_fleet, ok, path};
-
-/// A tmpfs of `mib` MiB mounted at `at` (the tests run as root, as `.ci/run` does), unmounted
-/// when dropped.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, mib: u64) -> SmallDisk {
-        std::fs::create_dir_all(at).expect("mount point");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m"),
-                "tmpfs",
-                path(at),
-            ])
-            .status()
-            .expect("mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs failed: the storage-fault test needs root"
-        );
-        SmallDisk(at.to_owned())
-    }
-
-    fn free_bytes(&self) -> u64 {
-        let out = Command::new("df")
-            .args(["-B1", "--output=avail", path(&self.0)])
-            .output()
-            .expect("df");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .expect("df's answer")
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").args(["-l", path(&self.0)]).status();
-    }
-}
 
 #[test]
 fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
@@ -74,10 +28,7 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     .expect("config");
 
     // Fill the disk to 8 MiB free, below the 16 the service keeps.
-    let filler = disk.0.join("filler");
-    let keep = 8u64 << 20;
-    let size = disk.free_bytes().saturating_sub(keep);
-    std::fs::write(&filler, vec![0u8; size as usize]).expect("filler");
+    let filler = disk.fill_to(8 << 20);
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
 
     // Paused: not ready, saying why; nothing committed; consuming stops short.

@@ -4,7 +4,7 @@
 //! reliability suite.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -283,4 +283,56 @@ pub fn metric_plain(port: u16, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// A tmpfs of `mib` MiB mounted at `at` (the tests run as root, as `.ci/run` does), for
+/// storage faults; unmounted when dropped.
+pub struct SmallDisk(pub PathBuf);
+
+impl SmallDisk {
+    pub fn mount(at: &Path, mib: u64) -> SmallDisk {
+        std::fs::create_dir_all(at).expect("mount point");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m"),
+                "tmpfs",
+                path(at),
+            ])
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed: this campaign needs root"
+        );
+        SmallDisk(at.to_owned())
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail", path(&self.0)])
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df's answer")
+    }
+
+    /// Fills the disk until `keep` bytes are free; returns the filler's path.
+    pub fn fill_to(&self, keep: u64) -> PathBuf {
+        let filler = self.0.join("filler");
+        let size = self.free_bytes().saturating_sub(keep);
+        std::fs::write(&filler, vec![0u8; size as usize]).expect("filler");
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").args(["-l", path(&self.0)]).status();
+    }
 }

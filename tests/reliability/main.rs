@@ -15,3 +15,4 @@ mod support;
 
 mod crash;
 mod report;
+mod storage;
