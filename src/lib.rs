@@ -1,5 +1,8 @@
 //! twinwatch: a live snapshot of an Azure IoT Hub fleet's twins, with compliance alerts.
 //!
+//! Without the `service` feature (on by default) only the pure core and the file readers are
+//! built: no RocksDB, no Event Hubs, no HTTP. The fuzz targets (fuzz/) build it so.
+//!
 //! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
 //! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
@@ -20,21 +23,28 @@
 //!   and metrics.
 //! - [`failpoint`]: named crash and delay spots for the reliability suite (a cargo feature).
 
+#[cfg(feature = "service")]
 pub mod alert;
+#[cfg(feature = "service")]
 pub mod api;
+#[cfg(feature = "service")]
 pub mod app;
 pub mod cli;
 pub mod compliance;
 pub mod config;
 pub mod decode;
+#[cfg(feature = "service")]
 pub mod emulator;
 pub mod failpoint;
 pub mod generate;
+#[cfg(feature = "service")]
 pub mod http;
 pub mod model;
+#[cfg(feature = "service")]
 pub mod pipeline;
 pub mod policy;
 pub mod source;
+#[cfg(feature = "service")]
 pub mod store;
 pub mod telemetry;
 pub mod time;
