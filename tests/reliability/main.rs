@@ -14,5 +14,6 @@ mod service;
 mod support;
 
 mod crash;
+mod hostile;
 mod report;
 mod storage;

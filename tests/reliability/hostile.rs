@@ -1,0 +1,315 @@
+//! Hostile input through the real binary: deep nesting, huge bodies, invalid UTF-8, numbers
+//! out of range, duplicate keys, truncated lines, NUL bytes, interleaved at seeded positions
+//! with a generated fleet's lines. Each must end as a dead letter (or, for duplicate keys, be
+//! applied deterministically, last key wins, as `value::Map::from_entries` documents), never a
+//! panic, never a stall, and every good line around them must be applied. Hostile policy files
+//! must each be a policy error.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+
+use crate::report;
+use crate::support::{binary, generate_fleet, ok, path};
+
+/// Runs the binary, killing it after `limit` (a stall) and failing on a panic. Its output goes
+/// to files (a pipe nobody reads while waiting would stall a chatty run).
+fn run_bounded(args: &[&str], limit: Duration) -> Output {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let (stdout, stderr) = (out_dir.path().join("stdout"), out_dir.path().join("stderr"));
+    let mut child = Command::new(binary())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&stdout).expect("stdout"))
+        .stderr(std::fs::File::create(&stderr).expect("stderr"))
+        .spawn()
+        .expect("spawn twinwatch");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("twinwatch {args:?} stalled: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: std::fs::read(&stdout).expect("stdout"),
+        stderr: std::fs::read(&stderr).expect("stderr"),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked"),
+        "twinwatch {args:?} panicked: {stderr}"
+    );
+    out
+}
+
+/// An `updateTwin` line for `device` (created by the fleet's first line's template) with the
+/// body written as raw JSON text `body`.
+fn update_line(template: &Value, device: &str, body: &[u8]) -> Vec<u8> {
+    let mut line = template.clone();
+    line["Properties"]["deviceId"] = json!(device);
+    line["Properties"]["opType"] = json!("updateTwin");
+    line["Properties"]["iothub-message-schema"] = json!("twinChangeNotification");
+    line["SystemProperties"]["iothub-message-source"] = json!("twinChangeEvents");
+    line["Body"] = json!("@BODY@");
+    let text = serde_json::to_string(&line).expect("json");
+    let (before, after) = text.split_once("\"@BODY@\"").expect("placeholder");
+    [before.as_bytes(), body, after.as_bytes()].concat()
+}
+
+/// The hostile lines: (name, line, whether it is applied rather than dead-lettered).
+fn hostile_lines(template: &Value, device: &str) -> Vec<(&'static str, Vec<u8>, bool)> {
+    let nest = |levels: usize, open: &str, close: &str| {
+        let mut body = String::from("{\"version\":5,\"properties\":{\"reported\":{\"x\":");
+        body.push_str(&open.repeat(levels));
+        body.push('1');
+        body.push_str(&close.repeat(levels));
+        body.push_str("}}}");
+        body.into_bytes()
+    };
+    let mut huge = b"{\"version\":5,\"properties\":{\"reported\":{\"x\":\"".to_vec();
+    huge.resize(huge.len() + (64 << 20), b'a');
+    huge.extend_from_slice(b"\"}}}");
+    let mut mib = b"{\"version\":5,\"properties\":{\"reported\":{\"x\":\"".to_vec();
+    mib.resize(mib.len() + (1 << 20), b'b');
+    mib.extend_from_slice(b"\"}}}");
+    let good = update_line(template, device, b"{\"version\":5}");
+    let mut invalid_utf8_property = good.clone();
+    let at = memchr_find(&invalid_utf8_property, device.as_bytes());
+    invalid_utf8_property.splice(at..at, [0xff, 0xfe]);
+    let mut nul = good.clone();
+    nul.insert(good.len() / 2, 0);
+    let line = |body: &[u8]| update_line(template, device, body);
+    vec![
+        ("nesting-70-objects", line(&nest(70, "{\"a\":", "}")), false),
+        ("nesting-5000-arrays", line(&nest(5000, "[", "]")), false),
+        (
+            "nesting-100k-objects",
+            line(&nest(100_000, "{\"a\":", "}")),
+            false,
+        ),
+        ("nesting-100k-arrays", line(&nest(100_000, "[", "]")), false),
+        ("body-64-mib", line(&huge), false),
+        ("body-1-mib", line(&mib), false),
+        ("body-1-mib-again", line(&mib), false),
+        (
+            "invalid-utf8-body",
+            line(b"{\"version\":5,\"properties\":{\"reported\":{\"x\":\"\xc3\x28\"}}}"),
+            false,
+        ),
+        ("invalid-utf8-property", invalid_utf8_property, false),
+        (
+            "number-1e400",
+            line(b"{\"version\":5,\"properties\":{\"reported\":{\"x\":1e400}}}"),
+            false,
+        ),
+        (
+            "number-minus-1e400",
+            line(b"{\"version\":5,\"properties\":{\"reported\":{\"x\":-1e400}}}"),
+            false,
+        ),
+        (
+            "number-2-pow-64",
+            line(b"{\"version\":5,\"properties\":{\"reported\":{\"x\":18446744073709551616}}}"),
+            false,
+        ),
+        (
+            "version-beyond-i64",
+            line(b"{\"version\":99999999999999999999}"),
+            false,
+        ),
+        ("version-1e3", line(b"{\"version\":1e3}"), false),
+        (
+            "exponent-huge",
+            line(b"{\"version\":5,\"properties\":{\"reported\":{\"x\":1e99999999999}}}"),
+            false,
+        ),
+        ("truncated", good[..good.len() / 2].to_vec(), false),
+        ("nul-byte", nul, false),
+        ("not-an-object", line(b"[1,2,3]"), false),
+        // Duplicate keys: JSON leaves their meaning open; the decoder keeps the last (a
+        // deterministic choice, the same in replay and live), so these are applied.
+        (
+            "duplicate-keys-body",
+            line(b"{\"version\":6,\"version\":7,\"properties\":{\"reported\":{\"x\":1,\"x\":2}}}"),
+            true,
+        ),
+    ]
+}
+
+fn memchr_find(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle")
+}
+
+fn write_lines(file: &Path, lines: &[Vec<u8>]) {
+    let mut text = Vec::new();
+    for line in lines {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    std::fs::write(file, text).expect("write lines");
+}
+
+#[test]
+fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
+    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_127));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 300, 3000, 35, 0.0);
+    let good: Vec<Vec<u8>> = std::fs::read(&fleet)
+        .expect("fleet")
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let template: Value = serde_json::from_slice(&good[0]).expect("template");
+    let device = template["Properties"]["deviceId"]
+        .as_str()
+        .expect("device")
+        .to_owned();
+
+    // Interleave: each hostile line at a seeded position after the first line (which creates
+    // `device`), so good lines come before and after it.
+    let hostile = hostile_lines(&template, &device);
+    let mut lines: Vec<(Option<&str>, Vec<u8>, bool)> =
+        good.iter().map(|l| (None, l.clone(), true)).collect();
+    for (name, line, applied) in &hostile {
+        let at = rng.gen_range(1..=lines.len());
+        lines.insert(at, (Some(*name), line.clone(), *applied));
+    }
+    let mixed = dir.path().join("mixed.json");
+    write_lines(
+        &mixed,
+        &lines.iter().map(|(_, l, _)| l.clone()).collect::<Vec<_>>(),
+    );
+    // The reference: the same file without the lines that must be dead letters.
+    let kept = dir.path().join("kept.json");
+    write_lines(
+        &kept,
+        &lines
+            .iter()
+            .filter(|(_, _, applied)| *applied)
+            .map(|(_, l, _)| l.clone())
+            .collect::<Vec<_>>(),
+    );
+
+    let data = dir.path().join("data");
+    let out = run_bounded(
+        &["replay", "--data-dir", path(&data), path(&mixed)],
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "replay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every hostile line that is not applied is a dead letter at its own record index.
+    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("dead letter"))
+        .collect();
+    let expected: Vec<(u64, &str)> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, (name, _, applied))| name.is_some() && !applied)
+        .map(|(i, (name, _, _))| (i as u64, name.expect("hostile")))
+        .collect();
+    let got: Vec<u64> = dead
+        .iter()
+        .map(|d| d["record"].as_u64().expect("record"))
+        .collect();
+    assert_eq!(
+        got,
+        expected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        "dead letters at other records than the hostile lines {expected:?}"
+    );
+    for (d, (_, name)) in dead.iter().zip(&expected) {
+        eprintln!("{name}: {}", d["reason"]);
+    }
+
+    let replayed = dir.path().join("replayed");
+    ok(&["replay", "--data-dir", path(&replayed), path(&kept)]);
+    let a = ok(&["export", "--data-dir", path(&data)]).stdout;
+    let b = ok(&["export", "--data-dir", path(&replayed)]).stdout;
+    assert!(
+        a == b,
+        "the good lines around the hostile ones were not all applied"
+    );
+    report::record(
+        "hostile-lines",
+        &[
+            ("inputs", hostile.len() as u64),
+            ("good_lines", good.len() as u64),
+            ("dead_letters", expected.len() as u64),
+            ("panics", 0),
+            ("stalls", 0),
+            ("lost", 0),
+        ],
+    );
+}
+
+#[test]
+fn hostile_policy_files_are_policy_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = |check: &str| format!("rules:\n  - id: r\n    severity: high\n    check: {check}\n");
+    let mut huge = String::from("rules:\n");
+    for i in 0..report::scale().pick(200_000, 20_000) {
+        huge.push_str(&format!(
+            "  - id: r{i}\n    severity: high\n    check: {{ nosuchop: 1 }}\n"
+        ));
+    }
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("nesting-100k-flow", format!("rules: {}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes()),
+        ("nesting-100k-block", {
+            let mut text = String::from("rules:\n");
+            for depth in 0..20_000 {
+                text.push_str(&" ".repeat(depth * 2 + 2));
+                text.push_str("- \n");
+            }
+            text.into_bytes()
+        }),
+        ("huge-bad-rules", huge.into_bytes()),
+        ("invalid-utf8", b"rules:\n  - id: \xff\xfe\n    severity: high\n".to_vec()),
+        ("duplicate-keys", b"rules: []\nrules: []\n".to_vec()),
+        ("duplicate-rule-keys", rule("{ exists: /a }").replace("severity: high", "severity: high\n    severity: low").into_bytes()),
+        ("number-out-of-range", rule("{ pointer: /a, op: \">\", value: 1e400 }").into_bytes()),
+        ("regex-too-big", rule("{ pointer: /a, op: matches, value: \"a{1000}{1000}{1000}\" }").into_bytes()),
+        ("yaml-alias-bomb", b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nrules: *g\n".to_vec()),
+        ("nul-bytes", b"rules:\n  - id: \0\0\n".to_vec()),
+    ];
+    let n = cases.len() as u64;
+    for (name, text) in cases {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, &text).expect("policy file");
+        let out = run_bounded(&["policy", "check", path(&file)], Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: not a policy error: {stdout}{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("{name}.yaml")) || stdout.contains(&format!("{name}.yaml")),
+            "{name}: the error does not name the file: {stdout}{stderr}"
+        );
+    }
+    report::record(
+        "hostile-policies",
+        &[("inputs", n), ("panics", 0), ("stalls", 0), ("accepted", 0)],
+    );
+}
