@@ -15,5 +15,6 @@ mod support;
 
 mod crash;
 mod hostile;
+mod network;
 mod report;
 mod storage;
