@@ -209,6 +209,13 @@ impl Emulator {
         )
     }
 
+    /// Fault injection: drops every open TCP connection at once, with no AMQP `close` (as a
+    /// failing gateway or load balancer does); connections made afterwards are served as
+    /// usual. Returns how many partition receivers the dropped connections carried.
+    pub fn drop_connections(&self) -> usize {
+        self.hub.drop_connections()
+    }
+
     /// Stops accepting connections, closes every connection, and waits (a few seconds at
     /// most) for all the emulator's tasks to end.
     pub async fn shutdown(self) {

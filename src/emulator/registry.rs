@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::event::{EmulatedEvent, EventPosition};
 use super::selector::{OffsetValue, StartPosition};
@@ -105,6 +106,9 @@ pub(crate) struct Hub {
     next_reader_id: AtomicU64,
     /// Fault injection: refuse every `$cbs` token (as the service refuses a wrong key).
     refuse_tokens: std::sync::atomic::AtomicBool,
+    /// Cancelled to drop every open connection (fault injection); replaced by a fresh token
+    /// so that connections made afterwards live on.
+    connections: Mutex<CancellationToken>,
 }
 
 /// A stored event and where it sits.
@@ -175,12 +179,29 @@ impl Hub {
                 .collect(),
             next_reader_id: AtomicU64::new(1),
             refuse_tokens: std::sync::atomic::AtomicBool::new(false),
+            connections: Mutex::new(CancellationToken::new()),
         }
     }
 
     pub(crate) fn set_refuse_tokens(&self, refuse: bool) {
         self.refuse_tokens
             .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The token that cuts the connections open now (see [`Hub::drop_connections`]).
+    pub(crate) fn connection_cut(&self) -> CancellationToken {
+        lock(&self.connections).clone()
+    }
+
+    /// Cuts every connection open now; returns how many readers they carried.
+    pub(crate) fn drop_connections(&self) -> usize {
+        let readers = self
+            .partitions
+            .iter()
+            .map(|partition| lock(&partition.readers).len())
+            .sum();
+        std::mem::take(&mut *lock(&self.connections)).cancel();
+        readers
     }
 
     pub(crate) fn refuses_tokens(&self) -> bool {

@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use super::event::amqp_message;
 use super::registry::{condition, Hub, LinkFault, ReaderLease};
 use super::selector::{parse_selector, StartPosition, SELECTOR_FILTER_KEY};
-use super::wire::PaddedFrames;
+use super::wire::{PaddedFrames, Severable};
 
 /// Events taken from a partition per lock.
 const READ_BATCH: usize = 256;
@@ -139,7 +139,7 @@ async fn serve_connection(
 ) {
     let opened = tokio::select! {
         _ = cancel.cancelled() => return,
-        opened = acceptor.accept(PaddedFrames::new(stream)) => opened,
+        opened = acceptor.accept(PaddedFrames::new(Severable::new(stream, hub.connection_cut()))) => opened,
     };
     let mut connection: ListenerConnectionHandle = match opened {
         Ok(connection) => connection,

@@ -799,4 +799,48 @@ mod wire_errors {
             .expect("the client hears in time");
         assert!(after.is_err(), "the link is gone after shutdown");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropped_connections_end_without_a_close_and_new_ones_are_served() {
+        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
+            .await
+            .expect("emulator starts");
+        emulator.publish(event_for("d", None));
+        let mut connection = connect(&emulator).await;
+        let mut session = Session::begin(&mut connection).await.expect("session");
+        let (receiver, first) = first_event(&mut session, "cut", &address("0"), None, None).await;
+        assert_eq!(first, Ok(0));
+        let mut receiver = receiver.expect("attached");
+
+        assert_eq!(emulator.drop_connections(), 1, "one receiver was carried");
+        let after = tokio::time::timeout(LIMIT, receiver.recv::<Body<Value>>())
+            .await
+            .expect("the client hears in time");
+        let error = format!(
+            "{:?}",
+            after.expect_err("the link is gone with its connection")
+        );
+        // Dropped, not closed: the client got no AMQP error condition from the emulator.
+        assert!(!error.contains("amqp:"), "{error}");
+        let closed = tokio::time::timeout(LIMIT, connection.close())
+            .await
+            .expect("the client closes in time");
+        assert!(closed.is_err(), "the connection was already gone");
+
+        // A new connection reads on, from where the client asks.
+        emulator.publish(event_for("d", None));
+        let mut connection = connect(&emulator).await;
+        let mut session = Session::begin(&mut connection).await.expect("session");
+        let (_receiver, next) = first_event(
+            &mut session,
+            "again",
+            &address("0"),
+            Some("amqp.annotation.x-opt-sequence-number > '0'"),
+            None,
+        )
+        .await;
+        assert_eq!(next, Ok(1));
+        let _ = tokio::time::timeout(LIMIT, connection.close()).await;
+        emulator.shutdown().await;
+    }
 }

@@ -10,11 +10,13 @@
 //! `source`, `target`) padded with nulls to its full field count and its descriptor as a
 //! small ulong. Transfer payloads (the messages) are copied unchanged.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The field count of each described list to pad, by descriptor code.
 fn full_field_count(descriptor: u64) -> Option<usize> {
@@ -189,6 +191,74 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for PaddedFrames<S> {
             Poll::Ready(Ok(())) => Pin::new(&mut this.inner).poll_shutdown(cx),
             other => other,
         }
+    }
+}
+
+/// A stream that fault injection can cut: once `cut` is cancelled every read and write fails
+/// with `ConnectionReset`, so the AMQP engine on top ends and drops the socket, and the peer
+/// sees the TCP connection close with no AMQP `close`: a connection dropped mid-stream, as a
+/// load balancer or a failing gateway drops one.
+pub(crate) struct Severable<S> {
+    inner: S,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Severable<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Severable")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Severable<S> {
+    pub(crate) fn new(inner: S, cut: CancellationToken) -> Severable<S> {
+        Severable {
+            inner,
+            cut: Box::pin(cut.cancelled_owned()),
+        }
+    }
+
+    /// `Err` once cut; otherwise registers `cx` to be woken by the cut.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection dropped by the emulator (fault injection)",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Severable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Severable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check(cx)?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

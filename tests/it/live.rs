@@ -107,7 +107,7 @@ fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
 }
 
 #[test]
-fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
+fn dropped_connections_and_links_mid_stream_leave_no_gap_and_no_double_application() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
     let events = events_of_file(&file).expect("events");
@@ -125,21 +125,26 @@ fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
     let data = dir.path().join("live");
     let port = free_port();
     let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
-    // Detach every receiver, as the service does when it moves a partition or is busy, a
-    // few times along the way.
-    let conditions = ["amqp:link:detach-forced", "com.microsoft:server-busy"];
+    // Along the way, in turn: every TCP connection dropped with no AMQP close, and every
+    // receiver detached as the service does when it moves a partition or is busy.
+    let conditions = [
+        None,
+        Some("amqp:link:detach-forced"),
+        Some("com.microsoft:server-busy"),
+    ];
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut faults = 0;
     while consumed(port).unwrap_or(0) < total {
         assert!(Instant::now() < deadline, "the service did not catch up");
         std::thread::sleep(Duration::from_millis(700));
         if faults < 6 && consumed(port).unwrap_or(0) > 0 {
-            let condition = conditions[faults % 2];
-            let told = hub.emulator.as_ref().expect("running").detach_receivers(
-                None,
-                condition,
-                "injected by the test",
-            );
+            let emulator = hub.emulator.as_ref().expect("running");
+            let told = match conditions[faults % conditions.len()] {
+                None => emulator.drop_connections(),
+                Some(condition) => {
+                    emulator.detach_receivers(None, condition, "injected by the test")
+                }
+            };
             if told > 0 {
                 faults += 1;
             }
@@ -164,7 +169,7 @@ fn dropped_links_mid_stream_leave_no_gap_and_no_double_application() {
     let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
     assert!(
         live_export == replay_export,
-        "the export after {faults} dropped links differs from the replay's"
+        "the export after {faults} dropped connections and links differs from the replay's"
     );
 }
 

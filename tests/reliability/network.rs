@@ -1,9 +1,10 @@
 //! Network faults: one `twinwatch run` consumes a stream the emulator publishes at a steady
-//! rate while a seeded schedule injects, in turn, links detached by the service
-//! (`amqp:link:detach-forced`), `com.microsoft:server-busy`, and a partition stolen by a
-//! consumer with a higher owner level (a second `twinwatch run`) that later lets it go; all of
-//! it while the service is a slow consumer (`FAILPOINTS` makes its apply thread sleep at every
-//! batch, so the receivers' prefetch fills and link credit must hold the emulator back).
+//! rate while a seeded schedule injects, in turn, TCP connections dropped with no AMQP close,
+//! links detached by the service (`amqp:link:detach-forced`), `com.microsoft:server-busy`,
+//! and a partition stolen by a consumer with a higher owner level (a second `twinwatch run`)
+//! that later lets it go; all of it while the service is a slow consumer (`FAILPOINTS` makes
+//! its apply thread sleep at every batch, so the receivers' prefetch fills and link credit
+//! must hold the emulator back).
 //!
 //! The one process must count every event exactly once (no gap, no double application) and
 //! end with the snapshot of a replay.
@@ -75,7 +76,12 @@ fn network_fault_campaign() {
     // The slow consumer: 30 ms asleep at every batch handed to the writer.
     let mut service = spawn(&hub, &ours, "apply.before_handoff=sleep(30)");
 
-    let kinds = ["detach-forced", "server-busy", "stolen"];
+    let kinds = [
+        "dropped-connection",
+        "detach-forced",
+        "server-busy",
+        "stolen",
+    ];
     let mut injected = std::collections::BTreeMap::<&str, u64>::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut n = 0;
@@ -89,6 +95,11 @@ fn network_fault_campaign() {
         let emulator = hub.emulator.as_ref().expect("running");
         let partition = rng.gen_range(0..4u32);
         match kind {
+            "dropped-connection" => {
+                if emulator.drop_connections() == 0 {
+                    continue;
+                }
+            }
             "detach-forced" | "server-busy" => {
                 let condition = if kind == "server-busy" {
                     "com.microsoft:server-busy"
