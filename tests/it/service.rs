@@ -6,6 +6,8 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use twinwatch::app::emulator::events_of_file;
@@ -208,56 +210,67 @@ pub fn metric(port: u16, name: &str, labels: &str) -> Option<f64> {
 }
 
 /// A minimal HTTP/1.1 receiver on `port`: answers 200 to every request (keep-alive) and keeps
-/// each request's body.
+/// each request's body; or, while failing, 503 without keeping it. [`Receiver::stop`] takes it
+/// down: the port refuses connections and open connections are cut.
 pub struct Receiver {
-    bodies: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    port: u16,
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+    failing: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Receiver {
     pub fn start(port: u16) -> Receiver {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
         let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
-        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = bodies.clone();
-        std::thread::spawn(move || {
+        let mut receiver = Receiver {
+            port,
+            bodies: Arc::default(),
+            failing: Arc::default(),
+            stopped: Arc::default(),
+            open: Arc::default(),
+            accept: None,
+        };
+        let (bodies, failing, stopped, open) = (
+            receiver.bodies.clone(),
+            receiver.failing.clone(),
+            receiver.stopped.clone(),
+            receiver.open.clone(),
+        );
+        receiver.accept = Some(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let kept = kept.clone();
-                std::thread::spawn(move || {
-                    let mut writer = stream.try_clone().expect("clone");
-                    let mut reader = BufReader::new(stream);
-                    loop {
-                        let mut length = 0usize;
-                        loop {
-                            let mut line = String::new();
-                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let line = line.trim_end();
-                            if line.is_empty() {
-                                break;
-                            }
-                            if let Some((name, value)) = line.split_once(':') {
-                                if name.eq_ignore_ascii_case("content-length") {
-                                    length = value.trim().parse().unwrap_or(0);
-                                }
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        kept.lock().expect("lock").push(body);
-                        if writer
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                open.lock()
+                    .expect("lock")
+                    .push(stream.try_clone().expect("clone"));
+                let (bodies, failing) = (bodies.clone(), failing.clone());
+                std::thread::spawn(move || serve_requests(stream, &bodies, &failing));
             }
-        });
-        Receiver { bodies }
+        }));
+        receiver
+    }
+
+    /// Answers 503 (and keeps nothing) while `failing`.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Takes the receiver down (connections to its port are refused, open ones cut) and
+    /// returns the ids it received.
+    pub fn stop(mut self) -> std::collections::BTreeSet<String> {
+        self.stopped.store(true, Ordering::SeqCst);
+        // Wake the accept loop, which then drops the listener.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(accept) = self.accept.take() {
+            accept.join().expect("the accept loop");
+        }
+        for stream in self.open.lock().expect("lock").drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        self.ids()
     }
 
     /// The ids of the CloudEvents received.
@@ -269,6 +282,46 @@ impl Receiver {
             .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
             .filter_map(|v| v["id"].as_str().map(str::to_owned))
             .collect()
+    }
+}
+
+/// Reads requests from one connection until it closes, answering each.
+fn serve_requests(stream: std::net::TcpStream, bodies: &Mutex<Vec<Vec<u8>>>, failing: &AtomicBool) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let answer: &[u8] = if failing.load(Ordering::SeqCst) {
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+        } else {
+            bodies.lock().expect("lock").push(body);
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        };
+        if writer.write_all(answer).is_err() {
+            return;
+        }
     }
 }
 

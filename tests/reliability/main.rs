@@ -17,4 +17,5 @@ mod crash;
 mod hostile;
 mod network;
 mod report;
+mod sinks;
 mod storage;
