@@ -17,8 +17,9 @@ events=${1:-500000}
 rate=${2:-5000}
 seconds=${3:-30}
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/twinwatch-target}"
-cargo build --release --quiet
-bin="$CARGO_TARGET_DIR/release/twinwatch"
+# TWINWATCH_BIN=PATH measures another build (to compare a change with the one before it).
+if [ -z "${TWINWATCH_BIN:-}" ]; then cargo build --release --quiet; fi
+bin="${TWINWATCH_BIN:-$CARGO_TARGET_DIR/release/twinwatch}"
 dir="${BENCH_DIR:-/tmp/twinwatch-live-bench}"
 rm -rf "$dir"; mkdir -p "$dir"
 pids=()
@@ -57,6 +58,9 @@ kill -TERM "$run1" 2>/dev/null || true; wait "$run1" 2>/dev/null || true
 kill "${pids[0]}" 2>/dev/null || true; wait "${pids[0]}" 2>/dev/null || true
 pids=()
 python3 -c "print(f'throughput: {$events} events in {$end - $start:.2f} s from the start: {$events / ($end - $start):,.0f} events/s; once consuming: {$events - $first_n} in {$end - $first:.2f} s: {($events - $first_n) / ($end - $first):,.0f} events/s')"
+
+# LIVE_THROUGHPUT_ONLY=1 stops here.
+[ -n "${LIVE_THROUGHPUT_ONLY:-}" ] && exit 0
 
 # 2. Latency at a steady rate.
 cs=$(start_emulator --rate "$rate" --devices 20000 --seed 5)

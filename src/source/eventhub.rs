@@ -12,7 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue};
+use azure_core_amqp::message::{AmqpAnnotationKey, AmqpMessageBody};
+use azure_messaging_eventhubs::models::{
+    AmqpMessage, AmqpSimpleValue, AmqpValue, ReceivedEventData,
+};
 use azure_messaging_eventhubs::{
     ConsumerClient, OpenReceiverOptions, RetryOptions, StartLocation,
     StartPosition as ClientStartPosition,
@@ -355,12 +358,11 @@ async fn receive_partition(
                         };
                         match item {
                             Some(Ok(event)) => {
-                                let Some(seq) = event.sequence_number() else {
+                                let Some(live) = to_live(start.index, &event) else {
                                     tracing::warn!(partition = %start.id, "an event without a sequence number was skipped");
                                     continue;
                                 };
-                                let live = to_live(start.index, seq, &event);
-                                next = Some(seq + 1);
+                                next = Some(live.sequence_number + 1);
                                 backoff = FIRST_BACKOFF;
                                 if tx.send(live).await.is_err() {
                                     // The apply thread is gone: the service is stopping.
@@ -453,43 +455,86 @@ fn ticks(time: std::time::SystemTime) -> Ticks {
     }
 }
 
-fn to_live(
-    partition: usize,
-    sequence_number: i64,
-    event: &azure_messaging_eventhubs::models::ReceivedEventData,
-) -> LiveEvent {
+/// What the receive loop needs of an event's message annotations, read in one pass.
+struct Annotations {
+    sequence_number: Option<i64>,
+    offset: Option<String>,
+    enqueued_time: Option<OwnedProp>,
+    /// Every other symbol-keyed annotation that is a property value, as the client's
+    /// `system_properties()` gives them (without its map: this is the per-event path).
+    system_properties: Vec<(super::avro::PropName, OwnedProp)>,
+}
+
+fn read_annotations(message: &AmqpMessage) -> Annotations {
+    let mut read = Annotations {
+        sequence_number: None,
+        offset: None,
+        enqueued_time: None,
+        system_properties: Vec::new(),
+    };
+    let Some(annotations) = &message.message_annotations else {
+        return read;
+    };
+    for (key, value) in annotations.0.iter() {
+        let AmqpAnnotationKey::Symbol(symbol) = key else {
+            continue;
+        };
+        match (symbol.0.as_str(), value) {
+            ("x-opt-sequence-number", AmqpValue::Long(n)) => read.sequence_number = Some(*n),
+            ("x-opt-offset", AmqpValue::String(offset)) => read.offset = Some(offset.clone()),
+            ("x-opt-enqueued-time", AmqpValue::TimeStamp(t)) => {
+                read.enqueued_time = t.0.map(|t| OwnedProp::Time(ticks(t)));
+            }
+            ("x-opt-sequence-number" | "x-opt-offset" | "x-opt-enqueued-time", _)
+            | ("x-opt-partition-key", _) => {}
+            (name, value) => {
+                if let Some(value) = value_prop(value) {
+                    read.system_properties.push((prop_name(name), value));
+                }
+            }
+        }
+    }
+    read
+}
+
+/// The event as the apply thread takes it, read straight from the AMQP message: the client's
+/// `event_data()` and `system_properties()` would first copy the body and both property
+/// maps into maps of their own.
+fn to_live(partition: usize, event: &ReceivedEventData) -> Option<LiveEvent> {
     let message = event.raw_amqp_message();
+    let annotations = read_annotations(message);
+    let sequence_number = annotations.sequence_number?;
     let mut record = Record::default();
-    if let Some(properties) = event.event_data().properties() {
+    if let Some(properties) = &message.application_properties {
         record.properties = properties
+            .0
             .iter()
             .filter_map(|(k, v)| Some((prop_name(k), simple_prop(v)?)))
             .collect();
     }
-    record.system_properties = event
-        .system_properties()
-        .iter()
-        .filter_map(|(k, v)| Some((prop_name(k), value_prop(v)?)))
-        .collect();
-    if let Some(properties) = &message.properties {
-        if let Some(user_id) = &properties.user_id {
-            record
-                .system_properties
-                .push((prop_name("user-id"), OwnedProp::Bytes(user_id.clone())));
-        }
+    record.system_properties = annotations.system_properties;
+    if let Some(user_id) = message.properties.as_ref().and_then(|p| p.user_id.as_ref()) {
+        record
+            .system_properties
+            .push((prop_name("user-id"), OwnedProp::Bytes(user_id.clone())));
     }
-    record.enqueued_time = event.enqueued_time().map(|t| OwnedProp::Time(ticks(t)));
+    record.enqueued_time = annotations.enqueued_time;
     record.index_names();
-    let body = event.event_data().body().map(<[u8]>::to_vec);
+    // An event's body is one data section (a message with several has none, as the client
+    // reads it).
+    let body = match &message.body {
+        AmqpMessageBody::Binary(sections) if sections.len() == 1 => Some(sections[0].clone()),
+        _ => None,
+    };
     record.body = body.as_ref().map(|b| (0, b.len() as u32));
-    LiveEvent {
+    Some(LiveEvent {
         partition,
         sequence_number,
-        offset: event.offset().clone(),
+        offset: annotations.offset,
         record,
         body: body.unwrap_or_default(),
         received_at: Instant::now(),
-    }
+    })
 }
 
 #[cfg(test)]
