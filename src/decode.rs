@@ -9,7 +9,7 @@ use simd_json::{Node, StaticNode};
 
 use crate::model::{DeadLetterReason, Op, TwinEvent, TwinKey};
 use crate::time::Ticks;
-use crate::value::{tape_depth, tape_get, tape_is_object};
+use crate::value::{tape_depth, tape_get, tape_has_duplicate_key, tape_is_object};
 
 /// IoT Hub's maximum message size, the default body limit.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 262_144;
@@ -219,7 +219,7 @@ pub fn decode_body<'a>(
     header: &Header<'a>,
     body: &'a [Node<'a>],
 ) -> Result<TwinEvent<'a>, DeadLetterReason> {
-    if !tape_is_object(body) || tape_depth(body) > MAX_BODY_DEPTH {
+    if !tape_is_object(body) || tape_depth(body) > MAX_BODY_DEPTH || tape_has_duplicate_key(body) {
         return Err(DeadLetterReason::BadBody);
     }
     if header.op == Op::UpdateTwin {

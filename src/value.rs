@@ -379,6 +379,30 @@ pub fn tape_depth(nodes: &[Node<'_>]) -> usize {
     max_depth
 }
 
+/// Whether an object anywhere in the value at `nodes[0]` has a key twice. JSON leaves such an
+/// object's meaning to the reader, and readers differ (first wins, last wins, error): a body
+/// with one is refused rather than given a meaning IoT Hub may not share.
+pub fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
+    let end = tape_span(nodes).min(nodes.len());
+    let mut keys: Vec<&str> = Vec::new();
+    (0..end).any(|i| {
+        matches!(nodes[i], Node::Object { len, .. } if len > 1)
+            && object_has_duplicate_key(&nodes[i..], &mut keys)
+    })
+}
+
+/// Whether the object at `nodes[0]` itself (not those inside it) has a key twice; `keys` is
+/// scratch space.
+pub fn object_has_duplicate_key<'i>(nodes: &[Node<'i>], keys: &mut Vec<&'i str>) -> bool {
+    keys.clear();
+    keys.extend(object_entries(nodes).map(|(key, _)| key));
+    if keys.len() <= 16 {
+        return (1..keys.len()).any(|i| keys[..i].contains(&keys[i]));
+    }
+    keys.sort_unstable();
+    keys.windows(2).any(|pair| pair[0] == pair[1])
+}
+
 /// Converts the value at `nodes[0]` into a [`Value`], dropping every `$metadata` key at any
 /// depth. The caller bounds the depth first ([`tape_depth`]): this recurses.
 pub fn from_tape(nodes: &[Node<'_>]) -> Value {
@@ -719,6 +743,25 @@ mod tests {
 
     fn json(v: &Value) -> serde_json::Value {
         serde_json::to_value(v).expect("serializable")
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_any_object_at_any_depth() {
+        let has = |json: &str| {
+            let mut bytes = json.as_bytes().to_vec();
+            let tape = simd_json::to_tape(&mut bytes).expect("valid json");
+            tape_has_duplicate_key(&tape.0)
+        };
+        assert!(!has(r#"{"a":1,"b":{"a":1,"c":[{"a":1},{"a":2}]}}"#));
+        assert!(!has(r#"{"a":{"x":1},"b":{"x":1}}"#));
+        assert!(has(r#"{"a":1,"a":1}"#));
+        assert!(has(r#"{"a":1,"b":{"c":[1,{"k":1,"j":2,"k":3}]}}"#));
+        // Past the small-object path: 40 distinct keys, then one repeated at the end.
+        let keys: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        assert!(!has(&format!("{{{}}}", keys.join(","))));
+        assert!(has(&format!("{{{},\"k7\":0}}", keys.join(","))));
+        // A value equal to a key is not a key.
+        assert!(!has(r#"{"a":"b","b":"a"}"#));
     }
 
     #[test]

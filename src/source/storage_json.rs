@@ -7,7 +7,7 @@
 use simd_json::{Node, StaticNode};
 
 use crate::decode::{Body, Message, Prop};
-use crate::value::{tape_get, tape_is_object};
+use crate::value::{object_has_duplicate_key, tape_get, tape_is_object};
 
 /// A [`Message`] view over the tape of one storage-route JSON line.
 pub struct StorageJsonMessage<'t, 'i> {
@@ -19,14 +19,26 @@ pub struct StorageJsonMessage<'t, 'i> {
 }
 
 impl<'t, 'i> StorageJsonMessage<'t, 'i> {
-    /// The view of a parsed line, `None` when the line is not a JSON object.
+    /// The view of a parsed line, `None` when the line is not a JSON object or when it, its
+    /// `Properties` or its `SystemProperties` has a key twice (which one would count is the
+    /// reader's guess; the body's own objects are checked with the body).
     pub fn new(nodes: &'t [Node<'i>], line_len: usize) -> Option<Self> {
         if !tape_is_object(nodes) {
             return None;
         }
+        let properties = tape_get(nodes, "Properties").filter(|p| tape_is_object(p));
+        let system_properties = tape_get(nodes, "SystemProperties").filter(|p| tape_is_object(p));
+        let mut keys = Vec::new();
+        let ambiguous = [Some(nodes), properties, system_properties]
+            .into_iter()
+            .flatten()
+            .any(|object| object_has_duplicate_key(object, &mut keys));
+        if ambiguous {
+            return None;
+        }
         Some(Self {
-            properties: tape_get(nodes, "Properties").filter(|p| tape_is_object(p)),
-            system_properties: tape_get(nodes, "SystemProperties").filter(|p| tape_is_object(p)),
+            properties,
+            system_properties,
             enqueued_time_utc: tape_get(nodes, "EnqueuedTimeUtc"),
             body: tape_get(nodes, "Body"),
             line_len,

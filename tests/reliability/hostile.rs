@@ -1,7 +1,6 @@
 //! Hostile input through the real binary: deep nesting, huge bodies, invalid UTF-8, numbers
 //! out of range, duplicate keys, truncated lines, NUL bytes, interleaved at seeded positions
-//! with a generated fleet's lines. Each must end as a dead letter (or, for duplicate keys, be
-//! applied deterministically, last key wins, as `value::Map::from_entries` documents), never a
+//! with a generated fleet's lines. Each must end as a dead letter at its own record, never a
 //! panic, never a stall, and every good line around them must be applied. Hostile policy files
 //! must each be a policy error.
 
@@ -87,6 +86,9 @@ fn hostile_lines(template: &Value, device: &str) -> Vec<(&'static str, Vec<u8>, 
     let mut invalid_utf8_property = good.clone();
     let at = memchr_find(&invalid_utf8_property, device.as_bytes());
     invalid_utf8_property.splice(at..at, [0xff, 0xfe]);
+    let mut duplicate_property = good.clone();
+    let at = memchr_find(&duplicate_property, b"\"deviceId\"");
+    duplicate_property.splice(at..at, *b"\"opType\":\"replaceTwin\",");
     let mut nul = good.clone();
     nul.insert(good.len() / 2, 0);
     let line = |body: &[u8]| update_line(template, device, body);
@@ -137,13 +139,19 @@ fn hostile_lines(template: &Value, device: &str) -> Vec<(&'static str, Vec<u8>, 
         ("truncated", good[..good.len() / 2].to_vec(), false),
         ("nul-byte", nul, false),
         ("not-an-object", line(b"[1,2,3]"), false),
-        // Duplicate keys: JSON leaves their meaning open; the decoder keeps the last (a
-        // deterministic choice, the same in replay and live), so these are applied.
+        // Duplicate keys: JSON leaves their meaning open and readers differ, so a body or a
+        // line with one is refused rather than given a meaning IoT Hub may not share.
         (
             "duplicate-keys-body",
-            line(b"{\"version\":6,\"version\":7,\"properties\":{\"reported\":{\"x\":1,\"x\":2}}}"),
-            true,
+            line(b"{\"version\":6,\"version\":7}"),
+            false,
         ),
+        (
+            "duplicate-keys-nested",
+            line(b"{\"version\":6,\"properties\":{\"reported\":{\"x\":1,\"x\":2}}}"),
+            false,
+        ),
+        ("duplicate-keys-properties", duplicate_property, false),
     ]
 }
 
