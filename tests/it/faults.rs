@@ -85,17 +85,8 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
 fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = generate_fleet(dir.path(), 600, 6000, 24, 0.03);
-    let events = twinwatch::app::emulator::events_of_file(&file).expect("events");
-    let total = events.len() as u64;
-    let mut hub = Hub::empty("iothub-ehub-stolen");
-    hub.published = total;
-    {
-        let _guard = hub.runtime.enter();
-        hub.emulator
-            .as_ref()
-            .expect("running")
-            .spawn_publisher(events.into_iter(), 800.0);
-    }
+    let hub = Hub::publishing("iothub-ehub-stolen", &file, 800.0);
+    let total = hub.published;
     let config = |name: &str, port: u16, extra: &str| {
         let file = dir.path().join(format!("{name}.toml"));
         std::fs::write(

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use twinwatch::app::emulator::events_of_file;
 
 use crate::service::{
     consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, Hub,
@@ -110,18 +109,8 @@ fn killed_while_consuming_it_loses_nothing_and_applies_nothing_twice() {
 fn dropped_connections_and_links_mid_stream_leave_no_gap_and_no_double_application() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = generate_fleet(dir.path(), 600, 6000, 21, 0.03);
-    let events = events_of_file(&file).expect("events");
-    let total = events.len() as u64;
-    let mut hub = Hub::empty("iothub-ehub-faults");
-    hub.published = total;
-    // Published while the service consumes, so that faults land mid-stream.
-    {
-        let _guard = hub.runtime.enter();
-        hub.emulator
-            .as_ref()
-            .expect("running")
-            .spawn_publisher(events.into_iter(), 1500.0);
-    }
+    let hub = Hub::publishing("iothub-ehub-faults", &file, 1500.0);
+    let total = hub.published;
     let data = dir.path().join("live");
     let port = free_port();
     let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);

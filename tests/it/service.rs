@@ -51,6 +51,22 @@ impl Hub {
         }
     }
 
+    /// An emulator named `hub` publishing a file's events in the background at
+    /// `events_per_second` (so that faults land mid-stream); `published` is their number.
+    pub fn publishing(hub: &str, file: &Path, events_per_second: f64) -> Hub {
+        let mut hub = Hub::empty(hub);
+        let events = events_of_file(file).expect("events");
+        hub.published = events.len() as u64;
+        {
+            let _guard = hub.runtime.enter();
+            hub.emulator
+                .as_ref()
+                .expect("running")
+                .spawn_publisher(events.into_iter(), events_per_second);
+        }
+        hub
+    }
+
     /// An emulator preloaded with a file's events.
     pub fn start(file: &Path) -> Hub {
         let mut hub = Hub::empty("iothub-ehub-test");

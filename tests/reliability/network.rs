@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use twinwatch::app::emulator::events_of_file;
 
 use crate::report;
 use crate::service::{consumed, free_port, metric, sigterm_and_wait, Hub};
@@ -48,17 +47,8 @@ fn network_fault_campaign() {
     let faults_wanted = scale.pick(24, 9);
     // About 1.5 s between faults at 2,000 events/s: the stream outlasts the schedule.
     let file = generate_fleet(dir.path(), 2000, faults_wanted * 4000, 36, 0.03);
-    let events = events_of_file(&file).expect("events");
-    let total = events.len() as u64;
-    let mut hub = Hub::empty("iothub-ehub-network");
-    hub.published = total;
-    {
-        let _guard = hub.runtime.enter();
-        hub.emulator
-            .as_ref()
-            .expect("running")
-            .spawn_publisher(events.into_iter(), 2000.0);
-    }
+    let hub = Hub::publishing("iothub-ehub-network", &file, 2000.0);
+    let total = hub.published;
     let config = |name: &str, port: u16, extra: &str| {
         let file = dir.path().join(format!("{name}.toml"));
         std::fs::write(

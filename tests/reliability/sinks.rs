@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
-use twinwatch::app::emulator::events_of_file;
 
 use crate::report;
 use crate::service::{
@@ -173,17 +172,8 @@ fn sink_outage_campaign() {
     // whole schedule, so each outage leaves some pending.
     let rate = 1500.0;
     let file = generate_fleet(dir.path(), 3000, outages_wanted * 12_000, 41, 0.03);
-    let events = events_of_file(&file).expect("events");
-    let total = events.len() as u64;
-    let mut hub = Hub::empty("iothub-ehub-sinks");
-    hub.published = total;
-    {
-        let _guard = hub.runtime.enter();
-        hub.emulator
-            .as_ref()
-            .expect("running")
-            .spawn_publisher(events.into_iter(), rate);
-    }
+    let hub = Hub::publishing("iothub-ehub-sinks", &file, rate);
+    let total = hub.published;
 
     let (port, webhook_port, am_port) = (free_port(), free_port(), free_port());
     let am_dir = dir.path().join("alertmanager");
