@@ -30,16 +30,20 @@ metric() { # sum of a metric's samples
   curl -s "http://127.0.0.1:$2/metrics" | awk -v m="$1" 'index($0, m)==1 {s+=$NF} END {printf "%d", s}'
 }
 
-start_emulator() { # args: extra emulator args; prints the connection string
+# Starts the emulator (args: extra emulator args) and sets `cs` to its connection string. Not
+# called in $(...): a subshell would keep the emulator's pid out of `pids`, and the emulator
+# would outlive the script.
+start_emulator() {
+  : > "$dir/emulator.out"
   "$bin" emulator --listen 127.0.0.1:0 --hub bench --partitions 4 "$@" > "$dir/emulator.out" 2> "$dir/emulator.err" &
   pids+=($!)
   for _ in $(seq 1 600); do [ -s "$dir/emulator.out" ] && break; sleep 0.1; done
-  head -1 "$dir/emulator.out"
+  cs=$(head -1 "$dir/emulator.out")
 }
 
 # 1. Throughput.
 "$bin" generate --devices $((events / 10)) --events "$events" --seed 3 --out "$dir/fleet.json" 2>/dev/null
-cs=$(start_emulator "$dir/fleet.json")
+start_emulator "$dir/fleet.json"
 start=$(date +%s.%N)
 TWINWATCH_EVENTHUB_CONNECTION_STRING="$cs" "$bin" run --data-dir "$dir/data1" --listen 127.0.0.1:29501 \
   --alerts-file "$dir/alerts1.jsonl" 2> "$dir/run1.err" &
@@ -63,7 +67,7 @@ python3 -c "print(f'throughput: {$events} events in {$end - $start:.2f} s from t
 [ -n "${LIVE_THROUGHPUT_ONLY:-}" ] && exit 0
 
 # 2. Latency at a steady rate.
-cs=$(start_emulator --rate "$rate" --devices 20000 --seed 5)
+start_emulator --rate "$rate" --devices 20000 --seed 5
 TWINWATCH_EVENTHUB_CONNECTION_STRING="$cs" "$bin" run --data-dir "$dir/data2" --listen 127.0.0.1:29502 \
   --alerts-file "$dir/alerts2.jsonl" 2> "$dir/run2.err" &
 pids+=($!)
