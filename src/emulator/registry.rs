@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use fe2o3_amqp::types::messaging::{Data, Message};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::event::{EmulatedEvent, EventPosition};
+use super::event::{amqp_message, EmulatedEvent, EventPosition};
 use super::selector::{OffsetValue, StartPosition};
 use super::DEFAULT_CONSUMER_GROUP;
 
@@ -112,9 +113,17 @@ pub(crate) struct Hub {
 }
 
 /// A stored event and where it sits.
+///
+/// The AMQP message is built once, when the event is appended: every receiver that reads the
+/// event sends a clone of it, instead of building the annotations, the properties and the body
+/// again for each delivery (the emulator shares the machine with the service it feeds, so its
+/// time is taken from the service's in the live benchmark).
 #[derive(Clone)]
 pub(crate) struct StoredEvent {
     pub(crate) position: EventPosition,
+    pub(crate) message: Arc<Message<Data>>,
+    /// The event as appended, kept for the tests that compare it with what receivers got.
+    #[cfg(test)]
     pub(crate) event: Arc<EmulatedEvent>,
 }
 
@@ -414,6 +423,8 @@ impl Partition {
             log.last_enqueued_time_ms = enqueued_time_ms;
             log.events.push(StoredEvent {
                 position,
+                message: Arc::new(amqp_message(&event, position)),
+                #[cfg(test)]
                 event: Arc::new(event),
             });
             log.events.len()

@@ -40,7 +40,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::event::amqp_message;
 use super::registry::{condition, Hub, LinkFault, ReaderLease};
 use super::selector::{parse_selector, StartPosition, SELECTOR_FILTER_KEY};
 use super::wire::{PaddedFrames, Severable};
@@ -573,7 +572,7 @@ async fn serve_reader(
             }
         }
         for stored in batch {
-            let message = amqp_message(&stored.event, stored.position);
+            let message = Message::clone(&stored.message);
             let sendable = Sendable::builder().message(message).settled(true).build();
             tokio::select! {
                 _ = cancel.cancelled() => return,
