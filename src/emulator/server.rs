@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 
 use super::registry::{condition, Hub, LinkFault, ReaderLease};
 use super::selector::{parse_selector, StartPosition, SELECTOR_FILTER_KEY};
-use super::wire::{PaddedFrames, Severable};
+use super::wire::{CoalescedWrites, PaddedFrames, Severable};
 
 /// Events taken from a partition per lock.
 const READ_BATCH: usize = 256;
@@ -138,7 +138,10 @@ async fn serve_connection(
 ) {
     let opened = tokio::select! {
         _ = cancel.cancelled() => return,
-        opened = acceptor.accept(PaddedFrames::new(Severable::new(stream, hub.connection_cut()))) => opened,
+        opened = acceptor.accept(PaddedFrames::new(Severable::new(
+            CoalescedWrites::new(stream),
+            hub.connection_cut(),
+        ))) => opened,
     };
     let mut connection: ListenerConnectionHandle = match opened {
         Ok(connection) => connection,
