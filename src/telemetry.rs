@@ -192,7 +192,7 @@ impl Metrics {
             )?,
             failures: counter_vec(
                 "twinwatch_sink_failures_total",
-                "Failed deliveries of a run of alerts, by sink",
+                "Failed deliveries to each sink: of a run of alerts, or of its periodic re-post (Alertmanager)",
                 "sink",
             )?,
             outbox_pending: gauge(

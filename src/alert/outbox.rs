@@ -190,9 +190,7 @@ fn run(
     loop {
         tell_stop(&mut sinks, draining, deadline, &mut told_to_stop);
         for sink in &mut sinks {
-            if let Err(error) = sink.tick() {
-                tracing::warn!(sink = sink.name(), error = %error, kind = error.kind(), "sink housekeeping failed");
-            }
+            housekeep(sink.as_mut(), metrics);
         }
         let entries = store.outbox_from(next, RUN)?;
         let first = entries.first().map(|(seq, _)| *seq);
@@ -261,9 +259,7 @@ fn run(
                 if let Ok(()) | Err(RecvTimeoutError::Timeout) = woken.recv_timeout(step) {}
                 for (i, sink) in sinks.iter_mut().enumerate() {
                     if !waiting.contains(&i) {
-                        if let Err(error) = sink.tick() {
-                            tracing::warn!(sink = sink.name(), error = %error, "sink housekeeping failed");
-                        }
+                        housekeep(sink.as_mut(), metrics);
                     }
                 }
             }
@@ -280,6 +276,18 @@ fn run(
         store.write(&mut batch)?;
         report.delivered += entries.len() as u64;
         next = entries.last().map_or(next, |(seq, _)| seq + 1);
+    }
+}
+
+/// A sink's periodic work (the Alertmanager sink's re-post of open alerts). A failure is logged
+/// and counted in the sink's failures, so that an outage with no new alerts to deliver still
+/// shows in `twinwatch_sink_failures_total`; the next tick tries again.
+fn housekeep(sink: &mut dyn Sink, metrics: Option<&DeliveryMetrics>) {
+    if let Err(error) = sink.tick() {
+        tracing::warn!(sink = sink.name(), error = %error, kind = error.kind(), "sink housekeeping failed");
+        if let Some(metrics) = metrics {
+            metrics.failures.with_label_values(&[sink.name()]).inc();
+        }
     }
 }
 
@@ -387,6 +395,55 @@ mod tests {
             seen.extend(alerts.iter().map(|a| a.to_vec()));
             Ok(())
         }
+    }
+
+    /// A sink whose periodic work always fails, as the Alertmanager sink's re-post does while
+    /// Alertmanager is down.
+    struct FailingTicks;
+
+    impl Sink for FailingTicks {
+        fn name(&self) -> &'static str {
+            "failing-ticks"
+        }
+
+        fn deliver(&mut self, _alerts: &[&[u8]]) -> Result<(), SinkError> {
+            Ok(())
+        }
+
+        fn tick(&mut self) -> Result<(), SinkError> {
+            Err(SinkError::Http {
+                sink: "failing-ticks".into(),
+                status: 0,
+                detail: "connection refused".into(),
+            })
+        }
+    }
+
+    /// Regression: a failed re-post was only logged, so an Alertmanager outage with no new
+    /// alerts left `twinwatch_sink_failures_total` at 0.
+    #[test]
+    fn failed_housekeeping_counts_as_a_sink_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("store"));
+        let metrics = crate::telemetry::Metrics::new().expect("metrics");
+        let failures = metrics
+            .delivery
+            .failures
+            .with_label_values(&["failing-ticks"]);
+        let delivery = spawn_delivery(
+            store,
+            vec![Box::new(FailingTicks)],
+            Some(metrics.delivery.clone()),
+        )
+        .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while failures.get() < 2 {
+            assert!(Instant::now() < deadline, "failed ticks are not counted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        delivery
+            .drain_and_stop(Duration::from_secs(10))
+            .expect("stop");
     }
 
     fn put(store: &Store, seq: u64, text: &str) {
