@@ -24,8 +24,9 @@ use crate::source::eventhub::{self, LiveEvent, PartitionHealth, PartitionStart, 
 use crate::store::{Store, StoreOptions};
 use crate::telemetry::Metrics;
 
-/// Events buffered between the receivers and the apply thread.
-const CHANNEL_EVENTS: usize = 4096;
+/// Chunks of events (up to [`eventhub::CHUNK_EVENTS`] each) buffered between the receivers
+/// and the apply thread.
+const CHANNEL_CHUNKS: usize = 32;
 
 /// The configuration from the file (if any), the environment and the flags.
 pub fn load_config(args: &RunArgs) -> Result<Config, Failure> {
@@ -400,7 +401,7 @@ async fn serve(
     let _ = state.health.set(health.clone());
 
     // The apply thread owns the engine; it reports each partition's checkpoint first.
-    let (tx, rx) = mpsc::channel::<LiveEvent>(CHANNEL_EVENTS);
+    let (tx, rx) = mpsc::channel::<Vec<LiveEvent>>(CHANNEL_CHUNKS);
     let (starts_tx, starts_rx) = oneshot::channel();
     let handle = tokio::runtime::Handle::current();
     let apply = {
@@ -477,7 +478,7 @@ fn apply_loop(
     entity: &str,
     partition_ids: &[String],
     starts_tx: oneshot::Sender<Vec<PartitionStart>>,
-    mut rx: mpsc::Receiver<LiveEvent>,
+    mut rx: mpsc::Receiver<Vec<LiveEvent>>,
     handle: &tokio::runtime::Handle,
     state: &ServiceState,
     wake: Option<crate::alert::DeliveryWaker>,
@@ -514,40 +515,52 @@ fn apply_loop(
     let mut last_export = Instant::now();
     let mut last_committed_batches = 0;
     loop {
-        let event = match rx.try_recv() {
-            Ok(event) => Some(event),
+        let chunk = match rx.try_recv() {
+            Ok(chunk) => Some(chunk),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
                 // The timer must be made inside the runtime: build it in the async block.
                 match handle.block_on(async { tokio::time::timeout(tick, rx.recv()).await }) {
-                    Ok(Some(event)) => Some(event),
+                    Ok(Some(chunk)) => Some(chunk),
                     Ok(None) => break,
                     Err(_) => None,
                 }
             }
         };
-        match event {
-            Some(event) => {
-                let p = event.partition;
-                let seq = event.sequence_number.max(0) as u64;
-                // A receiver that reconnected may be sent events again; what the snapshot
-                // has applied is never applied twice.
-                if seq < expected[p] {
-                    continue;
+        match chunk {
+            Some(chunk) => {
+                let mut newest = None;
+                for event in &chunk {
+                    let p = event.partition;
+                    let seq = event.sequence_number.max(0) as u64;
+                    // A receiver that reconnected may be sent events again; what the snapshot
+                    // has applied is never applied twice.
+                    if seq < expected[p] {
+                        continue;
+                    }
+                    if seq > expected[p] && expected[p] > 0 {
+                        tracing::warn!(partition = %partition_ids[p], expected = expected[p], got = seq, "a gap in the partition's sequence numbers (retention?)");
+                    }
+                    expected[p] = seq + 1;
+                    let message = RecordMessage {
+                        record: &event.record,
+                        body_bytes: &event.body,
+                        body_nodes: None,
+                    };
+                    engine.ingest_event(
+                        handles[p],
+                        seq,
+                        event.offset.as_deref(),
+                        &message,
+                        &|| message.raw(),
+                    )?;
+                    if let Some(crate::source::avro::OwnedProp::Time(t)) =
+                        &event.record.enqueued_time
+                    {
+                        newest = Some(*t);
+                    }
                 }
-                if seq > expected[p] && expected[p] > 0 {
-                    tracing::warn!(partition = %partition_ids[p], expected = expected[p], got = seq, "a gap in the partition's sequence numbers (retention?)");
-                }
-                expected[p] = seq + 1;
-                let message = RecordMessage {
-                    record: &event.record,
-                    body_bytes: &event.body,
-                    body_nodes: None,
-                };
-                engine.ingest_event(handles[p], seq, event.offset.as_deref(), &message, &|| {
-                    message.raw()
-                })?;
-                if let Some(crate::source::avro::OwnedProp::Time(t)) = &event.record.enqueued_time {
+                if let Some(t) = newest {
                     let now = crate::time::Ticks(
                         (std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)

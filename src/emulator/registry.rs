@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fe2o3_amqp::types::messaging::{Data, Message};
+use fe2o3_amqp::link::delivery::Sendable;
+use fe2o3_amqp::types::messaging::Data;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -114,14 +115,15 @@ pub(crate) struct Hub {
 
 /// A stored event and where it sits.
 ///
-/// The AMQP message is built once, when the event is appended: every receiver that reads the
-/// event sends a clone of it, instead of building the annotations, the properties and the body
-/// again for each delivery (the emulator shares the machine with the service it feeds, so its
-/// time is taken from the service's in the live benchmark).
+/// The AMQP message is built once, when the event is appended, ready to send (settled): every
+/// receiver that reads the event sends it by reference, instead of building (or cloning) the
+/// annotations, the properties and the body again for each delivery (the emulator shares the
+/// machine with the service it feeds, so its time is taken from the service's in the live
+/// benchmark).
 #[derive(Clone)]
 pub(crate) struct StoredEvent {
     pub(crate) position: EventPosition,
-    pub(crate) message: Arc<Message<Data>>,
+    pub(crate) sendable: Arc<Sendable<Data>>,
     /// The event as appended, kept for the tests that compare it with what receivers got.
     #[cfg(test)]
     pub(crate) event: Arc<EmulatedEvent>,
@@ -423,7 +425,12 @@ impl Partition {
             log.last_enqueued_time_ms = enqueued_time_ms;
             log.events.push(StoredEvent {
                 position,
-                message: Arc::new(amqp_message(&event, position)),
+                sendable: Arc::new(
+                    Sendable::builder()
+                        .message(amqp_message(&event, position))
+                        .settled(true)
+                        .build(),
+                ),
                 #[cfg(test)]
                 event: Arc::new(event),
             });

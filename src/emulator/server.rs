@@ -575,8 +575,6 @@ async fn serve_reader(
             }
         }
         for stored in batch {
-            let message = Message::clone(&stored.message);
-            let sendable = Sendable::builder().message(message).settled(true).build();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 stop = &mut lease.stop => {
@@ -584,7 +582,7 @@ async fn serve_reader(
                     close_sender(sender, fault).await;
                     return;
                 }
-                sent = sender.send(sendable) => {
+                sent = sender.send_ref(&stored.sendable) => {
                     if let Err(error) = sent {
                         tracing::debug!(error = %error, "emulator receiver link ended");
                         return;

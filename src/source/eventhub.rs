@@ -2,8 +2,9 @@
 //! Microsoft's official client (`azure_messaging_eventhubs`). The only module that imports it.
 //!
 //! Each receiver starts right after its partition's checkpoint (or at the configured start
-//! position without one), turns every event into an owned [`LiveEvent`] and sends it to the
-//! apply thread over a bounded channel: a slow store slows the receivers, never grows memory.
+//! position without one), turns every event into an owned [`LiveEvent`] and sends them to the
+//! apply thread over a bounded channel, as many as the client has ready in one message: a
+//! slow store slows the receivers, never grows memory.
 //! Transient errors reconnect with backoff from the last event sent; a receiver displaced by
 //! a higher owner level is logged, counted and retried; bad credentials are fatal and make
 //! `/readyz` fail.
@@ -32,6 +33,10 @@ use crate::time::Ticks;
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const PREFETCH: u32 = 300;
+/// At most this many events go to the apply thread in one channel message: whatever the
+/// client has ready, so that a busy receiver pays one send (and one wake of the apply
+/// thread) per chunk rather than per event.
+pub const CHUNK_EVENTS: usize = 256;
 /// How often the hub's last enqueued sequence numbers are read (for the lag metric).
 const LAG_POLL: Duration = Duration::from_secs(5);
 
@@ -206,7 +211,7 @@ pub fn spawn_receivers(
     config: &EventHubConfig,
     starts: Vec<PartitionStart>,
     health: Arc<SourceHealth>,
-    tx: mpsc::Sender<LiveEvent>,
+    tx: mpsc::Sender<Vec<LiveEvent>>,
     cancel: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -294,7 +299,7 @@ async fn receive_partition(
     owner_level: Option<i64>,
     default_start: StartPosition,
     health: Arc<SourceHealth>,
-    tx: mpsc::Sender<LiveEvent>,
+    tx: mpsc::Sender<Vec<LiveEvent>>,
     cancel: CancellationToken,
 ) {
     let partition_health = health.partitions[start.index].1.clone();
@@ -349,35 +354,44 @@ async fn receive_partition(
                 tracing::info!(partition = %start.id, from = ?next, "receiving");
                 let mut failure = None;
                 {
-                    let stream = receiver.stream_events();
+                    let stream = receiver.stream_events().ready_chunks(CHUNK_EVENTS);
                     futures::pin_mut!(stream);
-                    loop {
-                        let item = tokio::select! {
+                    while failure.is_none() {
+                        let items = tokio::select! {
                             _ = cancel.cancelled() => break,
-                            item = stream.next() => item,
+                            items = stream.next() => items,
                         };
-                        match item {
-                            Some(Ok(event)) => {
-                                let Some(live) = to_live(start.index, &event) else {
-                                    tracing::warn!(partition = %start.id, "an event without a sequence number was skipped");
-                                    continue;
-                                };
-                                next = Some(live.sequence_number + 1);
-                                backoff = FIRST_BACKOFF;
-                                if tx.send(live).await.is_err() {
-                                    // The apply thread is gone: the service is stopping.
-                                    partition_health.connected.store(false, Ordering::Relaxed);
-                                    return;
+                        let Some(items) = items else {
+                            failure = Some("the receive stream ended".to_owned());
+                            break;
+                        };
+                        let mut chunk = Vec::with_capacity(items.len());
+                        for item in items {
+                            match item {
+                                Ok(event) => {
+                                    let Some(live) = to_live(start.index, &event) else {
+                                        tracing::warn!(partition = %start.id, "an event without a sequence number was skipped");
+                                        continue;
+                                    };
+                                    next = Some(live.sequence_number + 1);
+                                    chunk.push(live);
+                                }
+                                // The events before the error are sent; the receiver reopens
+                                // right after the last of them.
+                                Err(e) => {
+                                    failure = Some(scrub(&e.to_string()));
+                                    break;
                                 }
                             }
-                            Some(Err(e)) => {
-                                failure = Some(scrub(&e.to_string()));
-                                break;
-                            }
-                            None => {
-                                failure = Some("the receive stream ended".to_owned());
-                                break;
-                            }
+                        }
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        backoff = FIRST_BACKOFF;
+                        if tx.send(chunk).await.is_err() {
+                            // The apply thread is gone: the service is stopping.
+                            partition_health.connected.store(false, Ordering::Relaxed);
+                            return;
                         }
                     }
                 }
