@@ -79,8 +79,8 @@ python3 -c "print(f'throughput: {$events} events in {$end - $start:.2f} s from t
 # The same events replayed from the file by the same binary, right after: the target is live at
 # 50 % or more of this.
 rm -rf "$dir/replay-data"
-"$bin" replay --data-dir "$dir/replay-data" --summary "$dir/replay.json" "$dir/fleet.json" > "$dir/replay.err" 2>&1
-python3 - "$dir/replay.err" "$events" "$start" "$end" <<'PY'
+"$bin" replay --data-dir "$dir/replay-data" --summary "$dir/replay.json" "$dir/fleet.json" > "$dir/replay.out" 2>&1
+python3 - "$dir/replay.out" "$events" "$start" "$end" <<'PY'
 import re, sys
 seconds = float(re.search(r"in ([\d.]+) s", open(sys.argv[1]).read()).group(1))
 events, live = int(sys.argv[2]), float(sys.argv[4]) - float(sys.argv[3])

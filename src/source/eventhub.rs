@@ -365,25 +365,11 @@ async fn receive_partition(
                             failure = Some("the receive stream ended".to_owned());
                             break;
                         };
-                        let mut chunk = Vec::with_capacity(items.len());
-                        for item in items {
-                            match item {
-                                Ok(event) => {
-                                    let Some(live) = to_live(start.index, &event) else {
-                                        tracing::warn!(partition = %start.id, "an event without a sequence number was skipped");
-                                        continue;
-                                    };
-                                    next = Some(live.sequence_number + 1);
-                                    chunk.push(live);
-                                }
-                                // The events before the error are sent; the receiver reopens
-                                // right after the last of them.
-                                Err(e) => {
-                                    failure = Some(scrub(&e.to_string()));
-                                    break;
-                                }
-                            }
+                        let (chunk, failed) = to_chunk(&start, items);
+                        if let Some(last) = chunk.last() {
+                            next = Some(last.sequence_number + 1);
                         }
+                        failure = failed;
                         if chunk.is_empty() {
                             continue;
                         }
@@ -509,6 +495,28 @@ fn read_annotations(message: &AmqpMessage) -> Annotations {
         }
     }
     read
+}
+
+/// The events the client had ready, as the apply thread takes them, and the error that ended
+/// them, if one did: the events before an error are kept (the receiver reopens right after
+/// the last of them), those after it are not there (the client's stream ends at an error).
+fn to_chunk(
+    start: &PartitionStart,
+    items: Vec<azure_messaging_eventhubs::Result<ReceivedEventData>>,
+) -> (Vec<LiveEvent>, Option<String>) {
+    let mut chunk = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Ok(event) => match to_live(start.index, &event) {
+                Some(live) => chunk.push(live),
+                None => {
+                    tracing::warn!(partition = %start.id, "an event without a sequence number was skipped")
+                }
+            },
+            Err(e) => return (chunk, Some(scrub(&e.to_string()))),
+        }
+    }
+    (chunk, None)
 }
 
 /// The event as the apply thread takes it, read straight from the AMQP message: the client's
