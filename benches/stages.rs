@@ -91,7 +91,7 @@ fn bench_store(c: &mut Criterion) {
     let mut doc = twinwatch::twin::empty_doc();
     doc.insert("etag", "AAAAAAAAAAE=".into());
     let mut record = Vec::new();
-    encode_twin(3, None, &doc, &mut record);
+    encode_twin(3, None, twinwatch::time::Ticks(0), &doc, &mut record);
     let n = 8192u64;
     let mut group = c.benchmark_group("store");
     group.throughput(Throughput::Elements(n));

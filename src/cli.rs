@@ -41,8 +41,18 @@ pub enum Command {
     Export(DataDirArgs),
     /// Write every dead letter of a data directory with its reason and position
     Deadletters(DataDirArgs),
-    /// Write every failing (twin, rule) of a data directory, one JSON object per line
-    Violations(DataDirArgs),
+    /// Write every failing (twin, rule) of a data directory, one JSON object per line; with
+    /// --pending, the failures of rules with `for` that have not lasted long enough yet
+    Violations(ViolationsArgs),
+    /// Seed (and reconcile) the snapshot from the hub's own view of its twins: twin documents
+    /// from files (`--hub NAME --as-of TIME FILE...`) or from the hub's twin query API
+    /// (TWINWATCH_IOTHUB_CONNECTION_STRING). Exit 0 for a complete pass, 1 for an incomplete
+    /// one (what was read is applied, nothing is removed), 2 for bad usage
+    Seed(SeedArgs),
+    /// A dry run of a policy change: per rule, the twins failing now and under the given
+    /// policy, and the alerts a re-audit would open and resolve; changes nothing (exit 2 for a
+    /// policy that does not load)
+    Audit(AuditArgs),
     /// Policy files: `twinwatch policy check FILE...`
     Policy(PolicyArgs),
     /// Write a deterministic synthetic fleet's notifications (JSON lines or Avro)
@@ -60,6 +70,17 @@ pub struct DataDirArgs {
     /// The snapshot's data directory
     #[arg(long, env = "TWINWATCH_DATA_DIR")]
     pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ViolationsArgs {
+    /// The snapshot's data directory
+    #[arg(long, env = "TWINWATCH_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// List the pending violations (rules with `for`) with their deadlines instead
+    #[arg(long)]
+    pub pending: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +107,86 @@ pub struct ReplayArgs {
     /// Files or directories (walked recursively, in path order) to replay, in order
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// The snapshot's data directory (created if missing)
+    #[arg(long, env = "TWINWATCH_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Policy file (repeatable, concatenated in order); the built-in security-twin baseline
+    /// when none is given. A policy other than the snapshot's re-audits it first
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policies: Vec<PathBuf>,
+
+    /// The hub whose twins the files hold (its name as in the change notifications' hubName);
+    /// required with files. From the hub, it is the first label of the connection string's
+    /// HostName
+    #[arg(long)]
+    pub hub: Option<String>,
+
+    /// The pass's as-of time (RFC 3339, e.g. 2026-12-01T00:00:00Z): when the documents were
+    /// read from the hub. Required with files; from the hub, the moment the pass begins
+    #[arg(long, value_name = "TIME")]
+    pub as_of: Option<String>,
+
+    /// After a complete pass, remove only twins of the hub absent from it that have not
+    /// changed for this long before the as-of time (seconds; the hub's query results may lag)
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    pub grace: u64,
+
+    /// Do not remove twins that the pass did not see
+    #[arg(long)]
+    pub no_reconcile: bool,
+
+    /// The twin query endpoint instead of https://<HostName> (an emulator or a private
+    /// endpoint; plain http:// allowed)
+    #[arg(long, value_name = "URL")]
+    pub iothub_endpoint: Option<String>,
+
+    /// A PEM file of extra certificate authorities to trust for the twin query endpoint
+    #[arg(long, value_name = "FILE")]
+    pub iothub_ca_file: Option<PathBuf>,
+
+    /// Twin documents per page asked of the hub
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub page_size: u32,
+
+    /// Also write the pass's counts here as JSON
+    #[arg(long)]
+    pub summary: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub sinks: SinkArgs,
+
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+
+    /// Files of twin documents (a JSON array as `az iot hub query` prints, or one document per
+    /// line), read in order; none: read the hub's twin query API
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The snapshot's data directory (read only; works beside a running writer)
+    #[arg(long, env = "TWINWATCH_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// The policy to compare with (repeatable, concatenated in order)
+    #[arg(long = "policy", value_name = "FILE", required = true)]
+    pub policies: Vec<PathBuf>,
+
+    /// `table` for people, `json` for programs
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: AuditFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuditFormat {
+    Table,
+    Json,
 }
 
 /// Batching and memory; the defaults suit most fleets.

@@ -20,6 +20,19 @@ pub struct Violation {
     pub since: Ticks,
     /// The twin's version after that event.
     pub twin_version: i64,
+    /// Set while the rule's `for` has not yet run out (`SEMANTICS.md` §9): the violation is
+    /// pending, and no alert said anything of it yet.
+    pub pending: Option<Pending>,
+}
+
+/// What a pending violation needs to open: when, and under which id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// `since` plus the rule's `for`.
+    pub deadline: Ticks,
+    /// The id its `opened` alert will carry: derived from the event that made it pending and
+    /// the rule, so it is the same however and whenever the deadline is reached.
+    pub alert_id: Box<str>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +43,12 @@ pub enum AlertKind {
     Deleted,
 }
 
+/// The `reason` of an alert raised by a re-audit (`SEMANTICS.md` §8).
+pub const REASON_POLICY: &str = "policy";
+
+/// The `reason` of an alert that resolves a removed twin's violation.
+pub const REASON_DELETED: &str = "deleted";
+
 /// One transition of one (twin, rule).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transition {
@@ -37,22 +56,30 @@ pub struct Transition {
     pub rule_id: Box<str>,
     pub severity: Severity,
     pub title: Box<str>,
+    /// The alert's `reason`: `deleted` for a removal, `policy` for a re-audit, else none.
+    pub reason: Option<&'static str>,
+    /// The twin version the alert carries when it is not the twin's current one (a pending
+    /// violation opening: the version at which it began failing).
+    pub twin_version: Option<i64>,
 }
 
 /// Compares a twin's stored failing set with the rules failing now (`failing`: indices into
 /// `policy.rules()`, in policy order), updates the set, and appends the transitions, opened
 /// and resolved alike, in policy order; rules no longer in the policy resolve after them.
-/// `time` and `version` are those of the event.
+/// `time` and `version` are those of the event. A rule with `for` starts failing as a
+/// pending violation (no transition) whose alert id `pending_id` makes; a pending violation
+/// that stops failing is dropped silently. Returns how many were dropped.
 pub fn transitions(
     policy: &Policy,
     stored: &mut Vec<Violation>,
     failing: &[usize],
     time: Ticks,
     version: i64,
+    pending_id: &dyn Fn(&str) -> Box<str>,
     out: &mut Vec<Transition>,
-) {
+) -> u64 {
     if stored.is_empty() && failing.is_empty() {
-        return;
+        return 0;
     }
     let rules = policy.rules();
     // Each change with its rule's place in the policy (rules no longer in it go last).
@@ -61,28 +88,74 @@ pub fn transitions(
     for &i in failing {
         let rule = &rules[i];
         match stored.iter().position(|v| *v.rule_id == *rule.id) {
-            Some(p) => next.push(stored.swap_remove(p)),
+            Some(p) => {
+                // Still failing: it keeps its `since` and version, and takes the rule's
+                // severity and title (which differ only after a policy change).
+                let mut kept = stored.swap_remove(p);
+                if kept.severity != rule.severity || *kept.title != *rule.title {
+                    kept.severity = rule.severity;
+                    kept.title = rule.title.as_str().into();
+                }
+                if let Some(pending) = &mut kept.pending {
+                    match rule.grace {
+                        // A changed `for` moves the deadline (after a policy change).
+                        Some(grace) => {
+                            pending.deadline = Ticks(kept.since.0.saturating_add(grace.0))
+                        }
+                        // The rule lost its `for`: the violation opens at once.
+                        None => {
+                            kept.pending = None;
+                            changes.push((
+                                i,
+                                Transition {
+                                    kind: AlertKind::Opened,
+                                    rule_id: rule.id.as_str().into(),
+                                    severity: rule.severity,
+                                    title: rule.title.as_str().into(),
+                                    reason: None,
+                                    twin_version: Some(kept.twin_version),
+                                },
+                            ));
+                        }
+                    }
+                }
+                next.push(kept);
+            }
             None => {
-                changes.push((
-                    i,
-                    Transition {
-                        kind: AlertKind::Opened,
-                        rule_id: rule.id.as_str().into(),
-                        severity: rule.severity,
-                        title: rule.title.as_str().into(),
-                    },
-                ));
+                let pending = rule.grace.map(|grace| Pending {
+                    deadline: Ticks(time.0.saturating_add(grace.0)),
+                    alert_id: pending_id(&rule.id),
+                });
+                if pending.is_none() {
+                    changes.push((
+                        i,
+                        Transition {
+                            kind: AlertKind::Opened,
+                            rule_id: rule.id.as_str().into(),
+                            severity: rule.severity,
+                            title: rule.title.as_str().into(),
+                            reason: None,
+                            twin_version: None,
+                        },
+                    ));
+                }
                 next.push(Violation {
                     rule_id: rule.id.as_str().into(),
                     severity: rule.severity,
                     title: rule.title.as_str().into(),
                     since: time,
                     twin_version: version,
+                    pending,
                 });
             }
         }
     }
+    let mut dropped = 0;
     for old in stored.drain(..) {
+        if old.pending.is_some() {
+            dropped += 1;
+            continue;
+        }
         let place = rules
             .iter()
             .position(|r| *r.id == *old.rule_id)
@@ -94,28 +167,41 @@ pub fn transitions(
                 rule_id: old.rule_id,
                 severity: old.severity,
                 title: old.title,
+                reason: None,
+                twin_version: None,
             },
         ));
     }
     changes.sort_by(|a, b| (a.0, &a.1.rule_id).cmp(&(b.0, &b.1.rule_id)));
     out.extend(changes.into_iter().map(|(_, t)| t));
     *stored = next;
+    dropped
 }
 
 /// The transitions of a removed twin: every failing rule resolves with reason `deleted`, in
-/// the stored (policy) order.
-pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) {
+/// the stored (policy) order; a pending violation is dropped silently. Returns how many were
+/// dropped.
+pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) -> u64 {
+    let mut dropped = 0;
     for old in stored {
+        if old.pending.is_some() {
+            dropped += 1;
+            continue;
+        }
         out.push(Transition {
             kind: AlertKind::Deleted,
             rule_id: old.rule_id,
             severity: old.severity,
             title: old.title,
+            reason: Some(REASON_DELETED),
+            twin_version: None,
         });
     }
+    dropped
 }
 
-/// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line;
+/// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line
+/// (`data.reason` from the transition: `deleted`, `policy`);
 /// `enqueued`, the causing event's Event Hubs enqueued time, becomes the extension attribute
 /// `enqueuedtime`.
 pub fn cloud_event(
@@ -146,8 +232,8 @@ pub fn cloud_event(
     if !key.is_device_twin() {
         data["moduleId"] = json!(key.module_id);
     }
-    if transition.kind == AlertKind::Deleted {
-        data["reason"] = json!("deleted");
+    if let Some(reason) = transition.reason {
+        data["reason"] = json!(reason);
     }
     let mut event = json!({
         "specversion": "1.0",
@@ -167,15 +253,20 @@ pub fn cloud_event(
     serde_json::to_vec(&event).expect("a JSON value always serializes")
 }
 
-/// Stored form of a [`Violation`] (the `violations` column family's values).
+/// Stored form of a [`Violation`] (the values of the `violations` column family, and of
+/// `pending` for a pending one, which also records its deadline and alert id).
 pub fn encode_violation(v: &Violation) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+    let mut value = json!({
         "severity": v.severity.as_str(),
         "title": &*v.title,
         "since": v.since.0,
         "twinVersion": v.twin_version,
-    }))
-    .expect("a JSON value always serializes")
+    });
+    if let Some(pending) = &v.pending {
+        value["deadline"] = json!(pending.deadline.0);
+        value["alertId"] = json!(&*pending.alert_id);
+    }
+    serde_json::to_vec(&value).expect("a JSON value always serializes")
 }
 
 /// A violation as `twinwatch violations` prints it and the query API answers it:
@@ -195,12 +286,20 @@ pub fn violation_line(key: TwinKey<'_>, rule_id: &str, v: &Violation) -> serde_j
 
 pub fn decode_violation(rule_id: &str, bytes: &[u8]) -> Option<Violation> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let pending = match (v.get("deadline"), v.get("alertId")) {
+        (Some(deadline), Some(id)) => Some(Pending {
+            deadline: Ticks(deadline.as_i64()?),
+            alert_id: id.as_str()?.into(),
+        }),
+        _ => None,
+    };
     Some(Violation {
         rule_id: rule_id.into(),
         severity: Severity::parse(v["severity"].as_str()?)?,
         title: v["title"].as_str()?.into(),
         since: Ticks(v["since"].as_i64()?),
         twin_version: v["twinVersion"].as_i64()?,
+        pending,
     })
 }
 
@@ -217,12 +316,16 @@ rules:
         Policy::from_sources(&[("p.yaml".into(), text.into())]).expect("valid")
     }
 
+    fn no_id(rule: &str) -> Box<str> {
+        panic!("no rule of this policy has `for`, yet {rule} was made pending")
+    }
+
     #[test]
     fn only_changes_are_transitions() {
         let policy = policy();
         let mut stored = Vec::new();
         let mut out = Vec::new();
-        transitions(&policy, &mut stored, &[0, 1], Ticks(1), 1, &mut out);
+        transitions(&policy, &mut stored, &[0, 1], Ticks(1), 1, &no_id, &mut out);
         assert_eq!(
             out.iter()
                 .map(|t| (t.kind, &*t.rule_id))
@@ -230,9 +333,9 @@ rules:
             vec![(AlertKind::Opened, "a"), (AlertKind::Opened, "b")]
         );
         out.clear();
-        transitions(&policy, &mut stored, &[0, 1], Ticks(2), 2, &mut out);
+        transitions(&policy, &mut stored, &[0, 1], Ticks(2), 2, &no_id, &mut out);
         assert!(out.is_empty(), "failing to failing is no alert");
-        transitions(&policy, &mut stored, &[1], Ticks(3), 3, &mut out);
+        transitions(&policy, &mut stored, &[1], Ticks(3), 3, &no_id, &mut out);
         assert_eq!(
             out.iter()
                 .map(|t| (t.kind, &*t.rule_id))
@@ -241,7 +344,7 @@ rules:
         );
         assert_eq!(stored.len(), 1);
         out.clear();
-        transitions(&policy, &mut stored, &[0], Ticks(4), 4, &mut out);
+        transitions(&policy, &mut stored, &[0], Ticks(4), 4, &no_id, &mut out);
         assert_eq!(
             out.iter()
                 .map(|t| (t.kind, &*t.rule_id))
@@ -250,7 +353,7 @@ rules:
             "opened and resolved interleave in policy order"
         );
         out.clear();
-        transitions(&policy, &mut stored, &[0, 1], Ticks(5), 5, &mut out);
+        transitions(&policy, &mut stored, &[0, 1], Ticks(5), 5, &no_id, &mut out);
         assert_eq!(
             out.iter()
                 .map(|t| (t.kind, &*t.rule_id))
@@ -274,9 +377,10 @@ rules:
             title: "gone".into(),
             since: Ticks(0),
             twin_version: 1,
+            pending: None,
         }];
         let mut out = Vec::new();
-        transitions(&policy, &mut stored, &[1], Ticks(5), 2, &mut out);
+        transitions(&policy, &mut stored, &[1], Ticks(5), 2, &no_id, &mut out);
         assert_eq!(
             out.iter()
                 .map(|t| (t.kind, &*t.rule_id))

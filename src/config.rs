@@ -67,6 +67,10 @@ pub struct RawConfig {
     /// Consuming pauses while the data directory's disk has less than this free, MiB
     /// (default 256): a batch is never written into a full disk.
     pub min_free_disk_mib: Option<u64>,
+    /// How late an event may arrive, seconds (default 60): when every owned partition is
+    /// caught up, the clock of rules with `for` follows the wall clock minus this, so that a
+    /// pending violation opens even when the hub is quiet.
+    pub allowed_event_delay_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -216,6 +220,8 @@ pub struct Config {
     pub shutdown_deadline: Duration,
     pub api_token: Option<Secret>,
     pub min_free_bytes: u64,
+    /// See [`RawConfig::allowed_event_delay_secs`].
+    pub allowed_event_delay: Duration,
 }
 
 impl RawConfig {
@@ -329,6 +335,12 @@ impl RawConfig {
         if api_token.as_ref().is_some_and(|t| t.trim().is_empty()) {
             problems.push("the API token is empty".into());
         }
+        let allowed_event_delay = self.allowed_event_delay_secs.unwrap_or(60);
+        if allowed_event_delay > 86_400 {
+            problems.push(format!(
+                "allowed_event_delay_secs must be at most 86400, not {allowed_event_delay}"
+            ));
+        }
         if !problems.is_empty() {
             return Err(ConfigError::Invalid(problems.join("\n")));
         }
@@ -345,6 +357,7 @@ impl RawConfig {
             shutdown_deadline: Duration::from_secs(deadline),
             api_token: api_token.map(Secret::new),
             min_free_bytes: self.min_free_disk_mib.unwrap_or(256) << 20,
+            allowed_event_delay: Duration::from_secs(allowed_event_delay),
         })
     }
 }

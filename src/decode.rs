@@ -7,7 +7,7 @@
 use base64::Engine as _;
 use simd_json::{Node, StaticNode};
 
-use crate::model::{DeadLetterReason, Op, TwinEvent, TwinKey};
+use crate::model::{DeadLetterReason, Op, TwinDocument, TwinEvent, TwinKey};
 use crate::time::Ticks;
 use crate::value::{tape_depth, tape_get, tape_has_duplicate_key, tape_is_object};
 
@@ -246,6 +246,46 @@ pub fn decode_body<'a>(
         key: header.key,
         op: header.op,
         op_time: header.op_time,
+        version,
+        body,
+    })
+}
+
+/// Decodes one twin document of a seed pass of `hub` (`SEMANTICS.md` §7): `nodes` is the
+/// parsed document, `None` when it is not JSON. Checked in the contract's order: not an
+/// object or too deep (`bad_body`), `deviceId` (`missing_device_id`), `version`
+/// (`bad_version`). A missing, empty or non-string `moduleId` means the device twin.
+pub fn decode_document<'a>(
+    hub: &'a str,
+    nodes: Option<&'a [Node<'a>]>,
+) -> Result<TwinDocument<'a>, DeadLetterReason> {
+    let Some(body) = nodes else {
+        return Err(DeadLetterReason::BadBody);
+    };
+    if !tape_is_object(body) || tape_depth(body) > MAX_BODY_DEPTH || tape_has_duplicate_key(body) {
+        return Err(DeadLetterReason::BadBody);
+    }
+    let device_id = match tape_get(body, "deviceId").and_then(|v| v.first()) {
+        Some(Node::String(id)) if !id.is_empty() => *id,
+        _ => return Err(DeadLetterReason::MissingDeviceId),
+    };
+    let module_id = match tape_get(body, "moduleId").and_then(|v| v.first()) {
+        Some(Node::String(id)) => *id,
+        _ => "",
+    };
+    let version = match tape_get(body, "version").and_then(|v| v.first()) {
+        Some(Node::Static(StaticNode::I64(v))) => *v,
+        Some(Node::Static(StaticNode::U64(v))) => {
+            i64::try_from(*v).map_err(|_| DeadLetterReason::BadVersion)?
+        }
+        _ => return Err(DeadLetterReason::BadVersion),
+    };
+    Ok(TwinDocument {
+        key: TwinKey {
+            hub,
+            device_id,
+            module_id,
+        },
         version,
         body,
     })

@@ -26,10 +26,21 @@ pub const NAMES: &[&str] = &[
     DELIVERY_AFTER_ACK,
 ];
 
+/// The failpoints of whole-snapshot passes, which only a policy change or a seed pass meets.
+pub const PASS_NAMES: &[&str] = &[
+    // A re-audit, before it commits a batch of re-audited twins with its progress.
+    REAUDIT_BEFORE_COMMIT,
+    // A seed pass, after its documents (and removals) are committed, before the evaluation
+    // of the twins it touched.
+    SEED_BEFORE_EVALUATION,
+];
+
 pub const APPLY_BEFORE_HANDOFF: &str = "apply.before_handoff";
 pub const WRITER_BEFORE_WRITE: &str = "writer.before_write";
 pub const WRITER_AFTER_WRITE: &str = "writer.after_write";
 pub const DELIVERY_AFTER_ACK: &str = "delivery.after_ack";
+pub const REAUDIT_BEFORE_COMMIT: &str = "reaudit.before_commit";
+pub const SEED_BEFORE_EVALUATION: &str = "seed.before_evaluation";
 
 /// Reads `FAILPOINTS`; returns a guard to keep for the process's life.
 #[cfg(feature = "failpoints")]

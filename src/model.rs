@@ -70,6 +70,22 @@ impl OwnedTwinKey {
     }
 }
 
+/// What the snapshot knows of a key without reading its document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The twin exists.
+    Live {
+        version: i64,
+        created_at: Option<Ticks>,
+        /// The opTime of the last event or document that changed it (`SEMANTICS.md` §7's
+        /// "last change"; the seed pass's as-of time for a document); the epoch for a twin
+        /// stored before this was recorded.
+        last_change: Ticks,
+    },
+    /// The twin was deleted: its tombstone.
+    Dead { version: i64, deleted_at: Ticks },
+}
+
 /// What a twin event does (`SEMANTICS.md` §1, `opType`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -90,6 +106,15 @@ pub struct TwinEvent<'a> {
     /// The body's top-level `version` (0 for a lifecycle body without one).
     pub version: i64,
     /// The body, an object, as simd-json tape nodes.
+    pub body: &'a [Node<'a>],
+}
+
+/// A twin document of a seed pass (`SEMANTICS.md` §7), decoded: its key (the pass's hub) and
+/// version, and the document as tape nodes (an object).
+#[derive(Debug)]
+pub struct TwinDocument<'a> {
+    pub key: TwinKey<'a>,
+    pub version: i64,
     pub body: &'a [Node<'a>],
 }
 

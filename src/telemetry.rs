@@ -59,6 +59,23 @@ pub struct DeliveryMetrics {
     pub head_waiting_since_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
+/// Policy changes and grace periods (`SEMANTICS.md` §8, §9), set by the apply thread.
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    /// SIGHUP reloads by outcome: `applied`, `unchanged`, `rejected`.
+    pub reloads: prometheus::IntCounterVec,
+    /// Twins re-audited by this process.
+    pub reaudited_twins: prometheus::IntCounter,
+    /// Twins covered so far by the re-audit under way (0 when none is).
+    pub reaudit_progress: prometheus::IntGauge,
+    /// Always 1, labelled with the fingerprint of the policy in force.
+    pub info: prometheus::IntGaugeVec,
+    /// Pending violations (rules with `for`) by rule.
+    pub pending: prometheus::IntGaugeVec,
+    /// Pending violations that opened, and that were dropped before their deadline.
+    pub pending_outcomes: prometheus::IntCounterVec,
+}
+
 /// The service's Prometheus metrics, declared once; registered on their own registry so that
 /// /metrics shows exactly these and the process collector. Each is documented in the README.
 pub struct Metrics {
@@ -103,6 +120,7 @@ pub struct Metrics {
     pub disk_free_bytes: prometheus::IntGauge,
     /// `twinwatch_ready`: 1 when /readyz answers 200.
     pub ready: prometheus::IntGauge,
+    pub policy: PolicyMetrics,
 }
 
 /// Registers `metric` and hands it back.
@@ -271,6 +289,45 @@ impl Metrics {
             "Free bytes on the data directory's filesystem (consuming pauses below min_free_disk_mib)",
         )?;
         let ready = gauge("twinwatch_ready", "1 when /readyz answers 200")?;
+        let policy = PolicyMetrics {
+            reloads: counter_vec(
+                "twinwatch_policy_reloads_total",
+                "Policy reloads on SIGHUP, by outcome (applied, unchanged, rejected)",
+                "outcome",
+            )?,
+            reaudited_twins: registered(
+                &r,
+                IntCounter::new(
+                    "twinwatch_reaudit_twins_total",
+                    "Twins re-audited after a policy change by this process",
+                )?,
+            )?,
+            reaudit_progress: gauge(
+                "twinwatch_reaudit_progress_twins",
+                "Twins covered so far by the re-audit under way (0 when none is)",
+            )?,
+            info: gauge_vec(
+                "twinwatch_policy_info",
+                "Always 1; the fingerprint of the policy in force in a label",
+                &["fingerprint"],
+            )?,
+            pending: gauge_vec(
+                "twinwatch_pending_violations",
+                "Violations of rules with `for` that have not lasted long enough to alert, by rule",
+                &["rule"],
+            )?,
+            pending_outcomes: counter_vec(
+                "twinwatch_pending_violations_total",
+                "Pending violations that opened (deadline reached) or were dropped (passed or removed first)",
+                "outcome",
+            )?,
+        };
+        for outcome in ["applied", "unchanged", "rejected"] {
+            policy.reloads.with_label_values(&[outcome]);
+        }
+        for outcome in ["opened", "dropped"] {
+            policy.pending_outcomes.with_label_values(&[outcome]);
+        }
         let build_info = gauge_vec(
             "twinwatch_build_info",
             "Always 1; the version in a label",
@@ -317,6 +374,7 @@ impl Metrics {
             rocksdb_live_sst_bytes,
             disk_free_bytes,
             ready,
+            policy,
         })
     }
 

@@ -11,7 +11,7 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Ticks(pub i64);
 
-const TICKS_PER_SECOND: i64 = 10_000_000;
+pub const TICKS_PER_SECOND: i64 = 10_000_000;
 const TICKS_PER_MILLISECOND: i64 = 10_000;
 const SECONDS_PER_DAY: i64 = 86_400;
 

@@ -9,21 +9,10 @@ use std::collections::BTreeMap;
 
 use simd_json::Node;
 
-use crate::model::{Op, OwnedTwinKey, TwinEvent, TwinKey};
+pub use crate::model::Slot;
+use crate::model::{Op, OwnedTwinKey, TwinDocument, TwinEvent, TwinKey};
 use crate::time::Ticks;
 use crate::value::{map_from_tape, merge_map_from_tape, tape_get, Map, Value};
-
-/// What the snapshot knows of a key without reading its document.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Slot {
-    /// The twin exists.
-    Live {
-        version: i64,
-        created_at: Option<Ticks>,
-    },
-    /// The twin was deleted: its tombstone.
-    Dead { version: i64, deleted_at: Ticks },
-}
 
 /// The snapshot as `apply` sees it.
 pub trait Twins {
@@ -32,12 +21,22 @@ pub trait Twins {
     fn slot(&self, key: TwinKey<'_>) -> Option<Slot>;
     /// The document of a live twin (every stored field but the identity and `version`).
     fn take_doc(&mut self, key: TwinKey<'_>) -> Result<Map, Self::Error>;
-    /// Makes the twin live with this document, clearing any tombstone.
-    fn put_live(&mut self, key: TwinKey<'_>, version: i64, created_at: Option<Ticks>, doc: Map);
+    /// Makes the twin live with this document, clearing any tombstone; `last_change` is the
+    /// opTime of the event (or the as-of time of the document) that made this state.
+    fn put_live(
+        &mut self,
+        key: TwinKey<'_>,
+        version: i64,
+        created_at: Option<Ticks>,
+        last_change: Ticks,
+        doc: Map,
+    );
     /// Removes the twin, leaving this tombstone.
     fn put_dead(&mut self, key: TwinKey<'_>, version: i64, deleted_at: Ticks);
     /// The module ids (non-empty) of the live module twins of a device, sorted.
     fn live_modules(&self, hub: &str, device_id: &str) -> Vec<Box<str>>;
+    /// The as-of time of the hub's latest complete seed pass (`SEMANTICS.md` §7), if any.
+    fn seeded_as_of(&self, hub: &str) -> Option<Ticks>;
 }
 
 /// What an event did.
@@ -78,31 +77,53 @@ pub fn empty_doc() -> Map {
     doc
 }
 
+/// Whether an event is stale (`SEMANTICS.md` §3): applying it would change nothing.
+pub fn is_stale<T: Twins>(event: &TwinEvent<'_>, twins: &T) -> bool {
+    let key = event.key;
+    // An update, replace, create or delete older than the twin's creation belongs to an
+    // earlier life of the key.
+    let before_creation =
+        |created_at: Option<Ticks>| created_at.is_some_and(|created_at| event.op_time < created_at);
+    match (event.op, twins.slot(key)) {
+        (
+            Op::UpdateTwin | Op::ReplaceTwin | Op::CreateIdentity,
+            Some(Slot::Live {
+                version,
+                created_at,
+                ..
+            }),
+        ) => event.version <= version || before_creation(created_at),
+        (Op::UpdateTwin | Op::ReplaceTwin, Some(Slot::Dead { version, .. })) => {
+            event.version <= version
+        }
+        // A seeded hub's twin that is neither live nor deleted was not alive at the seed's
+        // as-of time: an older update patches a twin that is gone.
+        (Op::UpdateTwin | Op::ReplaceTwin, None) => twins
+            .seeded_as_of(key.hub)
+            .is_some_and(|as_of| event.op_time < as_of),
+        (Op::CreateIdentity, Some(Slot::Dead { deleted_at, .. })) => event.op_time <= deleted_at,
+        (Op::CreateIdentity, None) => false,
+        (Op::DeleteIdentity, Some(Slot::Live { created_at, .. })) => before_creation(created_at),
+        (Op::DeleteIdentity, _) => true,
+    }
+}
+
 /// Applies one event.
 pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, T::Error> {
+    if is_stale(event, twins) {
+        return Ok(Outcome::Stale);
+    }
     let key = event.key;
-    let slot = twins.slot(key);
-    let (live, tomb) = match slot {
+    let live = match twins.slot(key) {
         Some(Slot::Live {
             version,
             created_at,
-        }) => (Some((version, created_at)), None),
-        Some(Slot::Dead {
-            version,
-            deleted_at,
-        }) => (None, Some((version, deleted_at))),
-        None => (None, None),
+            ..
+        }) => Some((version, created_at)),
+        _ => None,
     };
     match event.op {
         Op::UpdateTwin | Op::ReplaceTwin => {
-            let stale = match (live, tomb) {
-                (Some((version, _)), _) => event.version <= version,
-                (None, Some((version, _))) => event.version <= version,
-                (None, None) => false,
-            };
-            if stale {
-                return Ok(Outcome::Stale);
-            }
             let created_at = live.and_then(|(_, created_at)| created_at);
             let doc = if event.op == Op::ReplaceTwin {
                 normalize(event.body)
@@ -114,24 +135,17 @@ pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, 
                 merge_update(&mut doc, event.body);
                 doc
             };
-            twins.put_live(key, event.version, created_at, doc);
+            twins.put_live(key, event.version, created_at, event.op_time, doc);
             Ok(Outcome::Upserted {
                 appeared: live.is_none(),
             })
         }
         Op::CreateIdentity => {
-            let stale = match (live, tomb) {
-                (Some((version, _)), _) => event.version <= version,
-                (None, Some((_, deleted_at))) => event.op_time <= deleted_at,
-                (None, None) => false,
-            };
-            if stale {
-                return Ok(Outcome::Stale);
-            }
             twins.put_live(
                 key,
                 event.version,
                 Some(event.op_time),
+                event.op_time,
                 normalize(event.body),
             );
             Ok(Outcome::Upserted {
@@ -139,12 +153,9 @@ pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, 
             })
         }
         Op::DeleteIdentity => {
-            let Some((version, created_at)) = live else {
+            let Some((version, _)) = live else {
                 return Ok(Outcome::Stale);
             };
-            if created_at.is_some_and(|created_at| event.op_time < created_at) {
-                return Ok(Outcome::Stale);
-            }
             twins.put_dead(key, version, event.op_time);
             let mut cascaded = Vec::new();
             if key.is_device_twin() {
@@ -159,6 +170,44 @@ pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, 
             Ok(Outcome::Removed { cascaded })
         }
     }
+}
+
+/// Whether a seed pass's document is stale (`SEMANTICS.md` §7's table).
+pub fn document_is_stale<T: Twins>(document: &TwinDocument<'_>, as_of: Ticks, twins: &T) -> bool {
+    match twins.slot(document.key) {
+        Some(Slot::Live {
+            version,
+            created_at,
+            ..
+        }) => document.version <= version || created_at.is_some_and(|c| c > as_of),
+        Some(Slot::Dead { deleted_at, .. }) => deleted_at >= as_of,
+        None => false,
+    }
+}
+
+/// Applies one document of a seed pass whose as-of time is `as_of` (`SEMANTICS.md` §7's table).
+pub fn apply_document<T: Twins>(
+    document: &TwinDocument<'_>,
+    as_of: Ticks,
+    twins: &mut T,
+) -> Result<Outcome, T::Error> {
+    let key = document.key;
+    if document_is_stale(document, as_of, twins) {
+        return Ok(Outcome::Stale);
+    }
+    let created_at = match twins.slot(key) {
+        Some(Slot::Live { created_at, .. }) => created_at.unwrap_or(as_of),
+        _ => as_of,
+    };
+    let appeared = !matches!(twins.slot(key), Some(Slot::Live { .. }));
+    twins.put_live(
+        key,
+        document.version,
+        Some(created_at),
+        as_of,
+        normalize(document.body),
+    );
+    Ok(Outcome::Upserted { appeared })
 }
 
 /// Merges an `updateTwin` body into a document: `tags`, `properties.desired` and
@@ -194,6 +243,8 @@ pub fn export_value(key: TwinKey<'_>, version: i64, doc: &Map) -> Value {
 pub struct MemoryTwins {
     pub slots: BTreeMap<OwnedTwinKey, Slot>,
     pub docs: BTreeMap<OwnedTwinKey, Map>,
+    /// Each seeded hub's latest as-of time.
+    pub seeded: BTreeMap<Box<str>, Ticks>,
 }
 
 impl Twins for MemoryTwins {
@@ -207,13 +258,21 @@ impl Twins for MemoryTwins {
         Ok(self.docs.remove(&key.to_owned_key()).unwrap_or_default())
     }
 
-    fn put_live(&mut self, key: TwinKey<'_>, version: i64, created_at: Option<Ticks>, doc: Map) {
+    fn put_live(
+        &mut self,
+        key: TwinKey<'_>,
+        version: i64,
+        created_at: Option<Ticks>,
+        last_change: Ticks,
+        doc: Map,
+    ) {
         let key = key.to_owned_key();
         self.slots.insert(
             key.clone(),
             Slot::Live {
                 version,
                 created_at,
+                last_change,
             },
         );
         self.docs.insert(key, doc);
@@ -244,6 +303,10 @@ impl Twins for MemoryTwins {
             .filter(|(k, slot)| !k.module_id.is_empty() && matches!(slot, Slot::Live { .. }))
             .map(|(k, _)| k.module_id.clone())
             .collect()
+    }
+
+    fn seeded_as_of(&self, hub: &str) -> Option<Ticks> {
+        self.seeded.get(hub).copied()
     }
 }
 

@@ -1,10 +1,12 @@
 //! Wiring: each command's run function, from parsed arguments to an exit code.
 
+mod audit;
 mod demo;
 pub mod emulator;
 mod output;
 pub mod replay;
 pub mod run;
+pub mod seed;
 pub use run::ServiceState;
 mod sinks;
 
@@ -57,7 +59,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Export(args) => output::export(&args.data_dir),
         Command::Deadletters(args) => output::dead_letters(&args.data_dir),
-        Command::Violations(args) => output::violations(&args.data_dir),
+        Command::Violations(args) => output::violations(&args.data_dir, args.pending),
+        Command::Seed(args) => seed::run(args),
+        Command::Audit(args) => audit::run(&args),
         Command::Policy(args) => match args.command {
             crate::cli::PolicyCommand::Check { files } => output::policy_check(&files),
         },

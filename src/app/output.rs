@@ -18,7 +18,7 @@ use crate::model::SourceId;
 use crate::store::Store;
 use crate::twin::export_value;
 
-fn open(data_dir: &Path) -> Result<Store, Failure> {
+pub(super) fn open(data_dir: &Path) -> Result<Store, Failure> {
     if !data_dir.join("CURRENT").exists() {
         return Err(Failure::usage(anyhow::anyhow!(
             "{} is not a twinwatch data directory",
@@ -86,18 +86,26 @@ pub fn dead_letters(data_dir: &Path) -> Result<ExitCode, Failure> {
     finish_output(result)
 }
 
-/// `twinwatch violations`: every failing (twin, rule), sorted by twin key, then rule id.
-pub fn violations(data_dir: &Path) -> Result<ExitCode, Failure> {
+/// `twinwatch violations`: every failing (twin, rule), sorted by twin key, then rule id; with
+/// `pending`, the pending ones with their deadlines.
+pub fn violations(data_dir: &Path, pending: bool) -> Result<ExitCode, Failure> {
     let store = open(data_dir)?;
     let mut out = BufWriter::new(io::stdout().lock());
-    let violations = store.violations().map_err(Failure::runtime)?;
+    let violations: Box<dyn Iterator<Item = _>> = if pending {
+        Box::new(store.pending_violations().map_err(Failure::runtime)?)
+    } else {
+        Box::new(store.violations().map_err(Failure::runtime)?)
+    };
     let result = (|| -> io::Result<()> {
         for item in violations {
             let (key, rule_id, value) = item.map_err(io::Error::other)?;
             let v = crate::compliance::decode_violation(&rule_id, &value).ok_or_else(|| {
                 io::Error::other(format!("corrupt violation {} {rule_id}", key.as_key()))
             })?;
-            let line = crate::compliance::violation_line(key.as_key(), &rule_id, &v);
+            let mut line = crate::compliance::violation_line(key.as_key(), &rule_id, &v);
+            if let Some(pending) = &v.pending {
+                line["deadline"] = json!(pending.deadline.to_string());
+            }
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
         }

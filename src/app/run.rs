@@ -333,6 +333,34 @@ async fn serve(
             cancel.cancel();
         });
     }
+    // SIGHUP: reload the policy files (the apply thread re-audits between two batches).
+    let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    #[cfg(unix)]
+    {
+        let reload = reload.clone();
+        let cancel = cancel.clone();
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hangup) => {
+                tracker.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            received = hangup.recv() => {
+                                if received.is_none() {
+                                    break;
+                                }
+                                tracing::info!("SIGHUP: reloading the policy files");
+                                reload.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: policy reloads need a restart")
+            }
+        }
+    }
     // HTTP first: /healthz and /readyz answer while the service connects, and say why it
     // cannot (bad credentials, the hub unreachable).
     let state = Arc::new(ServiceState {
@@ -410,6 +438,11 @@ async fn serve(
         let partition_ids = partition_ids.clone();
         let wake = delivery.map(|d| d.waker());
         let cancel = cancel.clone();
+        let live = LiveSettings {
+            policies: config.policies.clone(),
+            reload: reload.clone(),
+            allowed_event_delay: config.allowed_event_delay,
+        };
         std::thread::Builder::new()
             .name("twinwatch-apply".into())
             .stack_size(64 << 20)
@@ -427,6 +460,7 @@ async fn serve(
                         &handle,
                         &state,
                         wake,
+                        &live,
                     )
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the apply thread panicked")));
@@ -471,6 +505,77 @@ async fn serve(
     Ok((counters, stopping_since))
 }
 
+/// What the apply thread needs besides the engine: where to reload the policy from, the
+/// SIGHUP flag, and the quiet clock's allowed delay.
+struct LiveSettings {
+    policies: Vec<std::path::PathBuf>,
+    reload: Arc<std::sync::atomic::AtomicBool>,
+    allowed_event_delay: Duration,
+}
+
+/// Reloads the policy files (SIGHUP): a policy that does not load is refused and the current
+/// one stays; a different one re-audits the snapshot (`SEMANTICS.md` §8) before the next
+/// batch.
+fn reload_policy(
+    engine: &mut Engine,
+    settings: &LiveSettings,
+    state: &ServiceState,
+) -> anyhow::Result<()> {
+    let m = &state.metrics.policy;
+    let policy = match super::load_policy(&settings.policies) {
+        Ok(policy) => policy,
+        Err(failure) => {
+            tracing::error!(error = %format!("{:#}", failure.error), "the reloaded policy is refused; the current one stays in force");
+            m.reloads.with_label_values(&["rejected"]).inc();
+            return Ok(());
+        }
+    };
+    if policy.fingerprint() == engine.policy().fingerprint() {
+        tracing::info!("the reloaded policy is the one in force: nothing to re-audit");
+        m.reloads.with_label_values(&["unchanged"]).inc();
+        return Ok(());
+    }
+    let previous = engine.policy().fingerprint().to_owned();
+    let fingerprint = policy.fingerprint().to_owned();
+    let progress_gauge = m.reaudit_progress.clone();
+    let report = engine.set_policy(Arc::new(policy), &mut |n| {
+        progress_gauge.set(i64::try_from(n).unwrap_or(i64::MAX));
+    })?;
+    m.reaudit_progress.set(0);
+    if let Some(report) = report {
+        m.reaudited_twins.inc_by(report.twins);
+    }
+    let _ = m.info.remove_label_values(&[&previous]);
+    m.info.with_label_values(&[&fingerprint]).set(1);
+    m.reloads.with_label_values(&["applied"]).inc();
+    tracing::info!(fingerprint = %fingerprint, "the reloaded policy is in force");
+    Ok(())
+}
+
+/// The wall clock as an instant.
+fn now_ticks() -> crate::time::Ticks {
+    crate::time::Ticks(
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() / 100)) as i64,
+    )
+}
+
+/// Every owned partition has been read to the hub's end (its last enqueued event applied).
+fn caught_up(state: &ServiceState, expected: &[u64]) -> bool {
+    let Some(health) = state.health.get() else {
+        return false;
+    };
+    health
+        .partitions
+        .iter()
+        .enumerate()
+        .all(|(i, (_, partition))| {
+            let hub_next = partition.hub_next_sequence.load(Ordering::Relaxed);
+            hub_next >= 0 && i64::try_from(expected[i]).unwrap_or(i64::MAX) >= hub_next
+        })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_loop(
     store: Arc<Store>,
@@ -482,9 +587,16 @@ fn apply_loop(
     handle: &tokio::runtime::Handle,
     state: &ServiceState,
     wake: Option<crate::alert::DeliveryWaker>,
+    live: &LiveSettings,
 ) -> anyhow::Result<Counters> {
     let tick = options.batch_interval;
     let mut engine = Engine::new(store, options)?;
+    state
+        .metrics
+        .policy
+        .info
+        .with_label_values(&[engine.policy().fingerprint()])
+        .set(1);
     let mut handles: Vec<SourceHandle> = Vec::new();
     let mut expected: Vec<u64> = Vec::new();
     let mut starts = Vec::new();
@@ -561,18 +673,26 @@ fn apply_loop(
                     }
                 }
                 if let Some(t) = newest {
-                    let now = crate::time::Ticks(
-                        (std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_nanos() / 100)) as i64,
-                    );
+                    let now = now_ticks();
                     state
                         .metrics
                         .event_age_seconds
                         .set((now.0 - t.0) as f64 / 1e7);
                 }
             }
-            None => engine.tick()?,
+            None => {
+                engine.tick()?;
+                // A quiet feed must not freeze the clock of `for` rules (`SEMANTICS.md` §9).
+                if engine.has_pending() && caught_up(state, &expected) {
+                    let delay = i64::try_from(live.allowed_event_delay.as_nanos() / 100)
+                        .unwrap_or(i64::MAX);
+                    engine
+                        .advance_clock(crate::time::Ticks(now_ticks().0.saturating_sub(delay)))?;
+                }
+            }
+        }
+        if live.reload.swap(false, Ordering::SeqCst) {
+            reload_policy(&mut engine, live, state)?;
         }
         // A committed batch may carry alerts: delivery looks at once rather than at its poll.
         let batches = engine.counters().batches;
@@ -650,6 +770,16 @@ fn export_metrics_final(counters: &Counters, exported: &mut Counters, state: &Se
         exported.alerts_resolved,
     );
     add(&m.batches, counters.batches, exported.batches);
+    add(
+        &m.policy.pending_outcomes.with_label_values(&["opened"]),
+        counters.pending_opened,
+        exported.pending_opened,
+    );
+    add(
+        &m.policy.pending_outcomes.with_label_values(&["dropped"]),
+        counters.pending_dropped,
+        exported.pending_dropped,
+    );
     *exported = counters.clone();
 }
 
@@ -705,6 +835,9 @@ fn export_metrics(
         m.failing_twins
             .with_label_values(&[rule, severity.as_str()])
             .set(n as i64);
+    }
+    for (rule, n) in engine.pending_by_rule() {
+        m.policy.pending.with_label_values(&[rule]).set(n as i64);
     }
     m.twins.set(engine.snapshot().directory.n_live() as i64);
     m.tombstones

@@ -72,6 +72,8 @@ pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
             rule_id: violation.rule_id.clone(),
             severity: violation.severity,
             title: violation.title.clone(),
+            reason: None,
+            twin_version: None,
         };
         let id = format!("open:{}:{rule_id}", key.as_key());
         out.push(cloud_event(

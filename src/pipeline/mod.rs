@@ -7,6 +7,8 @@
 //! as one `WriteBatch`, so the apply thread goes on while RocksDB writes; the bounded channel
 //! between them is the backpressure.
 
+mod audit;
+mod seed;
 pub mod snapshot;
 
 use std::borrow::Cow;
@@ -20,13 +22,18 @@ use simd_json::Node;
 
 use crate::compliance::{self, decode_violation, Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
-use crate::model::{DeadLetterReason, SourceId, TwinKey};
+use crate::model::{DeadLetterReason, Slot, SourceId, TwinKey};
 use crate::policy::{Policy, Severity, TwinView};
 use crate::source::storage_json::StorageJsonMessage;
-use crate::store::keys::{encode_twin_key, twin_key};
+use crate::store::keys::{
+    decode_twin_key, encode_twin_key, twin_key, META_HIGH_WATER, META_SEEDED_PREFIX,
+};
 use crate::store::{Batch, Checkpoint, Store, StoreError};
 use crate::telemetry::PipelineMetrics;
-use crate::twin::{apply, Outcome};
+use crate::time::Ticks;
+use crate::twin::{apply, is_stale, Outcome};
+pub use audit::{plan as plan_audit, AuditPlan, ReauditReport, RulePlan};
+pub use seed::{PassEnd, SeedCounters, SeedPass};
 pub use snapshot::{Directory, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +103,10 @@ pub struct Counters {
     pub alerts_opened: u64,
     /// Resolved alerts, those of deleted twins included.
     pub alerts_resolved: u64,
+    /// Pending violations (rules with `for`) that opened, and that were dropped before their
+    /// deadline (`SEMANTICS.md` §9).
+    pub pending_opened: u64,
+    pub pending_dropped: u64,
 }
 
 impl Counters {
@@ -141,7 +152,7 @@ struct State {
     to_writer: Option<Sender<(u64, Batch)>>,
     from_writer: Receiver<WriteResult>,
     writer: Option<JoinHandle<()>>,
-    body_parser: BodyParser,
+    body_parser: Option<BodyParser>,
     violations: ViolationSets,
     failing_counts: FailingCounts,
     /// The apply thread's time on the open batch (measured only with `options.metrics`).
@@ -162,7 +173,20 @@ struct State {
     outbox_grew: bool,
     /// A tape allocation for bodies that arrive as bytes, reused message after message.
     spare_tape: Option<simd_json::Tape<'static>>,
+    /// The snapshot's high-water mark: the greatest opTime of any event or document applied
+    /// (`SEMANTICS.md` §8), the time of a re-audit's alerts.
+    high_water: Ticks,
+    /// The open batch moved the high-water mark: it records the new one.
+    high_water_moved: bool,
+    /// Every pending violation by deadline, then twin key, then the rule's place in the
+    /// policy: the order in which they open (`SEMANTICS.md` §9).
+    deadlines: Deadlines,
+    /// Pending violations by rule id.
+    pending_counts: BTreeMap<Box<str>, u64>,
 }
+
+/// See [`State::deadlines`].
+type Deadlines = std::collections::BTreeSet<(Ticks, Box<[u8]>, usize)>;
 
 /// The apply engine; see the module docs.
 pub struct Engine {
@@ -173,13 +197,27 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the directory of slots from the store and starts the writer thread.
+    /// Loads the directory of slots from the store and starts the writer thread; then, before
+    /// anything else is applied, evaluates what an interrupted seed pass left unevaluated and
+    /// re-audits the snapshot if it was computed with another policy (`SEMANTICS.md` §7, §8).
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
         let violations = load_violations(&store, &options.policy)?;
         let failing_counts = failing_counts(&violations, &options.policy);
+        let deadlines = deadline_index(&violations, &options.policy);
+        let pending_counts = pending_counts(&violations);
         let next_outbox_seq = store.next_outbox_seq()?;
-        let snapshot = Snapshot::new(store.clone(), directory, options.cache_bytes);
+        let high_water = store_ticks(&store, META_HIGH_WATER)?.unwrap_or_default();
+        let mut snapshot = Snapshot::new(store.clone(), directory, options.cache_bytes);
+        for (hub, as_of) in store.meta_with_prefix(META_SEEDED_PREFIX)? {
+            let hub = String::from_utf8(hub).map_err(|_| StoreError::Corrupt {
+                what: "seeded hub",
+                detail: "not UTF-8".into(),
+            })?;
+            snapshot
+                .seeded
+                .insert(hub.into(), decode_ticks(&as_of, "seeded hub")?);
+        }
         // Two batches may wait for the writer: the apply thread builds the next one while
         // RocksDB writes the last, and is slowed down only when it gets further ahead.
         let (to_writer, writer_input) = crossbeam_channel::bounded::<(u64, Batch)>(1);
@@ -211,7 +249,7 @@ impl Engine {
                 }
             })
             .map_err(|_| PipelineError::WriterGone)?;
-        Ok(Engine {
+        let mut engine = Engine {
             line_buf: Vec::new(),
             buffers: simd_json::Buffers::with_max_depth(4096, usize::MAX >> 8),
             spare_tape: Some(simd_json::Tape::null()),
@@ -228,7 +266,7 @@ impl Engine {
                 to_writer: Some(to_writer),
                 from_writer,
                 writer: Some(writer),
-                body_parser: BodyParser::default(),
+                body_parser: Some(BodyParser::default()),
                 violations,
                 failing_counts,
                 busy: Duration::ZERO,
@@ -242,8 +280,15 @@ impl Engine {
                 enqueued_time: None,
                 outbox_grew: false,
                 spare_tape: None,
+                high_water,
+                high_water_moved: false,
+                pending_counts,
+                deadlines,
             },
-        })
+        };
+        engine.state.finish_interrupted_seed()?;
+        engine.state.reaudit_if_needed(&mut |_| {})?;
+        Ok(engine)
     }
 
     /// Registers a source; returns its handle and its committed checkpoint. `alert_name`
@@ -373,6 +418,56 @@ impl Engine {
         }
     }
 
+    /// The policy being evaluated.
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.state.options.policy
+    }
+
+    /// Evaluates with `policy` from now on: commits what is open, then re-audits every twin if
+    /// its fingerprint differs from the one the snapshot was computed with (`SEMANTICS.md` §8);
+    /// `progress` is called with the number of twins re-audited so far.
+    pub fn set_policy(
+        &mut self,
+        policy: Arc<Policy>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Option<ReauditReport>, PipelineError> {
+        self.state.flush()?;
+        self.state.options.policy = policy;
+        self.state.reaudit_if_needed(progress)
+    }
+
+    /// The snapshot's high-water mark: the greatest opTime applied so far.
+    pub fn high_water(&self) -> Ticks {
+        self.state.high_water
+    }
+
+    /// Moves the clock of `for` rules to `to` if that is later, opening every pending
+    /// violation due by then: the service's quiet feed (`SEMANTICS.md` §9), when every owned
+    /// partition is caught up.
+    pub fn advance_clock(&mut self, to: Ticks) -> Result<(), PipelineError> {
+        let state = &mut self.state;
+        if to <= state.high_water {
+            return Ok(());
+        }
+        state.enqueued_time = None;
+        state.fire_until(to)?;
+        state.move_high_water(to);
+        Ok(())
+    }
+
+    /// Whether any violation is pending (a rule with `for` whose deadline is still to come).
+    pub fn has_pending(&self) -> bool {
+        !self.state.deadlines.is_empty()
+    }
+
+    /// How many violations are pending (rules with `for`), by rule id.
+    pub fn pending_by_rule(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.state
+            .pending_counts
+            .iter()
+            .map(|(rule, &n)| (&**rule, n))
+    }
+
     /// Commits the open batch if its time is up (call it when input is idle).
     pub fn tick(&mut self) -> Result<(), PipelineError> {
         let state = &mut self.state;
@@ -469,29 +564,52 @@ impl State {
                 return Ok(());
             }
         };
+        // The parser is taken out of the state while its tape is in use, so that firing
+        // timers (which needs the whole state) can happen before the event is applied.
+        let mut body_parser = None;
         let mut parsed = None;
         let body: &[Node<'_>] = match header.body {
             Body::Tape(nodes) => nodes,
             Body::Absent => &[],
             other => {
-                parsed = self.body_parser.parse(other, self.spare_tape.take());
+                let parser = body_parser.insert(self.body_parser.take().unwrap_or_default());
+                parsed = parser.parse(other, self.spare_tape.take());
                 parsed.as_ref().map_or(&[][..], |tape| &tape.0[..])
             }
         };
         let event = match decode_body(&header, body) {
             Ok(event) => event,
-            Err(reason) => return self.dead_letter(source, index, reason, &raw()),
+            Err(reason) => {
+                drop(parsed);
+                self.body_parser = body_parser;
+                return self.dead_letter(source, index, reason, &raw());
+            }
         };
         let event_version = event.version;
+        // Timers due by this event's time fire before it is applied (`SEMANTICS.md` §9).
+        if event.op_time > self.high_water
+            && self.deadlines.first().is_some_and(|d| d.0 <= event.op_time)
+            && !is_stale(&event, &self.snapshot)
+        {
+            self.enqueued_time = None;
+            self.fire_until(event.op_time)?;
+            if self.options.queue_alerts {
+                self.enqueued_time = message.eventhubs_enqueued_time().and_then(|p| p.time());
+            }
+        }
         let outcome = apply(&event, &mut self.snapshot)?;
         // The body's tape allocation serves the next message.
         if let Some(tape) = parsed {
             self.spare_tape = Some(tape.reset());
         }
+        if body_parser.is_some() {
+            self.body_parser = body_parser;
+        }
         // The key from the header, which borrows only the message, not the body's parser.
         let key = header.key;
         let time = header.op_time;
         self.transitions.clear();
+        let origin = Origin::Event { source, index };
         let mut n_alerts = 0usize;
         match outcome {
             Outcome::Stale => {
@@ -500,38 +618,48 @@ impl State {
             }
             Outcome::Upserted { appeared } => {
                 self.counters.applied += 1;
-                self.evaluate(key, time)?;
-                n_alerts = self.emit(source, index, key, time, n_alerts)?;
+                self.move_high_water(time);
+                self.evaluate(key, time, &origin)?;
+                n_alerts = self.emit(&origin, key, time, n_alerts)?;
                 if appeared && !key.is_device_twin() {
-                    self.evaluate(key.device_twin(), time)?;
-                    self.emit(source, index, key.device_twin(), time, n_alerts)?;
+                    self.evaluate(key.device_twin(), time, &origin)?;
+                    self.emit(&origin, key.device_twin(), time, n_alerts)?;
                 }
             }
             Outcome::Removed { cascaded } => {
                 self.counters.applied += 1;
+                self.move_high_water(time);
                 let version = match self.snapshot.directory.slot(key) {
-                    Some(crate::twin::Slot::Dead { version, .. }) => version,
+                    Some(Slot::Dead { version, .. }) => version,
                     _ => event_version,
                 };
-                self.remove_violations(key);
-                n_alerts = self.emit_with_version(source, index, key, time, version, n_alerts)?;
+                self.remove_violations(key)?;
+                n_alerts = self.emit_with_version(&origin, key, time, version, n_alerts)?;
                 for module_id in &cascaded {
                     let module_key = TwinKey { module_id, ..key };
                     let version = match self.snapshot.directory.slot(module_key) {
-                        Some(crate::twin::Slot::Dead { version, .. }) => version,
+                        Some(Slot::Dead { version, .. }) => version,
                         _ => 0,
                     };
-                    self.remove_violations(module_key);
+                    self.remove_violations(module_key)?;
                     n_alerts =
-                        self.emit_with_version(source, index, module_key, time, version, n_alerts)?;
+                        self.emit_with_version(&origin, module_key, time, version, n_alerts)?;
                 }
                 if !key.is_device_twin() {
-                    self.evaluate(key.device_twin(), time)?;
-                    self.emit(source, index, key.device_twin(), time, n_alerts)?;
+                    self.evaluate(key.device_twin(), time, &origin)?;
+                    self.emit(&origin, key.device_twin(), time, n_alerts)?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Moves the high-water mark to `time` if it is later.
+    fn move_high_water(&mut self, time: Ticks) {
+        if time > self.high_water {
+            self.high_water = time;
+            self.high_water_moved = true;
+        }
     }
 
     /// Evaluates the policy on a live twin into `self.transitions`, updating its stored
@@ -539,7 +667,8 @@ impl State {
     fn evaluate(
         &mut self,
         key: TwinKey<'_>,
-        time: crate::time::Ticks,
+        time: Ticks,
+        origin: &Origin<'_>,
     ) -> Result<(), PipelineError> {
         self.transitions.clear();
         if self.options.policy.candidates(key.module_id).is_empty() {
@@ -549,63 +678,90 @@ impl State {
                 return Ok(());
             }
         }
-        let modules_owned = if key.is_device_twin() {
-            self.snapshot.directory.live_modules(key.hub, key.device_id)
-        } else {
-            Vec::new()
-        };
-        let modules: Vec<&str> = modules_owned.iter().map(|m| &**m).collect();
         let policy = self.options.policy.clone();
+        let modules = device_modules(&self.snapshot.directory, key);
         let Some((version, doc)) = self.snapshot.live_doc(key)? else {
             return Ok(());
         };
-        let view = TwinView {
-            hub_name: key.hub,
-            device_id: key.device_id,
-            module_id: key.module_id,
-            version,
-            doc: &doc,
-            modules: &modules,
-        };
         self.failing.clear();
-        policy.evaluate(&view, &mut self.failing);
+        failing_rules(&policy, &modules, key, version, &doc, &mut self.failing);
         drop(doc);
+        self.update_violations(key, version, time, origin)
+    }
+
+    /// Turns `self.failing` (the rules failing now on the twin at `version`) into transitions
+    /// (`self.transitions`) and the stored violations' changes; `origin` names the pending
+    /// violations it starts.
+    fn update_violations(
+        &mut self,
+        key: TwinKey<'_>,
+        version: i64,
+        time: Ticks,
+        origin: &Origin<'_>,
+    ) -> Result<(), PipelineError> {
+        let policy = self.options.policy.clone();
         let encoded = twin_key(key);
         let stored = self.violations.get_mut(&encoded[..]);
         if stored.is_none() && self.failing.is_empty() {
             return Ok(());
         }
         let mut current = stored.map(std::mem::take).unwrap_or_default();
-        let before: Vec<Box<str>> = current.iter().map(|v| v.rule_id.clone()).collect();
-        compliance::transitions(
+        let before = current.clone();
+        let sources = &self.sources;
+        let pending_id = |rule_id: &str| -> Box<str> {
+            match origin {
+                Origin::Event { source, index } => {
+                    format!("{}#{index}/{rule_id}", sources[source.0].alert_name).into()
+                }
+                Origin::Reaudit { prefix } => {
+                    format!("{prefix}/{}#{rule_id}.pending", escaped_key(key)).into()
+                }
+                Origin::Seed { prefix } => {
+                    format!("{prefix}/{}/v{version}#{rule_id}.pending", escaped_key(key)).into()
+                }
+                // A violation opening evaluates nothing; named after its own alert all the same.
+                Origin::Fixed { id } => format!("{id}/{rule_id}").into(),
+            }
+        };
+        self.counters.pending_dropped += compliance::transitions(
             &policy,
             &mut current,
             &self.failing,
             time,
             version,
+            &pending_id,
             &mut self.transitions,
         );
-        for rule_id in &before {
-            if !current.iter().any(|v| v.rule_id == *rule_id) {
-                self.store
-                    .delete_violation(&mut self.batch, &encoded, rule_id)?;
-                if let Some((_, n)) = self.failing_counts.get_mut(rule_id) {
-                    *n = n.saturating_sub(1);
-                }
+        for old in &before {
+            let now = current.iter().find(|v| v.rule_id == old.rule_id);
+            if now.is_some_and(|now| now.pending.is_some() == old.pending.is_some()) {
+                continue;
             }
+            // Gone, or moved between pending and open: off the old state's books.
+            self.forget_violation(&encoded, old)?;
         }
         for violation in &current {
-            if !before.contains(&violation.rule_id) {
-                self.failing_counts
-                    .entry(violation.rule_id.clone())
-                    .or_insert((violation.severity, 0))
-                    .1 += 1;
-                self.store.put_violation(
-                    &mut self.batch,
-                    &encoded,
-                    &violation.rule_id,
-                    &compliance::encode_violation(violation),
-                )?;
+            let old = before.iter().find(|v| v.rule_id == violation.rule_id);
+            match old {
+                Some(old) if old == violation => {}
+                Some(old) if old.pending.is_some() == violation.pending.is_some() => {
+                    // The same state with another severity, title or deadline (a re-audit).
+                    if let (Some(was), Some(is)) = (&old.pending, &violation.pending) {
+                        let place = policy.rule_index(&violation.rule_id).unwrap_or(usize::MAX);
+                        self.deadlines.remove(&(
+                            was.deadline,
+                            encoded.clone().into_boxed_slice(),
+                            place,
+                        ));
+                        self.deadlines.insert((
+                            is.deadline,
+                            encoded.clone().into_boxed_slice(),
+                            place,
+                        ));
+                    }
+                    self.store_violation(&encoded, violation)?;
+                }
+                _ => self.record_violation(&encoded, violation)?,
             }
         }
         if current.is_empty() {
@@ -617,63 +773,213 @@ impl State {
         Ok(())
     }
 
-    /// A removed twin's violations resolve (reason `deleted`) into `self.transitions`.
-    fn remove_violations(&mut self, key: TwinKey<'_>) {
+    /// Writes a violation into the batch, in the column family of its state.
+    fn store_violation(
+        &mut self,
+        encoded: &[u8],
+        violation: &Violation,
+    ) -> Result<(), PipelineError> {
+        let value = compliance::encode_violation(violation);
+        if violation.pending.is_some() {
+            self.store
+                .put_pending(&mut self.batch, encoded, &violation.rule_id, &value)?;
+        } else {
+            self.store
+                .put_violation(&mut self.batch, encoded, &violation.rule_id, &value)?;
+        }
+        Ok(())
+    }
+
+    /// A violation that was not in this state before: stored, counted, indexed.
+    fn record_violation(
+        &mut self,
+        encoded: &[u8],
+        violation: &Violation,
+    ) -> Result<(), PipelineError> {
+        match &violation.pending {
+            Some(pending) => {
+                let place = self
+                    .options
+                    .policy
+                    .rule_index(&violation.rule_id)
+                    .unwrap_or(usize::MAX);
+                self.deadlines
+                    .insert((pending.deadline, encoded.into(), place));
+                *self
+                    .pending_counts
+                    .entry(violation.rule_id.clone())
+                    .or_insert(0) += 1;
+            }
+            None => {
+                self.failing_counts
+                    .entry(violation.rule_id.clone())
+                    .or_insert((violation.severity, 0))
+                    .1 += 1;
+            }
+        }
+        self.store_violation(encoded, violation)
+    }
+
+    /// Takes a violation in its stored state off the books: the store, the counts, the index.
+    fn forget_violation(
+        &mut self,
+        encoded: &[u8],
+        violation: &Violation,
+    ) -> Result<(), PipelineError> {
+        match &violation.pending {
+            Some(pending) => {
+                let place = self
+                    .options
+                    .policy
+                    .rule_index(&violation.rule_id)
+                    .unwrap_or(usize::MAX);
+                self.deadlines
+                    .remove(&(pending.deadline, encoded.into(), place));
+                if let Some(n) = self.pending_counts.get_mut(&violation.rule_id) {
+                    *n = n.saturating_sub(1);
+                }
+                self.store
+                    .delete_pending(&mut self.batch, encoded, &violation.rule_id)?;
+            }
+            None => {
+                if let Some((_, n)) = self.failing_counts.get_mut(&violation.rule_id) {
+                    *n = n.saturating_sub(1);
+                }
+                self.store
+                    .delete_violation(&mut self.batch, encoded, &violation.rule_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens, in order, every pending violation whose deadline is not after `until`
+    /// (`SEMANTICS.md` §9): an `opened` alert timed at its deadline, with the id and twin
+    /// version fixed when it became pending.
+    fn fire_until(&mut self, until: Ticks) -> Result<(), PipelineError> {
+        while let Some(first) = self.deadlines.first() {
+            if first.0 > until {
+                break;
+            }
+            let Some((deadline, encoded, _)) = self.deadlines.pop_first() else {
+                break;
+            };
+            let Some(set) = self.violations.get_mut(&encoded) else {
+                continue;
+            };
+            let Some(violation) = set
+                .iter_mut()
+                .find(|v| v.pending.as_ref().is_some_and(|p| p.deadline == deadline))
+            else {
+                continue;
+            };
+            let Some(pending) = violation.pending.take() else {
+                continue;
+            };
+            let opened = violation.clone();
+            if let Some(n) = self.pending_counts.get_mut(&opened.rule_id) {
+                *n = n.saturating_sub(1);
+            }
+            self.store
+                .delete_pending(&mut self.batch, &encoded, &opened.rule_id)?;
+            self.failing_counts
+                .entry(opened.rule_id.clone())
+                .or_insert((opened.severity, 0))
+                .1 += 1;
+            self.store_violation(&encoded, &opened)?;
+            self.counters.pending_opened += 1;
+            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
+                what: "key",
+                detail: format!("{encoded:?}"),
+            })?;
+            self.transitions.clear();
+            self.transitions.push(Transition {
+                kind: compliance::AlertKind::Opened,
+                rule_id: opened.rule_id.clone(),
+                severity: opened.severity,
+                title: opened.title.clone(),
+                reason: None,
+                twin_version: Some(opened.twin_version),
+            });
+            let origin = Origin::Fixed {
+                id: &pending.alert_id,
+            };
+            self.emit_with_version(&origin, owned.as_key(), deadline, opened.twin_version, 0)?;
+        }
+        Ok(())
+    }
+
+    /// A removed twin's violations resolve (reason `deleted`) into `self.transitions`; its
+    /// pending ones are dropped.
+    fn remove_violations(&mut self, key: TwinKey<'_>) -> Result<(), PipelineError> {
         self.transitions.clear();
         let encoded = twin_key(key);
         if let Some(stored) = self.violations.remove(&encoded[..]) {
             for violation in &stored {
-                // A store error here would surface at the next write of this batch; deleting
-                // into a batch cannot fail but for a missing column family, checked at open.
-                let _ = self
-                    .store
-                    .delete_violation(&mut self.batch, &encoded, &violation.rule_id);
-                if let Some((_, n)) = self.failing_counts.get_mut(&violation.rule_id) {
-                    *n = n.saturating_sub(1);
-                }
+                self.forget_violation(&encoded, violation)?;
             }
-            compliance::deleted(stored, &mut self.transitions);
+            self.counters.pending_dropped += compliance::deleted(stored, &mut self.transitions);
         }
+        Ok(())
     }
 
     fn emit(
         &mut self,
-        source: SourceHandle,
-        index: u64,
+        origin: &Origin<'_>,
         key: TwinKey<'_>,
-        time: crate::time::Ticks,
+        time: Ticks,
         n_before: usize,
     ) -> Result<usize, PipelineError> {
         let version = self.twin_version;
-        self.emit_with_version(source, index, key, time, version, n_before)
+        self.emit_with_version(origin, key, time, version, n_before)
     }
 
-    /// Counts `self.transitions` as alerts of the event at (`source`, `index`), numbered from
-    /// `n_before`, and queues them when a sink will deliver them. Returns the event's alert
-    /// count so far.
+    /// Counts `self.transitions` as alerts of `origin`, numbered from `n_before`, and queues
+    /// them when a sink will deliver them. Returns the origin's alert count so far.
     fn emit_with_version(
         &mut self,
-        source: SourceHandle,
-        index: u64,
+        origin: &Origin<'_>,
         key: TwinKey<'_>,
-        time: crate::time::Ticks,
+        time: Ticks,
         version: i64,
         n_before: usize,
     ) -> Result<usize, PipelineError> {
         let mut n = n_before;
-        for transition in std::mem::take(&mut self.transitions) {
+        for mut transition in std::mem::take(&mut self.transitions) {
             match transition.kind {
                 compliance::AlertKind::Opened => self.counters.alerts_opened += 1,
                 _ => self.counters.alerts_resolved += 1,
             }
+            if let Origin::Reaudit { .. } = origin {
+                transition.reason = Some(compliance::REASON_POLICY);
+            }
             if self.options.queue_alerts {
-                let id = format!("{}#{}.{}", self.sources[source.0].alert_name, index, n);
+                let id = match origin {
+                    Origin::Event { source, index } => {
+                        format!("{}#{}.{}", self.sources[source.0].alert_name, index, n)
+                    }
+                    Origin::Reaudit { prefix } => {
+                        format!("{prefix}/{}#{n}", escaped_key(key))
+                    }
+                    Origin::Fixed { id } => (*id).to_owned(),
+                    Origin::Seed { prefix } => {
+                        let what = match transition.kind {
+                            compliance::AlertKind::Opened => "opened",
+                            compliance::AlertKind::Resolved => "resolved",
+                            compliance::AlertKind::Deleted => "removed",
+                        };
+                        format!(
+                            "{prefix}/{}/v{version}#{}.{what}",
+                            escaped_key(key),
+                            transition.rule_id
+                        )
+                    }
+                };
                 let alert = compliance::cloud_event(
                     &id,
                     key,
                     &transition,
                     time,
-                    version,
+                    transition.twin_version.unwrap_or(version),
                     self.enqueued_time,
                 );
                 self.store
@@ -726,6 +1032,14 @@ impl State {
                 .put_outbox_next(&mut batch, self.next_outbox_seq)?;
             self.outbox_grew = false;
         }
+        if self.high_water_moved {
+            self.store.put_meta(
+                &mut batch,
+                META_HIGH_WATER,
+                &self.high_water.0.to_be_bytes(),
+            )?;
+            self.high_water_moved = false;
+        }
         let mut positions = Vec::new();
         for (i, source) in self.sources.iter_mut().enumerate().filter(|(_, s)| s.dirty) {
             self.store
@@ -752,6 +1066,20 @@ impl State {
         self.drain_acks(false)
     }
 
+    /// Commits what is open and waits until the writer has written every batch, so that the
+    /// store holds all that was applied (the writer thread goes on).
+    fn flush(&mut self) -> Result<(), PipelineError> {
+        self.commit()?;
+        while !self.uncommitted.is_empty() {
+            let result = self
+                .from_writer
+                .recv()
+                .map_err(|_| PipelineError::WriterGone)?;
+            self.acknowledged(result?);
+        }
+        Ok(())
+    }
+
     fn drain_acks(&mut self, until_closed: bool) -> Result<(), PipelineError> {
         loop {
             let result = if until_closed {
@@ -768,24 +1096,103 @@ impl State {
                     }
                 }
             };
-            let batch_no = result?;
-            self.snapshot.committed(batch_no);
-            while self
-                .uncommitted
-                .front()
-                .is_some_and(|(n, _)| *n <= batch_no)
-            {
-                if let Some((_, positions)) = self.uncommitted.pop_front() {
-                    for (source, next_index) in positions {
-                        if self.committed.len() <= source {
-                            self.committed.resize(source + 1, None);
-                        }
-                        self.committed[source] = Some(next_index);
+            self.acknowledged(result?);
+        }
+    }
+
+    /// The writer wrote every batch up to `batch_no`.
+    fn acknowledged(&mut self, batch_no: u64) {
+        self.snapshot.committed(batch_no);
+        while self
+            .uncommitted
+            .front()
+            .is_some_and(|(n, _)| *n <= batch_no)
+        {
+            if let Some((_, positions)) = self.uncommitted.pop_front() {
+                for (source, next_index) in positions {
+                    if self.committed.len() <= source {
+                        self.committed.resize(source + 1, None);
                     }
+                    self.committed[source] = Some(next_index);
                 }
             }
         }
     }
+}
+
+/// What caused an alert: its id derives from this (`SEMANTICS.md` §4, §7, §8).
+enum Origin<'a> {
+    /// An event: the source and its position.
+    Event { source: SourceHandle, index: u64 },
+    /// A re-audit: `policy:<re-audits before it>:<fingerprint prefix>`.
+    Reaudit { prefix: &'a str },
+    /// A seed pass's evaluation or removal: `seed:<hub>@<as-of>`.
+    Seed { prefix: &'a str },
+    /// A pending violation opening: the id it was given when it became pending.
+    Fixed { id: &'a str },
+}
+
+/// A twin key in an alert id: `hub/device[/module]`, each part with `%`, `/` and `#`
+/// percent-escaped so that distinct keys never give the same text.
+fn escaped_key(key: TwinKey<'_>) -> String {
+    let escape = |part: &str| {
+        part.replace('%', "%25")
+            .replace('/', "%2F")
+            .replace('#', "%23")
+    };
+    let mut out = format!("{}/{}", escape(key.hub), escape(key.device_id));
+    if !key.is_device_twin() {
+        out.push('/');
+        out.push_str(&escape(key.module_id));
+    }
+    out
+}
+
+/// A device twin's live modules (its `/$modules`); nothing for a module twin.
+fn device_modules(directory: &Directory, key: TwinKey<'_>) -> Vec<Box<str>> {
+    if key.is_device_twin() {
+        directory.live_modules(key.hub, key.device_id)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Appends to `failing` the rules failing on the twin `key` at `version` with document `doc`;
+/// `modules` are a device twin's live modules (`/$modules`).
+fn failing_rules(
+    policy: &Policy,
+    modules: &[Box<str>],
+    key: TwinKey<'_>,
+    version: i64,
+    doc: &crate::value::Map,
+    failing: &mut Vec<usize>,
+) {
+    let modules: Vec<&str> = modules.iter().map(|m| &**m).collect();
+    let view = TwinView {
+        hub_name: key.hub,
+        device_id: key.device_id,
+        module_id: key.module_id,
+        version,
+        doc,
+        modules: &modules,
+    };
+    policy.evaluate(&view, failing);
+}
+
+/// An instant stored under a `meta` key (big-endian ticks), if any.
+fn store_ticks(store: &Store, key: &[u8]) -> Result<Option<Ticks>, StoreError> {
+    store
+        .meta(key)?
+        .map(|raw| decode_ticks(&raw, "instant"))
+        .transpose()
+}
+
+fn decode_ticks(raw: &[u8], what: &'static str) -> Result<Ticks, StoreError> {
+    let bytes: [u8; 8] = raw.try_into().map_err(|_| StoreError::Corrupt {
+        what,
+        detail: format!("{} bytes, not 8", raw.len()),
+    })?;
+    Ok(Ticks(i64::from_be_bytes(bytes)))
 }
 
 /// Counts the twins failing each rule; every rule of `policy` is listed, at 0 when none fails.
@@ -795,7 +1202,11 @@ fn failing_counts(violations: &ViolationSets, policy: &Policy) -> FailingCounts 
         .iter()
         .map(|rule| (rule.id.as_str().into(), (rule.severity, 0)))
         .collect();
-    for violation in violations.values().flatten() {
+    for violation in violations
+        .values()
+        .flatten()
+        .filter(|v| v.pending.is_none())
+    {
         out.entry(violation.rule_id.clone())
             .or_insert((violation.severity, 0))
             .1 += 1;
@@ -803,11 +1214,36 @@ fn failing_counts(violations: &ViolationSets, policy: &Policy) -> FailingCounts 
     out
 }
 
-/// Loads every twin's violations, each twin's in the order of `policy` (rules no longer in it
+/// Counts the pending violations by rule id.
+fn pending_counts(violations: &ViolationSets) -> BTreeMap<Box<str>, u64> {
+    let mut out = BTreeMap::new();
+    for violation in violations.values().flatten() {
+        if violation.pending.is_some() {
+            *out.entry(violation.rule_id.clone()).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
+/// Indexes every pending violation by deadline (see [`State::deadlines`]).
+fn deadline_index(violations: &ViolationSets, policy: &Policy) -> Deadlines {
+    let mut out = Deadlines::new();
+    for (key, set) in violations {
+        for violation in set {
+            if let Some(pending) = &violation.pending {
+                let place = policy.rule_index(&violation.rule_id).unwrap_or(usize::MAX);
+                out.insert((pending.deadline, key.clone(), place));
+            }
+        }
+    }
+    out
+}
+
+/// Loads every twin's violations, open and pending, each twin's in the order of `policy` (rules no longer in it
 /// last, by id).
 fn load_violations(store: &Store, policy: &Policy) -> Result<ViolationSets, PipelineError> {
     let mut out = ViolationSets::default();
-    for item in store.violations()? {
+    for item in store.violations()?.chain(store.pending_violations()?) {
         let (key, rule_id, value) = item?;
         let violation = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
             what: "violation",

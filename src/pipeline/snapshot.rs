@@ -14,11 +14,12 @@ use std::sync::Arc;
 use foldhash::fast::RandomState;
 use lru::LruCache;
 
+use crate::model::Slot;
 use crate::model::TwinKey;
 use crate::store::keys::encode_twin_key;
 use crate::store::{decode_twin_doc, encode_twin, Batch, Store, StoreError};
 use crate::time::Ticks;
-use crate::twin::{Slot, Twins};
+use crate::twin::Twins;
 use crate::value::Map;
 
 type FastMap<K, V> = HashMap<K, V, RandomState>;
@@ -87,6 +88,21 @@ impl Directory {
             .unwrap_or_default()
     }
 
+    /// The live twins of a hub: `(device id, module id, slot)`, in no particular order.
+    pub fn live_of_hub<'d>(
+        &'d self,
+        hub: &str,
+    ) -> impl Iterator<Item = (&'d str, &'d str, Slot)> + 'd {
+        self.hubs.get(hub).into_iter().flat_map(|devices| {
+            devices.iter().flat_map(|(device_id, twins)| {
+                twins
+                    .iter()
+                    .filter(|(_, slot)| matches!(slot, Slot::Live { .. }))
+                    .map(move |(module_id, slot)| (&**device_id, &**module_id, *slot))
+            })
+        })
+    }
+
     /// Twins that exist.
     pub fn n_live(&self) -> usize {
         self.n_live
@@ -109,6 +125,7 @@ enum Pending {
     Live {
         version: i64,
         created_at: Option<Ticks>,
+        last_change: Ticks,
         doc: Map,
         /// The key had a tombstone, which the write must delete.
         clear_tombstone: bool,
@@ -137,6 +154,8 @@ pub struct Snapshot {
     key_buf: Vec<u8>,
     /// Reads from RocksDB (cache misses), for metrics and tuning.
     pub n_store_reads: u64,
+    /// Each seeded hub's latest complete pass's as-of time (`SEMANTICS.md` §7).
+    pub seeded: FastMap<Box<str>, Ticks>,
 }
 
 impl Snapshot {
@@ -151,6 +170,7 @@ impl Snapshot {
             in_flight: VecDeque::new(),
             key_buf: Vec::with_capacity(128),
             n_store_reads: 0,
+            seeded: FastMap::default(),
         }
     }
 
@@ -178,11 +198,12 @@ impl Snapshot {
                 Pending::Live {
                     version,
                     created_at,
+                    last_change,
                     doc,
                     clear_tombstone,
                 } => {
                     buf.clear();
-                    encode_twin(version, created_at, &doc, &mut buf);
+                    encode_twin(version, created_at, last_change, &doc, &mut buf);
                     self.store.put_twin(batch, &key, &buf)?;
                     if clear_tombstone {
                         self.store.delete_tombstone(batch, &key)?;
@@ -290,13 +311,21 @@ impl Twins for Snapshot {
         }
     }
 
-    fn put_live(&mut self, key: TwinKey<'_>, version: i64, created_at: Option<Ticks>, doc: Map) {
+    fn put_live(
+        &mut self,
+        key: TwinKey<'_>,
+        version: i64,
+        created_at: Option<Ticks>,
+        last_change: Ticks,
+        doc: Map,
+    ) {
         let had_tombstone = matches!(self.directory.slot(key), Some(Slot::Dead { .. }));
         self.directory.set(
             key,
             Slot::Live {
                 version,
                 created_at,
+                last_change,
             },
         );
         self.encode_key(key);
@@ -316,6 +345,7 @@ impl Twins for Snapshot {
                 *slot = Pending::Live {
                     version,
                     created_at,
+                    last_change,
                     doc,
                     clear_tombstone,
                 };
@@ -324,6 +354,7 @@ impl Twins for Snapshot {
                 let pending = Pending::Live {
                     version,
                     created_at,
+                    last_change,
                     doc,
                     clear_tombstone: had_tombstone,
                 };
@@ -355,5 +386,9 @@ impl Twins for Snapshot {
 
     fn live_modules(&self, hub: &str, device_id: &str) -> Vec<Box<str>> {
         self.directory.live_modules(hub, device_id)
+    }
+
+    fn seeded_as_of(&self, hub: &str) -> Option<Ticks> {
+        self.seeded.get(hub).copied()
     }
 }

@@ -28,6 +28,13 @@ const TIME_UNITS: [(u8, u128); 3] = [(b'H', 3_600), (b'M', 60), (b'S', 1)];
 const MAX_FRACTION_DIGITS: usize = 30;
 
 impl Duration {
+    /// The length in 100 ns ticks, rounded up: a deadline `t + d` is not after an instant
+    /// `c` (both whole ticks) exactly when `t + ticks_ceil(d)` is not.
+    pub(crate) fn ticks_ceil(self) -> i64 {
+        const ATTOS_PER_TICK: u128 = ATTOS_PER_SECOND / 10_000_000;
+        i64::try_from(self.0.div_ceil(ATTOS_PER_TICK)).unwrap_or(i64::MAX)
+    }
+
     #[cfg(test)]
     pub(crate) fn from_attos(attos: u128) -> Duration {
         Duration(attos)

@@ -48,7 +48,7 @@ impl Place<'_> {
     }
 }
 
-const RULE_FIELDS: &[&str] = &["id", "title", "severity", "target", "when", "check"];
+const RULE_FIELDS: &[&str] = &["id", "title", "severity", "target", "when", "check", "for"];
 const TARGET_FIELDS: &[&str] = &["module", "tags"];
 const TEST_FIELDS: &[&str] = &["path", "op", "value", "other", "default", "other_default"];
 const COMBINATORS: &[&str] = &["all", "any", "not"];
@@ -173,6 +173,21 @@ impl Loader {
         let when = fields
             .get("when")
             .map(|yaml| compile_condition(&mut place, "when", yaml));
+        // `for`: how long a failure must last before it is an alert (`SEMANTICS.md` §9).
+        let grace = match fields.get("for") {
+            None => Some(None),
+            Some(yaml) => match compile_duration(&mut place, "for", yaml) {
+                Some(duration) if duration.ticks_ceil() > 0 => Some(Some(duration.ticks_ceil())),
+                Some(_) => {
+                    place.report(
+                        "for",
+                        PolicyProblem::BadOperand("`for` must be longer than zero".into()),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
         let check = match fields.get("check") {
             None => {
                 place.shape("", "missing field `check`");
@@ -180,7 +195,8 @@ impl Loader {
             }
             Some(yaml) => compile_condition(&mut place, "check", yaml),
         };
-        let (Some(id), Some(severity), Some(target), Some(check)) = (id, severity, target, check)
+        let (Some(id), Some(severity), Some(target), Some(check), Some(grace)) =
+            (id, severity, target, check, grace)
         else {
             return;
         };
@@ -189,11 +205,15 @@ impl Loader {
             Some(Some(when)) => Some(when),
             Some(None) => return,
         };
+        // An empty title would make an alert nobody can read: it defaults like a missing one.
+        let title = title
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| id.clone());
+        let canonical = canonical_rule(yaml, &title);
         self.rules.push(Rule {
-            // An empty title would make an alert nobody can read: it defaults like a missing one.
-            title: title
-                .filter(|t| !t.is_empty())
-                .unwrap_or_else(|| id.clone()),
+            title,
+            canonical,
+            grace: grace.map(crate::time::Ticks),
             id,
             severity,
             source: file.to_string(),
@@ -201,6 +221,21 @@ impl Loader {
             when,
             check,
         });
+    }
+}
+
+/// Every field of a rule as one line of JSON with sorted keys and the title as loaded (a
+/// missing or empty title is the id): what the policy's fingerprint hashes, so that two
+/// files that say the same thing in another key order or layout have the same fingerprint.
+fn canonical_rule(yaml: &Yaml, title: &str) -> String {
+    match to_value(yaml) {
+        Ok(Value::Object(mut fields)) => {
+            fields.insert("title", Value::from(title));
+            Value::Object(fields).to_string()
+        }
+        // A rule that compiled is a mapping of JSON-compatible values; this is a fallback
+        // that still changes whenever the text does.
+        _ => serde_yaml_ng::to_string(yaml).unwrap_or_default(),
     }
 }
 

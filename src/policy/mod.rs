@@ -55,6 +55,8 @@ pub struct Policy {
     rules_by_module: Vec<(Box<str>, Vec<usize>)>,
     /// The pointer prefixes that evaluation caches, by slot (see [`pointer::Resolver`]).
     cached_prefixes: Vec<Pointer>,
+    /// SHA-256 (hex) of every field of every rule, in order (`SEMANTICS.md` §8).
+    fingerprint: String,
 }
 
 /// One compiled rule.
@@ -66,6 +68,11 @@ pub struct Rule {
     pub severity: Severity,
     /// The file the rule came from.
     source: String,
+    /// Every field as loaded, as canonical JSON (see [`Policy::fingerprint`]).
+    canonical: String,
+    /// `for`: how long the rule must fail on a twin before the failure is an alert
+    /// (`SEMANTICS.md` §9); `None` alerts at once.
+    pub grace: Option<crate::time::Ticks>,
     target: Target,
     when: Option<Condition>,
     check: Condition,
@@ -196,6 +203,19 @@ impl Policy {
         &self.rules
     }
 
+    /// The policy's fingerprint: SHA-256, in hex, of every field of every rule in order (the
+    /// title as loaded, keys sorted), so that any change a twin's evaluation or an alert could
+    /// show changes it, and a mere reformatting of the files does not. The snapshot records
+    /// it to know when to re-audit (`SEMANTICS.md` §8).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The index of the rule with this id.
+    pub fn rule_index(&self, id: &str) -> Option<usize> {
+        self.rules.iter().position(|rule| rule.id == id)
+    }
+
     /// Appends to `failing` the index (into [`Policy::rules`]) of every rule failing on this
     /// twin, in policy order: its target matches, its `when` (if any) holds, and its `check`
     /// does not.
@@ -259,12 +279,26 @@ impl Policy {
                 (id, indices)
             })
             .collect();
+        let fingerprint = {
+            use sha2::Digest as _;
+            let mut hasher = sha2::Sha256::new();
+            for rule in &rules {
+                hasher.update(rule.canonical.as_bytes());
+                hasher.update(b"\n");
+            }
+            hasher
+                .finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
         Ok(Policy {
             rules,
             device_rules,
             all_module_rules,
             rules_by_module,
             cached_prefixes,
+            fingerprint,
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod avro;
 pub mod avro_fast;
+pub mod documents;
 #[cfg(feature = "service")]
 pub mod eventhub;
 pub mod parsed;

@@ -17,7 +17,14 @@ pub const CF_META: &str = "meta";
 pub const CF_VIOLATIONS: &str = "violations";
 pub const CF_OUTBOX: &str = "outbox";
 
-pub const ALL_CFS: [&str; 7] = [
+/// The twins a seed pass applied (or whose module set it changed) and has not yet evaluated:
+/// encoded twin key → nothing (`SEMANTICS.md` §7: evaluation at the end of the pass, resumable).
+pub const CF_SEED_TOUCHED: &str = "seed_touched";
+
+/// Pending violations (`SEMANTICS.md` §9): the same keys as [`CF_VIOLATIONS`].
+pub const CF_PENDING: &str = "pending";
+
+pub const ALL_CFS: [&str; 9] = [
     CF_TWINS,
     CF_TOMBSTONES,
     CF_CHECKPOINTS,
@@ -25,6 +32,8 @@ pub const ALL_CFS: [&str; 7] = [
     CF_META,
     CF_VIOLATIONS,
     CF_OUTBOX,
+    CF_SEED_TOUCHED,
+    CF_PENDING,
 ];
 
 /// Key of the data format marker in [`CF_META`].
@@ -33,6 +42,29 @@ pub const META_FORMAT: &[u8] = b"format";
 /// Key in [`CF_META`] of the next outbox sequence number: written with every batch that
 /// queues alerts, so that numbers are never reused even after the outbox was emptied.
 pub const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
+
+/// Key in [`CF_META`] of the fingerprint of the policy the violations were computed with
+/// (`SEMANTICS.md` §8).
+pub const META_POLICY_FINGERPRINT: &[u8] = b"policy_fingerprint";
+
+/// Key in [`CF_META`] of an unfinished re-audit's progress (its policy's fingerprint and the
+/// last twin key it covered).
+pub const META_REAUDIT_PROGRESS: &[u8] = b"reaudit_progress";
+
+/// Key in [`CF_META`] of the number of re-audits completed so far: part of re-audit alert ids,
+/// so that a policy changed back and forth never repeats an id.
+pub const META_REAUDITS_DONE: &[u8] = b"reaudits_done";
+
+/// Key in [`CF_META`] of the snapshot's high-water mark: the greatest opTime applied so far.
+pub const META_HIGH_WATER: &[u8] = b"high_water";
+
+/// Prefix in [`CF_META`] of each seeded hub's latest complete pass's as-of time
+/// (`seeded/<hub>`).
+pub const META_SEEDED_PREFIX: &[u8] = b"seeded/";
+
+/// Key in [`CF_META`] of the seed pass whose touched twins ([`CF_SEED_TOUCHED`]) are still to
+/// be evaluated: its hub and as-of time.
+pub const META_SEED_PASS: &[u8] = b"seed_pass";
 
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
     for &b in component {

@@ -16,9 +16,9 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::model::Slot;
 use crate::model::{DeadLetterReason, OwnedTwinKey, SourceId};
 use crate::time::Ticks;
-use crate::twin::Slot;
 use crate::value::{CodecError, Map};
 use keys::*;
 
@@ -99,43 +99,72 @@ pub struct Checkpoint {
 pub struct TwinRecord {
     pub version: i64,
     pub created_at: Option<Ticks>,
+    /// The opTime of the last change (the epoch for a twin written before it was recorded).
+    pub last_change: Ticks,
     pub doc: Map,
 }
 
-const TWIN_HEADER: usize = 17;
+/// The header's flags byte: bit 0, `createdAt` is set; bit 1, the last change follows it.
+/// Records written before the last change was kept have only bit 0 and a 17-byte header.
+const FLAG_CREATED: u8 = 1;
+const FLAG_LAST_CHANGE: u8 = 2;
 
-/// Encodes a twin record: version, `createdAt`, then the document.
-pub fn encode_twin(version: i64, created_at: Option<Ticks>, doc: &Map, out: &mut Vec<u8>) {
+/// Encodes a twin record: version, flags, `createdAt`, the last change, then the document.
+pub fn encode_twin(
+    version: i64,
+    created_at: Option<Ticks>,
+    last_change: Ticks,
+    doc: &Map,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(&version.to_le_bytes());
-    out.push(u8::from(created_at.is_some()));
+    let created_flag = if created_at.is_some() {
+        FLAG_CREATED
+    } else {
+        0
+    };
+    out.push(created_flag | FLAG_LAST_CHANGE);
     out.extend_from_slice(&created_at.unwrap_or_default().0.to_le_bytes());
+    out.extend_from_slice(&last_change.0.to_le_bytes());
     doc.encode(out);
 }
 
-fn twin_header(bytes: &[u8]) -> Result<(i64, Option<Ticks>), StoreError> {
+/// The header of an encoded twin: version, `createdAt`, last change, and where the document
+/// starts.
+fn twin_header(bytes: &[u8]) -> Result<(i64, Option<Ticks>, Ticks, usize), StoreError> {
     let corrupt = || StoreError::Corrupt {
         what: "twin",
         detail: format!("{} bytes, shorter than its header", bytes.len()),
     };
-    let header = bytes.get(..TWIN_HEADER).ok_or_else(corrupt)?;
-    let version = i64::from_le_bytes(header[0..8].try_into().map_err(|_| corrupt())?);
-    let created = i64::from_le_bytes(header[9..17].try_into().map_err(|_| corrupt())?);
-    Ok((version, (header[8] == 1).then_some(Ticks(created))))
+    let word = |at: usize| -> Result<i64, StoreError> {
+        let raw = bytes.get(at..at + 8).ok_or_else(corrupt)?;
+        Ok(i64::from_le_bytes(raw.try_into().map_err(|_| corrupt())?))
+    };
+    let version = word(0)?;
+    let flags = *bytes.get(8).ok_or_else(corrupt)?;
+    let created = word(9)?;
+    let created_at = (flags & FLAG_CREATED != 0).then_some(Ticks(created));
+    if flags & FLAG_LAST_CHANGE != 0 {
+        Ok((version, created_at, Ticks(word(17)?), 25))
+    } else {
+        Ok((version, created_at, Ticks(0), 17))
+    }
 }
 
 pub fn decode_twin(bytes: &[u8]) -> Result<TwinRecord, StoreError> {
-    let (version, created_at) = twin_header(bytes)?;
+    let (version, created_at, last_change, start) = twin_header(bytes)?;
     Ok(TwinRecord {
         version,
         created_at,
-        doc: Map::decode(&bytes[TWIN_HEADER..])?,
+        last_change,
+        doc: Map::decode(&bytes[start..])?,
     })
 }
 
 /// Just the document of an encoded twin.
 pub fn decode_twin_doc(bytes: &[u8]) -> Result<Map, StoreError> {
-    twin_header(bytes)?;
-    Ok(Map::decode(&bytes[TWIN_HEADER..])?)
+    let (_, _, _, start) = twin_header(bytes)?;
+    Ok(Map::decode(&bytes[start..])?)
 }
 
 fn encode_tombstone(version: i64, deleted_at: Ticks) -> [u8; 16] {
@@ -155,6 +184,9 @@ fn decode_tombstone(bytes: &[u8]) -> Result<(i64, Ticks), StoreError> {
     let deleted_at = i64::from_le_bytes(raw[8..].try_into().map_err(|_| corrupt())?);
     Ok((version, Ticks(deleted_at)))
 }
+
+/// A `meta` entry: its key (a prefix cut off) and value.
+pub type MetaEntry = (Vec<u8>, Vec<u8>);
 
 /// A violation as stored: the twin, the rule id, and the encoded violation.
 pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
@@ -415,12 +447,13 @@ impl Store {
         for item in self.db.iterator_cf(self.cf(CF_TWINS)?, IteratorMode::Start) {
             let (k, v) = item?;
             let key = decode_twin_key(&k).ok_or_else(|| bad_key(&k))?;
-            let (version, created_at) = twin_header(&v)?;
+            let (version, created_at, last_change, _) = twin_header(&v)?;
             f(
                 key,
                 Slot::Live {
                     version,
                     created_at,
+                    last_change,
                 },
             );
         }
@@ -481,7 +514,78 @@ impl Store {
         }))
     }
 
+    /// A value of the `meta` column family.
+    pub fn meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_META)?, key)?)
+    }
+
+    /// The `meta` entries whose key starts with `prefix`, with the prefix cut off, in key order.
+    pub fn meta_with_prefix(&self, prefix: &[u8]) -> Result<Vec<MetaEntry>, StoreError> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_META)?,
+            IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item?;
+            let Some(rest) = k.strip_prefix(prefix) else {
+                break;
+            };
+            out.push((rest.to_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The encoded keys of the twins a seed pass touched and has not yet evaluated, in order.
+    pub fn seed_touched(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_SEED_TOUCHED)?, IteratorMode::Start)
+        {
+            let (k, _) = item?;
+            out.push(k.into_vec());
+        }
+        Ok(out)
+    }
+
+    /// Every twin in key order from the encoded key `from` on (inclusive).
+    pub fn twins_from(
+        &self,
+        from: &[u8],
+    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, TwinRecord), StoreError>> + '_, StoreError>
+    {
+        let iter = self.db.iterator_cf(
+            self.cf(CF_TWINS)?,
+            IteratorMode::From(from, rocksdb::Direction::Forward),
+        );
+        Ok(iter.map(|item| {
+            let (k, v) = item?;
+            Ok((k.into_vec(), decode_twin(&v)?))
+        }))
+    }
+
     // Batch building --------------------------------------------------------------------------
+
+    pub fn put_meta(&self, batch: &mut Batch, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        batch.inner.put_cf(self.cf(CF_META)?, key, value);
+        Ok(())
+    }
+
+    pub fn delete_meta(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
+        batch.inner.delete_cf(self.cf(CF_META)?, key);
+        Ok(())
+    }
+
+    pub fn put_seed_touched(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
+        batch.inner.put_cf(self.cf(CF_SEED_TOUCHED)?, key, b"");
+        Ok(())
+    }
+
+    pub fn delete_seed_touched(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
+        batch.inner.delete_cf(self.cf(CF_SEED_TOUCHED)?, key);
+        Ok(())
+    }
 
     pub fn put_twin(&self, batch: &mut Batch, key: &[u8], record: &[u8]) -> Result<(), StoreError> {
         batch.inner.put_cf(self.cf(CF_TWINS)?, key, record);
@@ -580,13 +684,52 @@ impl Store {
         Ok(())
     }
 
+    pub fn put_pending(
+        &self,
+        batch: &mut Batch,
+        twin_key: &[u8],
+        rule_id: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        batch.inner.put_cf(
+            self.cf(CF_PENDING)?,
+            violation_key(twin_key, rule_id),
+            value,
+        );
+        Ok(())
+    }
+
+    pub fn delete_pending(
+        &self,
+        batch: &mut Batch,
+        twin_key: &[u8],
+        rule_id: &str,
+    ) -> Result<(), StoreError> {
+        batch
+            .inner
+            .delete_cf(self.cf(CF_PENDING)?, violation_key(twin_key, rule_id));
+        Ok(())
+    }
+
     /// Every violation in twin-then-rule order: `(twin key, rule id, value)`.
     pub fn violations(
         &self,
     ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
-        let iter = self
-            .db
-            .iterator_cf(self.cf(CF_VIOLATIONS)?, IteratorMode::Start);
+        self.violations_of(CF_VIOLATIONS)
+    }
+
+    /// Every pending violation (`SEMANTICS.md` §9) in twin-then-rule order.
+    pub fn pending_violations(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
+        self.violations_of(CF_PENDING)
+    }
+
+    fn violations_of(
+        &self,
+        cf: &'static str,
+    ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
+        let iter = self.db.iterator_cf(self.cf(cf)?, IteratorMode::Start);
         Ok(iter.map(|item| {
             let (k, v) = item?;
             let (key, rule_id) = decode_violation_key(&k).ok_or_else(|| StoreError::Corrupt {

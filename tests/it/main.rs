@@ -9,6 +9,7 @@ mod kill;
 mod live;
 mod operations;
 mod properties;
+mod scenarios;
 // Shared with the reliability suite, which uses parts the integration tests do not.
 #[allow(dead_code)]
 mod service;

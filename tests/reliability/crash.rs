@@ -34,8 +34,12 @@ enum Kill {
 impl Kill {
     /// Every fifth attempt dies from outside, the others at each failpoint in turn, so that
     /// every spot is hit in every campaign.
-    fn pick(attempt: usize, rng: &mut ChaCha8Rng, plan: &Plan) -> Kill {
-        let spots = failpoint::NAMES;
+    fn pick(
+        attempt: usize,
+        rng: &mut ChaCha8Rng,
+        plan: &Plan,
+        spots: &'static [&'static str],
+    ) -> Kill {
         match attempt % (spots.len() + 1) {
             0 => Kill::After(Duration::from_millis(
                 rng.gen_range(plan.outside_ms.clone()),
@@ -75,6 +79,10 @@ trait Subject {
     fn caught_up(&self) -> bool {
         false
     }
+    /// The failpoints its runs meet.
+    fn spots(&self) -> &'static [&'static str] {
+        failpoint::NAMES
+    }
 }
 
 struct Replay {
@@ -107,6 +115,64 @@ impl Subject for Replay {
 
     fn patience(&self) -> Duration {
         Duration::from_secs(120)
+    }
+}
+
+/// A replay that has nothing left to apply, under a changed policy: all its work is the
+/// re-audit (`SEMANTICS.md` §8). Each round starts from a copy of a directory replayed under
+/// the old policy.
+struct Reaudit {
+    fleet: PathBuf,
+    /// The directory replayed under the old policy, copied for each round.
+    base: PathBuf,
+    policy: PathBuf,
+}
+
+impl Subject for Reaudit {
+    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        if !data.exists() {
+            copy_dir(&self.base, data);
+        }
+        let mut command = Command::new(binary());
+        command.args([
+            "replay",
+            "--data-dir",
+            path(data),
+            "--batch-size",
+            "500",
+            "--policy",
+            path(&self.policy),
+            "--alerts-file",
+            path(alerts),
+            path(&self.fleet),
+        ]);
+        start(command, failpoints, log)
+    }
+
+    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
+        let mut child = self.spawn(data, alerts, None, log);
+        let status = wait_at_most(&mut child, Duration::from_secs(300))
+            .expect("a re-audit did not finish within 300 s");
+        assert!(status.success(), "a re-audit failed: {status}");
+        assert_no_panic(log);
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(120)
+    }
+
+    fn spots(&self) -> &'static [&'static str] {
+        &[failpoint::REAUDIT_BEFORE_COMMIT]
+    }
+}
+
+/// Copies a closed data directory (RocksDB's files are plain files once no process has it
+/// open).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the copy");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy a file");
     }
 }
 
@@ -290,7 +356,7 @@ fn campaign(
         // Kill until a run gets to the end by itself (or the campaign has its kills).
         let mut attempt = 0;
         while tally.kills() < target {
-            let kill = Kill::pick(attempt, rng, plan);
+            let kill = Kill::pick(attempt, rng, plan, subject.spots());
             attempt += 1;
             tally.attempts += 1;
             let failpoints = kill.failpoints();
@@ -386,8 +452,8 @@ fn record(campaign: &str, tally: &Tally, events: u64) {
     report::record(campaign, &figures);
 }
 
-fn assert_every_spot_hit(tally: &Tally) {
-    for spot in failpoint::NAMES {
+fn assert_every_spot_hit(tally: &Tally, spots: &[&str]) {
+    for spot in spots {
         assert!(
             tally.kills.get(spot).copied().unwrap_or(0) > 0,
             "no kill at {spot}: {:?}",
@@ -422,7 +488,7 @@ fn replay_crash_campaign() {
     };
     let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
     if scale == Scale::Full {
-        assert_every_spot_hit(&tally);
+        assert_every_spot_hit(&tally, subject.spots());
     }
     record("crash-replay", &tally, events);
 }
@@ -466,7 +532,66 @@ fn live_crash_campaign() {
     };
     let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
     if scale == Scale::Full {
-        assert_every_spot_hit(&tally);
+        assert_every_spot_hit(&tally, subject.spots());
     }
     record("crash-live", &tally, events);
+}
+
+/// A policy change on a replayed fleet, killed during its re-audit from outside and at
+/// `reaudit.before_commit`: each round ends with the uninterrupted re-audit's violations and
+/// every one of its alerts (reason `policy`, same ids) at least once.
+#[test]
+fn reaudit_crash_campaign() {
+    let scale = report::scale();
+    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_206));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = scale.pick(200_000, 60_000);
+    let fleet = generate_fleet(dir.path(), events / 10, events, 33, 0.05);
+    let base = dir.path().join("base");
+    ok(&["replay", "--data-dir", path(&base), path(&fleet)]);
+    // The baseline with one rule dropped and one rule added that most twins fail.
+    let baseline = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
+    )
+    .expect("the baseline pack");
+    let changed = dir.path().join("changed.yaml");
+    std::fs::write(
+        &changed,
+        format!(
+            "{}\n  - id: every-twin-is-tagged-owner\n    severity: low\n    target: {{module: \"*\"}}\n    check: {{path: /tags/owner, op: exists}}\n",
+            baseline.trim_end().replacen("  - id: device.security-module-present", "  - id: device.security-module-present-renamed", 1)
+        ),
+    )
+    .expect("policy");
+    ok(&["policy", "check", path(&changed)]);
+    let subject = Reaudit {
+        fleet,
+        base,
+        policy: changed,
+    };
+    let clean = dir.path().join("clean");
+    let clean_alerts = dir.path().join("clean.jsonl");
+    let started = Instant::now();
+    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
+    let whole = started.elapsed().as_millis() as u64;
+    let reference = Reference::of(&clean, &clean_alerts);
+    assert!(reference.alerts.len() >= 500, "too few alerts to check");
+    assert!(
+        reference
+            .alerts
+            .values()
+            .all(|a| a["data"]["reason"] == "policy"),
+        "every alert of a re-audit carries reason policy"
+    );
+    let plan = Plan {
+        kills: scale.pick(20, 6),
+        outside_ms: 20..=whole.max(60),
+        // A batch is 500 twins.
+        hits: 6,
+    };
+    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
+    if scale == Scale::Full {
+        assert_every_spot_hit(&tally, subject.spots());
+    }
+    record("crash-reaudit", &tally, events);
 }

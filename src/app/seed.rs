@@ -1,0 +1,265 @@
+//! `twinwatch seed`: a seed pass (`SEMANTICS.md` §7) from files of twin documents or from the
+//! hub's twin query API, then reconciling and evaluation, into a data directory.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::Failure;
+use crate::alert::spawn_delivery;
+use crate::cli::SeedArgs;
+use crate::pipeline::{Engine, PassEnd, SeedCounters, SeedPass};
+use crate::source::documents::DocumentReader;
+use crate::store::{Store, StoreOptions};
+use crate::time::{Ticks, TICKS_PER_SECOND};
+
+/// How long a finished pass waits for its sinks to accept the last alerts.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where a pass reads its documents.
+enum Input {
+    Files { hub: String, files: Vec<PathBuf> },
+}
+
+/// What a pass did, for the summary.
+struct PassReport {
+    hub: String,
+    as_of: Ticks,
+    counters: SeedCounters,
+    /// Why the pass is incomplete, if it is.
+    incomplete: Option<String>,
+    reconciled: bool,
+    elapsed: Duration,
+}
+
+impl PassReport {
+    fn summary_json(&self) -> serde_json::Value {
+        let c = &self.counters;
+        let dead: serde_json::Map<String, serde_json::Value> = c
+            .dead_lettered
+            .iter()
+            .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
+            .collect();
+        json!({
+            "hub": self.hub,
+            "asOf": self.as_of.to_string(),
+            "complete": self.incomplete.is_none(),
+            "incompleteReason": self.incomplete,
+            "reconciled": self.reconciled,
+            "documents": c.documents,
+            "applied": c.applied,
+            "stale": c.stale,
+            "dead_lettered": dead,
+            "removed": c.removed,
+            "evaluated": c.evaluated,
+            "alerts": {"opened": c.alerts_opened, "resolved": c.alerts_resolved},
+        })
+    }
+
+    fn one_line(&self) -> String {
+        let c = &self.counters;
+        format!(
+            "seed pass of {} as of {} {} in {:.2} s: {} documents, {} applied, {} stale, {} dead-lettered, {} removed; alerts {} opened, {} resolved{}",
+            self.hub,
+            self.as_of,
+            if self.incomplete.is_none() { "complete" } else { "INCOMPLETE" },
+            self.elapsed.as_secs_f64(),
+            c.documents,
+            c.applied,
+            c.stale,
+            c.n_dead_lettered(),
+            c.removed,
+            c.alerts_opened,
+            c.alerts_resolved,
+            match &self.incomplete {
+                Some(reason) => format!(" (nothing removed: {reason})"),
+                None => String::new(),
+            }
+        )
+    }
+}
+
+fn input(args: &SeedArgs) -> Result<(Input, Ticks), Failure> {
+    let usage = |message: &str| Failure::usage(anyhow::anyhow!("{message}"));
+    if args.files.is_empty() {
+        return Err(usage(
+            "give twin-document files with --hub and --as-of (reading the hub's twin query API is not part of this build)",
+        ));
+    }
+    if args.iothub_endpoint.is_some() {
+        return Err(usage(
+            "--iothub-endpoint reads the hub: it does not go with files",
+        ));
+    }
+    let hub = args
+        .hub
+        .clone()
+        .filter(|hub| !hub.is_empty())
+        .ok_or_else(|| {
+            usage("--hub NAME is required with files: documents do not name their hub")
+        })?;
+    let as_of = args.as_of.as_deref().ok_or_else(|| {
+        usage("--as-of TIME is required with files: when were the documents read?")
+    })?;
+    let as_of = parse_as_of(as_of)?;
+    Ok((
+        Input::Files {
+            hub,
+            files: args.files.clone(),
+        },
+        as_of,
+    ))
+}
+
+fn parse_as_of(text: &str) -> Result<Ticks, Failure> {
+    Ticks::parse_strict(text).ok_or_else(|| {
+        Failure::usage(anyhow::anyhow!(
+            "--as-of {text:?} is not a time like 2026-12-01T00:00:00Z"
+        ))
+    })
+}
+
+pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
+    let (input, as_of) = input(&args)?;
+    let policy = Arc::new(super::load_policy(&args.policies)?);
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))
+        .map_err(Failure::runtime)?;
+    let store = Store::open(&args.data_dir, &StoreOptions::default())
+        .with_context(|| format!("opening {}", args.data_dir.display()))
+        .map_err(Failure::runtime)?;
+    let store = Arc::new(store);
+    let sinks = super::sinks::build(&args.sinks, &store)?;
+    let queue_alerts = !sinks.is_empty();
+    let delivery = if queue_alerts {
+        Some(spawn_delivery(store.clone(), sinks, None).map_err(Failure::runtime)?)
+    } else {
+        None
+    };
+    let options = args.tuning.engine_options(policy, queue_alerts);
+    let grace_seconds = i64::try_from(args.grace).unwrap_or(i64::MAX);
+    let reconcile_grace =
+        (!args.no_reconcile).then(|| Ticks(grace_seconds.saturating_mul(TICKS_PER_SECOND)));
+    let report = seed(store, options, input, as_of, reconcile_grace).map_err(Failure::runtime)?;
+    if let Some(delivery) = delivery {
+        let delivered = delivery
+            .drain_and_stop(DRAIN_DEADLINE)
+            .map_err(Failure::runtime)?;
+        if delivered.left_in_outbox > 0 {
+            tracing::warn!(
+                left = delivered.left_in_outbox,
+                "some alerts were not accepted by every sink; they stay queued for the next run"
+            );
+        }
+    }
+    println!("{}", report.one_line());
+    if let Some(path) = &args.summary {
+        let text =
+            serde_json::to_string_pretty(&report.summary_json()).map_err(Failure::runtime)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))
+            .map_err(Failure::runtime)?;
+    }
+    Ok(match report.incomplete {
+        None => ExitCode::SUCCESS,
+        Some(_) => ExitCode::from(super::EXIT_FAILURE),
+    })
+}
+
+fn progress_bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn show(bar: &ProgressBar, pass: &SeedPass, what: &str) {
+    let c = pass.counters();
+    bar.set_message(format!(
+        "{what}: {} documents ({} applied, {} stale, {} dead-lettered)",
+        c.documents,
+        c.applied,
+        c.stale,
+        c.n_dead_lettered()
+    ));
+}
+
+/// Runs one pass into `store`.
+fn seed(
+    store: Arc<Store>,
+    options: crate::pipeline::EngineOptions,
+    input: Input,
+    as_of: Ticks,
+    reconcile_grace: Option<Ticks>,
+) -> anyhow::Result<PassReport> {
+    let started = Instant::now();
+    let mut engine = Engine::new(store, options)?;
+    let bar = progress_bar();
+    let (hub, pass, incomplete) = match input {
+        Input::Files { hub, files } => {
+            let mut pass = engine.begin_seed(&hub, as_of)?;
+            let incomplete = read_files(&mut engine, &mut pass, &files, &bar)?;
+            (hub, pass, incomplete)
+        }
+    };
+    if let Some(reason) = &incomplete {
+        tracing::error!(hub = %hub, reason = %reason, "the seed pass is incomplete: nothing is removed");
+    }
+    bar.set_message("evaluating the twins the pass changed");
+    let counters = engine.end_seed(
+        pass,
+        PassEnd {
+            complete: incomplete.is_none(),
+            reconcile_grace,
+        },
+    )?;
+    engine.finish()?;
+    bar.finish_and_clear();
+    Ok(PassReport {
+        hub,
+        as_of,
+        counters,
+        reconciled: incomplete.is_none() && reconcile_grace.is_some(),
+        incomplete,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Reads every file's documents into the pass; returns why the pass is incomplete, if it is.
+fn read_files(
+    engine: &mut Engine,
+    pass: &mut SeedPass,
+    files: &[PathBuf],
+    bar: &ProgressBar,
+) -> anyhow::Result<Option<String>> {
+    for path in files {
+        let file = match std::fs::File::open(path) {
+            Ok(file) => file,
+            Err(e) => return Ok(Some(format!("{}: {e}", path.display()))),
+        };
+        let mut reader = DocumentReader::new(file);
+        loop {
+            match reader.next_document() {
+                Ok(Some(document)) => engine.ingest_document(pass, document)?,
+                Ok(None) => break,
+                Err(e) => return Ok(Some(format!("{}: {e}", path.display()))),
+            }
+            if pass.counters().documents.is_multiple_of(4096) {
+                show(bar, pass, &path.display().to_string());
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,325 @@
+//! Seed passes (`SEMANTICS.md` §7): twin documents as IoT Hub's twin query returns them,
+//! applied through the same snapshot and batches as events; then, for a complete pass, the
+//! twins of the hub that the pass did not see are reconciled away; then every twin the pass
+//! touched is evaluated once, in key order, at the pass's as-of time.
+//!
+//! The touched keys are durable (`seed_touched`, written in the batch that applied the
+//! document), and so is the pass itself (`seed_pass`): a pass interrupted by a crash is
+//! evaluated when the data directory is next opened, as an incomplete pass is.
+
+use std::collections::{BTreeMap, HashSet};
+
+use foldhash::fast::RandomState;
+use serde::{Deserialize, Serialize};
+use simd_json::Node;
+
+use super::{Engine, Origin, PipelineError, State};
+use crate::decode::decode_document;
+use crate::model::{DeadLetterReason, Slot, TwinKey};
+use crate::store::keys::{decode_twin_key, twin_key, META_SEEDED_PREFIX, META_SEED_PASS};
+use crate::store::StoreError;
+use crate::time::Ticks;
+use crate::twin::{apply_document, document_is_stale, Outcome, Twins as _};
+
+/// What a seed pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeedCounters {
+    pub documents: u64,
+    pub applied: u64,
+    pub stale: u64,
+    pub dead_lettered: BTreeMap<DeadLetterReason, u64>,
+    /// Twins removed by reconciling.
+    pub removed: u64,
+    /// Twins evaluated at the end of the pass.
+    pub evaluated: u64,
+    pub alerts_opened: u64,
+    pub alerts_resolved: u64,
+}
+
+impl SeedCounters {
+    pub fn n_dead_lettered(&self) -> u64 {
+        self.dead_lettered.values().sum()
+    }
+}
+
+/// A seed pass under way; see [`Engine::begin_seed`].
+pub struct SeedPass {
+    hub: Box<str>,
+    as_of: Ticks,
+    /// The pass as a source: dead letters are stored under it, by document number.
+    source_text: String,
+    /// The (device id, module id) of every document read, stale ones included.
+    seen: HashSet<(Box<str>, Box<str>), RandomState>,
+    next_index: u64,
+    counters: SeedCounters,
+}
+
+impl SeedPass {
+    pub fn hub(&self) -> &str {
+        &self.hub
+    }
+
+    pub fn as_of(&self) -> Ticks {
+        self.as_of
+    }
+
+    pub fn counters(&self) -> &SeedCounters {
+        &self.counters
+    }
+}
+
+/// How a pass ended.
+#[derive(Clone, Copy, Debug)]
+pub struct PassEnd {
+    /// Every page of both queries, or every file to its end, was read.
+    pub complete: bool,
+    /// Reconcile a complete pass with this grace (in ticks); `None`: do not reconcile.
+    pub reconcile_grace: Option<Ticks>,
+}
+
+/// The pass whose touched twins await evaluation, as stored.
+#[derive(Serialize, Deserialize)]
+struct StoredPass {
+    hub: String,
+    as_of: i64,
+}
+
+/// The alert ids of a pass derive from its hub and as-of time.
+fn alert_prefix(hub: &str, as_of: Ticks) -> String {
+    format!(
+        "seed:{}@{as_of}",
+        hub.replace('%', "%25").replace('/', "%2F")
+    )
+}
+
+impl Engine {
+    /// Starts a seed pass of `hub` as of `as_of` (the moment the pass began).
+    pub fn begin_seed(&mut self, hub: &str, as_of: Ticks) -> Result<SeedPass, PipelineError> {
+        let state = &mut self.state;
+        let stored = StoredPass {
+            hub: hub.to_owned(),
+            as_of: as_of.0,
+        };
+        let value = serde_json::to_vec(&stored).map_err(|e| StoreError::Corrupt {
+            what: "seed pass",
+            detail: e.to_string(),
+        })?;
+        state
+            .store
+            .put_meta(&mut state.batch, META_SEED_PASS, &value)?;
+        Ok(SeedPass {
+            hub: hub.into(),
+            as_of,
+            source_text: alert_prefix(hub, as_of),
+            seen: HashSet::default(),
+            next_index: 0,
+            counters: SeedCounters::default(),
+        })
+    }
+
+    /// One twin document of the pass, as raw JSON; numbered in the order given.
+    pub fn ingest_document(
+        &mut self,
+        pass: &mut SeedPass,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        self.line_buf.clear();
+        self.line_buf.extend_from_slice(raw);
+        self.line_buf
+            .resize(raw.len() + simd_json::INPUT_PADDING, 0);
+        let mut tape = self
+            .spare_tape
+            .take()
+            .unwrap_or_else(simd_json::Tape::null)
+            .reset();
+        let parsed = simd_json::fill_tape_padded(
+            &mut self.line_buf,
+            raw.len(),
+            &mut self.buffers,
+            &mut tape,
+        );
+        let nodes = parsed.ok().map(|()| &tape.0[..]);
+        let result = self.state.handle_document(pass, nodes, raw);
+        self.spare_tape = Some(tape.reset());
+        result
+    }
+
+    /// Ends a pass: reconciles it if it is complete and reconciling is asked for, records the
+    /// hub as seeded, and evaluates every twin the pass touched.
+    pub fn end_seed(
+        &mut self,
+        mut pass: SeedPass,
+        end: PassEnd,
+    ) -> Result<SeedCounters, PipelineError> {
+        let state = &mut self.state;
+        let (opened_before, resolved_before) =
+            (state.counters.alerts_opened, state.counters.alerts_resolved);
+        if end.complete {
+            if let Some(grace) = end.reconcile_grace {
+                state.reconcile(&mut pass, grace)?;
+            }
+            let hub = pass.hub.clone();
+            if state
+                .snapshot
+                .seeded
+                .get(&hub)
+                .is_none_or(|t| *t < pass.as_of)
+            {
+                let mut key = META_SEEDED_PREFIX.to_vec();
+                key.extend_from_slice(hub.as_bytes());
+                state
+                    .store
+                    .put_meta(&mut state.batch, &key, &pass.as_of.0.to_be_bytes())?;
+                state.snapshot.seeded.insert(hub, pass.as_of);
+            }
+        }
+        state.flush()?;
+        crate::failpoint::hit(crate::failpoint::SEED_BEFORE_EVALUATION);
+        pass.counters.evaluated = state.evaluate_touched(&pass.hub, pass.as_of)?;
+        pass.counters.alerts_opened = state.counters.alerts_opened - opened_before;
+        pass.counters.alerts_resolved = state.counters.alerts_resolved - resolved_before;
+        Ok(pass.counters)
+    }
+}
+
+impl State {
+    fn handle_document(
+        &mut self,
+        pass: &mut SeedPass,
+        nodes: Option<&[Node<'_>]>,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        let index = pass.next_index;
+        pass.next_index += 1;
+        pass.counters.documents += 1;
+        let document = match decode_document(&pass.hub, nodes) {
+            Ok(document) => document,
+            Err(reason) => {
+                *pass.counters.dead_lettered.entry(reason).or_default() += 1;
+                self.store.put_dead_letter(
+                    &mut self.batch,
+                    &pass.source_text,
+                    index,
+                    reason,
+                    raw,
+                )?;
+                return self.after_message();
+            }
+        };
+        let key = document.key;
+        pass.seen
+            .insert((key.device_id.into(), key.module_id.into()));
+        // Timers due by the pass's time fire before its first document is applied.
+        if pass.as_of > self.high_water
+            && self.deadlines.first().is_some_and(|d| d.0 <= pass.as_of)
+            && !document_is_stale(&document, pass.as_of, &self.snapshot)
+        {
+            self.enqueued_time = None;
+            self.fire_until(pass.as_of)?;
+        }
+        match apply_document(&document, pass.as_of, &mut self.snapshot)? {
+            Outcome::Stale => pass.counters.stale += 1,
+            Outcome::Upserted { appeared } => {
+                pass.counters.applied += 1;
+                self.move_high_water(pass.as_of);
+                self.store
+                    .put_seed_touched(&mut self.batch, &twin_key(key))?;
+                if appeared && !key.is_device_twin() {
+                    // The device's `/$modules` changed.
+                    self.store
+                        .put_seed_touched(&mut self.batch, &twin_key(key.device_twin()))?;
+                }
+            }
+            Outcome::Removed { .. } => {}
+        }
+        self.after_message()
+    }
+
+    /// Removes, in key order, every live twin of the pass's hub that the pass did not see and
+    /// that did not change within `grace` before its as-of time.
+    fn reconcile(&mut self, pass: &mut SeedPass, grace: Ticks) -> Result<(), PipelineError> {
+        let cutoff = Ticks(pass.as_of.0.saturating_sub(grace.0));
+        let mut doomed: Vec<(Box<str>, Box<str>, i64)> = self
+            .snapshot
+            .directory
+            .live_of_hub(&pass.hub)
+            .filter_map(|(device_id, module_id, slot)| match slot {
+                Slot::Live {
+                    version,
+                    last_change,
+                    ..
+                } if last_change < cutoff
+                    && !pass.seen.contains(&(device_id.into(), module_id.into())) =>
+                {
+                    Some((device_id.into(), module_id.into(), version))
+                }
+                _ => None,
+            })
+            .collect();
+        doomed.sort_unstable_by(|a, b| {
+            (a.0.as_bytes(), a.1.as_bytes()).cmp(&(b.0.as_bytes(), b.1.as_bytes()))
+        });
+        let prefix = alert_prefix(&pass.hub, pass.as_of);
+        let origin = Origin::Seed { prefix: &prefix };
+        for (device_id, module_id, version) in &doomed {
+            let key = TwinKey {
+                hub: &pass.hub,
+                device_id,
+                module_id,
+            };
+            self.snapshot.put_dead(key, *version, pass.as_of);
+            self.remove_violations(key)?;
+            self.emit_with_version(&origin, key, pass.as_of, *version, 0)?;
+            if !key.is_device_twin() {
+                self.store
+                    .put_seed_touched(&mut self.batch, &twin_key(key.device_twin()))?;
+            }
+            pass.counters.removed += 1;
+            self.after_message()?;
+        }
+        if !doomed.is_empty() {
+            tracing::info!(hub = %pass.hub, removed = doomed.len(), "reconciled: twins the hub no longer has were removed");
+        }
+        Ok(())
+    }
+
+    /// Evaluates, in key order, every twin a pass touched, at the pass's time, and forgets the
+    /// pass. Returns how many twins were evaluated.
+    fn evaluate_touched(&mut self, hub: &str, as_of: Ticks) -> Result<u64, PipelineError> {
+        let prefix = alert_prefix(hub, as_of);
+        let origin = Origin::Seed { prefix: &prefix };
+        let mut n = 0u64;
+        for encoded in self.store.seed_touched()? {
+            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
+                what: "key",
+                detail: format!("{encoded:?}"),
+            })?;
+            let key = owned.as_key();
+            self.evaluate(key, as_of, &origin)?;
+            self.emit(&origin, key, as_of, 0)?;
+            self.store.delete_seed_touched(&mut self.batch, &encoded)?;
+            n += 1;
+            if n.is_multiple_of(self.options.batch_messages as u64) {
+                self.commit()?;
+            }
+        }
+        self.store.delete_meta(&mut self.batch, META_SEED_PASS)?;
+        self.flush()?;
+        Ok(n)
+    }
+
+    /// Evaluates what a pass interrupted by a crash left unevaluated (`SEMANTICS.md` §7: an
+    /// incomplete pass evaluates the documents it read).
+    pub(super) fn finish_interrupted_seed(&mut self) -> Result<(), PipelineError> {
+        let Some(raw) = self.store.meta(META_SEED_PASS)? else {
+            return Ok(());
+        };
+        let pass: StoredPass = serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt {
+            what: "seed pass",
+            detail: e.to_string(),
+        })?;
+        tracing::warn!(hub = %pass.hub, "a seed pass was interrupted: evaluating the twins it applied");
+        self.evaluate_touched(&pass.hub, Ticks(pass.as_of))?;
+        Ok(())
+    }
+}
