@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Owned by `telemetry`, which sets logging up; named here for the argument.
+pub use crate::telemetry::LogFormat;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "twinwatch",
@@ -22,12 +25,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -188,6 +188,17 @@ pub enum AvroError {
     Record { index: u64, detail: String },
 }
 
+impl AvroError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AvroError::Container(_) => "container",
+            AvroError::Schema(_) => "schema",
+            AvroError::Record { .. } => "record",
+        }
+    }
+}
+
 /// Reads a container's records in order, checking the schema first.
 pub struct AvroFile<R: Read> {
     reader: apache_avro::Reader<'static, R>,

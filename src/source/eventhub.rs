@@ -106,6 +106,16 @@ pub enum EventHubError {
     UnknownPartition(String),
 }
 
+impl EventHubError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventHubError::Connect { .. } => "connect",
+            EventHubError::UnknownPartition(_) => "unknown_partition",
+        }
+    }
+}
+
 /// Removes anything that looks like a key from a client error before it is logged.
 fn scrub(text: &str) -> String {
     text.split(';')
