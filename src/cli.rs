@@ -1,4 +1,4 @@
-//! The command line (`DESIGN.md`, "Command line"): argument types only; `app` runs them.
+//! The command line (`README.md`, "Commands"): argument types only; `app` runs them.
 
 use std::path::PathBuf;
 
