@@ -1,8 +1,11 @@
-//! The command line (`DESIGN.md`, "Command line"): argument types only; `app` runs them.
+//! The command line (`README.md`, "Commands"): argument types only; `app` runs them.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Owned by `telemetry`, which sets logging up; named here for the argument.
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,12 +25,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

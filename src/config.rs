@@ -40,6 +40,17 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigError::Read { .. } => "read",
+            ConfigError::Parse { .. } => "parse",
+            ConfigError::Invalid(_) => "invalid",
+        }
+    }
+}
+
 /// The configuration file as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

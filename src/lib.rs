@@ -6,9 +6,12 @@
 //! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
 //! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
-//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout, webhook, Alertmanager).
+//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout; the webhook and
+//!   Alertmanager in `alert::http`).
 //! - [`http`]: the service's HTTP listener: /metrics, /healthz, /readyz.
-//! - [`source`]: where messages come from: captured files and their encodings, Event Hubs.
+//! - [`api`]: the query API (`/v1/*`) served on that listener: twins, violations, stats.
+//! - [`source`]: where messages come from: captured files and their encodings (JSON lines;
+//!   Avro through `source::avro_fast`, or apache-avro for other schemas), Event Hubs.
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
@@ -16,7 +19,7 @@
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
-//!   it stands apart and reuses only the generator and the replay readers.
+//!   it stands apart and reuses only the generator's message type.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs

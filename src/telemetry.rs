@@ -4,7 +4,12 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::LogFormat;
+/// How logs are written: `text` for people, `json` for collectors (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the global subscriber; the level comes from `RUST_LOG` (default `info`).
 pub fn init_logging(format: Option<LogFormat>) {

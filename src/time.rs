@@ -16,6 +16,18 @@ const TICKS_PER_MILLISECOND: i64 = 10_000;
 const SECONDS_PER_DAY: i64 = 86_400;
 
 impl Ticks {
+    /// The wall clock now (before 1970, negative; beyond `i64` ticks, in the year 31,000 or
+    /// so, saturated): for ages and latencies, never for anything that must be
+    /// deterministic.
+    pub fn now() -> Ticks {
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(since) => Ticks(i64::try_from(since.as_nanos() / 100).unwrap_or(i64::MAX)),
+            Err(before) => {
+                Ticks(i64::try_from(before.duration().as_nanos() / 100).map_or(i64::MIN, |t| -t))
+            }
+        }
+    }
+
     pub fn from_unix_millis(ms: i64) -> Ticks {
         Ticks(ms.saturating_mul(TICKS_PER_MILLISECOND))
     }
@@ -278,6 +290,23 @@ mod tests {
         assert_eq!(
             Ticks::parse_lenient("12/8/2017 3:03:17 PM"),
             Ticks::parse_strict("2017-12-08T15:03:17Z")
+        );
+    }
+
+    #[test]
+    fn now_is_the_wall_clock_in_ticks() {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970");
+        let before = since.as_millis() as i64;
+        let now = Ticks::now().unix_millis();
+        let after = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970")
+            .as_millis() as i64;
+        assert!(
+            before <= now && now <= after,
+            "{before} <= {now} <= {after}"
         );
     }
 

@@ -558,6 +558,14 @@ pub struct CodecError {
     pub offset: usize,
 }
 
+impl CodecError {
+    /// A bounded label for metrics and logs, like the error enums' (a codec error has one
+    /// kind: the bytes do not decode).
+    pub fn kind(&self) -> &'static str {
+        "corrupt"
+    }
+}
+
 impl Map {
     /// Appends the binary encoding of this object to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {

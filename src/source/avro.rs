@@ -1,7 +1,7 @@
 //! Avro object container files: Event Hubs Capture (`EventData`) and IoT Hub's storage-route
 //! `Message` records (reference §7), with the null, deflate and snappy codecs.
 //!
-//! Records are read on the reader thread into [`Record`]s (owned, so they can cross to the
+//! Records are read on the reader thread into [`OwnedMessage`]s (owned, so they can cross to the
 //! apply thread) whose bodies are packed into one buffer and parsed there like JSON lines;
 //! [`RecordMessage`] is the [`Message`] view the apply thread decodes.
 
@@ -162,13 +162,13 @@ impl Default for NameIndex {
 /// One message as an owned record: a record of a Capture or storage-route file, or an event
 /// received from an Event Hub.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Record {
+pub struct OwnedMessage {
     /// The Event Hubs enqueued time (`EnqueuedTimeUtc`, `x-opt-enqueued-time`).
     pub enqueued_time: Option<OwnedProp>,
     pub properties: Vec<(PropName, OwnedProp)>,
     pub system_properties: Vec<(PropName, OwnedProp)>,
     /// Where the usual names sit in `properties` and `system_properties`: set by
-    /// [`Record::index_names`] once both lists are complete.
+    /// [`OwnedMessage::index_names`] once both lists are complete.
     pub property_index: NameIndex,
     pub system_index: NameIndex,
     /// The body's range in the block's body buffer; `None` for a null body.
@@ -186,6 +186,17 @@ pub enum AvroError {
     Schema(String),
     #[error("corrupt record {index}: {detail}")]
     Record { index: u64, detail: String },
+}
+
+impl AvroError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AvroError::Container(_) => "container",
+            AvroError::Schema(_) => "schema",
+            AvroError::Record { .. } => "record",
+        }
+    }
 }
 
 /// Reads a container's records in order, checking the schema first.
@@ -211,7 +222,7 @@ impl<R: Read> AvroFile<R> {
     }
 
     /// The next record, its body appended to `bodies`; `None` at the end.
-    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
+    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<OwnedMessage, AvroError>> {
         let index = self.next_index;
         let value = match self.reader.next()? {
             Ok(value) => value,
@@ -227,11 +238,11 @@ impl<R: Read> AvroFile<R> {
     }
 }
 
-fn record(value: AvroValue, bodies: &mut Vec<u8>) -> Result<Record, String> {
+fn record(value: AvroValue, bodies: &mut Vec<u8>) -> Result<OwnedMessage, String> {
     let AvroValue::Record(fields) = value else {
         return Err("not a record".into());
     };
-    let mut out = Record::default();
+    let mut out = OwnedMessage::default();
     for (name, value) in fields {
         match name.as_str() {
             "EnqueuedTimeUtc" => {
@@ -295,13 +306,13 @@ fn map(value: AvroValue) -> Result<Vec<(PropName, OwnedProp)>, String> {
 
 /// The [`Message`] view of one record, with its body's tape when the body was parsed already.
 pub struct RecordMessage<'a> {
-    pub record: &'a Record,
+    pub record: &'a OwnedMessage,
     /// The body's bytes (empty when the record has none).
     pub body_bytes: &'a [u8],
     pub body_nodes: Option<&'a [Node<'a>]>,
 }
 
-impl Record {
+impl OwnedMessage {
     /// Indexes the usual names of both property lists (call once they are complete).
     pub fn index_names(&mut self) {
         self.property_index = NameIndex::of(&self.properties);

@@ -1,13 +1,13 @@
 //! A direct reader for the two Avro schemas twinwatch replays most: Event Hubs Capture
 //! `EventData` and IoT Hub's storage-route `Message`. It reads the object container (header,
 //! blocks, sync markers, the null/deflate/snappy codecs) and decodes each datum straight into a
-//! [`Record`], with no generic `Value` in between and one reused decompression buffer: the
+//! [`OwnedMessage`], with no generic `Value` in between and one reused decompression buffer: the
 //! generic reader spent most of its time allocating (BENCHMARKS.md, "Avro replay"). Files of
 //! any other schema go through apache-avro ([`super::avro::AvroFile`]).
 
 use std::io::Read;
 
-use super::avro::{prop_name, AvroError, OwnedProp, PropName, Record};
+use super::avro::{prop_name, AvroError, OwnedMessage, OwnedProp, PropName};
 
 /// The schema of a file this reader handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,7 +188,7 @@ fn datum(
     schema: KnownSchema,
     c: &mut Cursor<'_>,
     bodies: &mut Vec<u8>,
-    record: &mut Record,
+    record: &mut OwnedMessage,
 ) -> Option<()> {
     let enqueued = record
         .enqueued_time
@@ -394,7 +394,7 @@ impl<R: Read> FastAvroFile<R> {
     /// `bodies`; `None` at the end.
     pub fn next_record_into(
         &mut self,
-        record: &mut Record,
+        record: &mut OwnedMessage,
         bodies: &mut Vec<u8>,
     ) -> Option<Result<(), AvroError>> {
         if self.done {
@@ -435,8 +435,8 @@ impl<R: Read> FastAvroFile<R> {
     }
 
     /// The next record, its body appended to `bodies`; `None` at the end.
-    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<Record, AvroError>> {
-        let mut record = Record::default();
+    pub fn next_record(&mut self, bodies: &mut Vec<u8>) -> Option<Result<OwnedMessage, AvroError>> {
+        let mut record = OwnedMessage::default();
         self.next_record_into(&mut record, bodies)
             .map(|result| result.map(|()| record))
     }

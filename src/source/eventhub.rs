@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::avro::{prop_name, OwnedProp, Record};
+use super::avro::{prop_name, OwnedMessage, OwnedProp};
 use crate::config::{EventHubConfig, StartPosition};
 use crate::time::Ticks;
 
@@ -46,7 +46,7 @@ pub struct LiveEvent {
     pub partition: usize,
     pub sequence_number: i64,
     pub offset: Option<String>,
-    pub record: Record,
+    pub record: OwnedMessage,
     /// The body's bytes (`record.body` is their range: the whole of it).
     pub body: Vec<u8>,
     /// When the receiver got it (enqueue-to-alert latency is measured from the event's own
@@ -104,6 +104,16 @@ pub enum EventHubError {
     },
     #[error("the Event Hub has no partition {0}")]
     UnknownPartition(String),
+}
+
+impl EventHubError {
+    /// A bounded label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventHubError::Connect { .. } => "connect",
+            EventHubError::UnknownPartition(_) => "unknown_partition",
+        }
+    }
 }
 
 /// Removes anything that looks like a key from a client error before it is logged.
@@ -526,7 +536,7 @@ fn to_live(partition: usize, event: &ReceivedEventData) -> Option<LiveEvent> {
     let message = event.raw_amqp_message();
     let annotations = read_annotations(message);
     let sequence_number = annotations.sequence_number?;
-    let mut record = Record::default();
+    let mut record = OwnedMessage::default();
     if let Some(properties) = &message.application_properties {
         record.properties = properties
             .0

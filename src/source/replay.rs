@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::avro::{AvroError, AvroFile, Record};
+use super::avro::{AvroError, AvroFile, OwnedMessage};
 use super::avro_fast::FastAvroFile;
 use super::parsed::{LineParser, ParsedLines};
 
@@ -118,7 +118,7 @@ pub struct Chunk {
     pub parsed: ParsedLines,
     /// Avro files: the records, whose bodies are `data`'s `lines` (then `line_ends` is
     /// empty and positions are record indexes only).
-    pub records: Vec<Record>,
+    pub records: Vec<OwnedMessage>,
 }
 
 /// What the reader thread sends.
@@ -143,7 +143,7 @@ pub struct Reader {
     pub events: Receiver<ReadEvent>,
     pub recycle: Sender<Vec<u8>>,
     /// Emptied record vectors of Avro chunks, for reuse like `recycle`.
-    pub recycle_records: Sender<Vec<Record>>,
+    pub recycle_records: Sender<Vec<OwnedMessage>>,
     pub handle: std::thread::JoinHandle<()>,
 }
 
@@ -151,7 +151,7 @@ pub struct Reader {
 pub fn spawn_reader(files: Vec<FileStart>) -> io::Result<Reader> {
     let (tx, rx) = crossbeam_channel::bounded(4);
     let (recycle, recycled) = crossbeam_channel::bounded(8);
-    let (recycle_records, recycled_records) = crossbeam_channel::bounded::<Vec<Record>>(4);
+    let (recycle_records, recycled_records) = crossbeam_channel::bounded::<Vec<OwnedMessage>>(4);
     let handle = std::thread::Builder::new()
         .name("twinwatch-reader".into())
         .spawn(move || {
@@ -186,7 +186,7 @@ fn read_file(
     start: &FileStart,
     tx: &Sender<ReadEvent>,
     recycled: &Receiver<Vec<u8>>,
-    recycled_records: &Receiver<Vec<Record>>,
+    recycled_records: &Receiver<Vec<OwnedMessage>>,
     parser: &mut LineParser,
 ) -> io::Result<bool> {
     let mut f = File::open(&start.path)?;
@@ -275,7 +275,7 @@ impl<R: Read> Records<R> {
     /// Decodes the next record into `record`; the direct reader reuses its allocations.
     fn next_record_into(
         &mut self,
-        record: &mut Record,
+        record: &mut OwnedMessage,
         bodies: &mut Vec<u8>,
     ) -> Option<Result<(), AvroError>> {
         match self {
@@ -314,7 +314,7 @@ fn read_avro(
     f: File,
     tx: &Sender<ReadEvent>,
     recycled: &Receiver<Vec<u8>>,
-    recycled_records: &Receiver<Vec<Record>>,
+    recycled_records: &Receiver<Vec<OwnedMessage>>,
     parser: &mut LineParser,
 ) -> io::Result<bool> {
     // The two schemas of IoT Hub and Event Hubs Capture have a direct reader; anything else
@@ -329,7 +329,7 @@ fn read_avro(
                 ))
             }
         };
-    let (mut skipped, mut scratch) = (Vec::new(), Record::default());
+    let (mut skipped, mut scratch) = (Vec::new(), OwnedMessage::default());
     for _ in 0..start.next_record {
         skipped.clear();
         match avro.next_record_into(&mut scratch, &mut skipped) {
@@ -352,7 +352,7 @@ fn read_avro(
         let mut eof = false;
         while n < BLOCK_RECORDS && data.len() < BLOCK_BYTES {
             if n == records.len() {
-                records.push(Record::default());
+                records.push(OwnedMessage::default());
             }
             match avro.next_record_into(&mut records[n], &mut data) {
                 Some(Ok(())) => n += 1,
