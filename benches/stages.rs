@@ -10,6 +10,7 @@ use twinwatch::decode::{decode_body, decode_header, Body, DEFAULT_MAX_BODY_BYTES
 use twinwatch::generate::{write_json_lines, GenerateOptions};
 use twinwatch::model::SourceId;
 use twinwatch::pipeline::{Engine, EngineOptions};
+use twinwatch::policy::Policy;
 use twinwatch::source::storage_json::StorageJsonMessage;
 use twinwatch::store::{encode_twin, Batch, Store, StoreOptions};
 use twinwatch::twin::{apply, MemoryTwins};
@@ -144,11 +145,55 @@ fn bench_engine(c: &mut Criterion) {
     group.finish();
 }
 
+/// A re-audit of a whole snapshot (`SEMANTICS.md` §8): the policy switches between the
+/// baseline and a changed copy of it, so that every iteration re-audits every twin.
+fn bench_reaudit(c: &mut Criterion) {
+    let lines = fleet(20_000, 200_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("store"));
+    let mut engine = Engine::new(store, EngineOptions::default()).expect("engine");
+    let (source, _) = engine
+        .add_source(SourceId::File("bench".into()), "bench".into())
+        .expect("source");
+    for (i, line) in lines.iter().enumerate() {
+        engine
+            .ingest_json_line(source, i as u64, i as u64, line)
+            .expect("ingest");
+    }
+    let twins = engine.snapshot().directory.n_live() as u64;
+    let baseline = Arc::new(Policy::baseline());
+    let text = include_str!("../policies/security-twin-baseline.yaml").replacen(
+        "severity: medium",
+        "severity: high",
+        1,
+    );
+    let changed = Arc::new(
+        Policy::from_sources(&[("changed.yaml".into(), text)]).expect("the changed policy"),
+    );
+    let mut group = c.benchmark_group("reaudit");
+    group.throughput(Throughput::Elements(twins));
+    group.sample_size(10);
+    let mut flip = false;
+    group.bench_function("every_twin_of_the_snapshot", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let policy = if flip { &changed } else { &baseline };
+            engine
+                .set_policy(policy.clone(), &mut |_| {})
+                .expect("re-audit")
+                .expect("the fingerprint differs")
+        })
+    });
+    group.finish();
+    engine.finish().expect("finish");
+}
+
 criterion_group!(
     benches,
     bench_decode,
     bench_apply,
     bench_store,
-    bench_engine
+    bench_engine,
+    bench_reaudit
 );
 criterion_main!(benches);

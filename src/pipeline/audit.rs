@@ -74,6 +74,7 @@ impl State {
         };
         let (opened_before, resolved_before) =
             (self.counters.alerts_opened, self.counters.alerts_resolved);
+        let started = std::time::Instant::now();
         tracing::info!(
             fingerprint = %fingerprint,
             resumed = report.resumed,
@@ -142,10 +143,13 @@ impl State {
         progress(report.twins);
         report.alerts_opened = self.counters.alerts_opened - opened_before;
         report.alerts_resolved = self.counters.alerts_resolved - resolved_before;
+        let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             twins = report.twins,
             opened = report.alerts_opened,
             resolved = report.alerts_resolved,
+            seconds,
+            twins_per_second = (report.twins as f64 / seconds.max(1e-9)) as u64,
             "re-audit done"
         );
         Ok(Some(report))

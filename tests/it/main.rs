@@ -8,6 +8,7 @@ mod faults;
 mod kill;
 mod live;
 mod operations;
+mod policy_changes;
 mod properties;
 mod scenarios;
 // Shared with the reliability suite, which uses parts the integration tests do not.
