@@ -35,6 +35,7 @@ impl TuningArgs {
             queue_alerts,
             metrics: None,
             min_free_bytes: None,
+            continue_seed: None,
         }
     }
 }

@@ -258,6 +258,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         queue_alerts,
         metrics: Some(metrics.pipeline.clone()),
         min_free_bytes: Some(config.min_free_bytes),
+        continue_seed: None,
     };
     let result = runtime.block_on(serve(
         config.clone(),

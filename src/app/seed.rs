@@ -142,7 +142,9 @@ pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
     } else {
         None
     };
-    let options = args.tuning.engine_options(policy, queue_alerts);
+    let mut options = args.tuning.engine_options(policy, queue_alerts);
+    let Input::Files { hub, .. } = &input;
+    options.continue_seed = Some((hub.clone(), as_of));
     let grace_seconds = i64::try_from(args.grace).unwrap_or(i64::MAX);
     let reconcile_grace =
         (!args.no_reconcile).then(|| Ticks(grace_seconds.saturating_mul(TICKS_PER_SECOND)));

@@ -74,6 +74,9 @@ pub struct EngineOptions {
     /// Before each write, wait until the disk has this many bytes free (the service); `None`
     /// writes at once, and a full disk fails the write (replay).
     pub min_free_bytes: Option<u64>,
+    /// The seed pass (hub, as-of time) this engine is opened to run: an interrupted pass that
+    /// is the same one is continued rather than evaluated at open (`seed` run again).
+    pub continue_seed: Option<(String, Ticks)>,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +90,7 @@ impl Default for EngineOptions {
             queue_alerts: false,
             metrics: None,
             min_free_bytes: None,
+            continue_seed: None,
         }
     }
 }

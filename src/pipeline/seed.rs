@@ -318,6 +318,14 @@ impl State {
             what: "seed pass",
             detail: e.to_string(),
         })?;
+        if let Some((hub, as_of)) = &self.options.continue_seed {
+            if *hub == pass.hub && as_of.0 == pass.as_of {
+                // The same pass read again: it goes on, and what it applied before is
+                // evaluated with the rest at its end.
+                tracing::info!(hub = %pass.hub, "continuing an interrupted seed pass");
+                return Ok(());
+            }
+        }
         tracing::warn!(hub = %pass.hub, "a seed pass was interrupted: evaluating the twins it applied");
         self.evaluate_touched(&pass.hub, Ticks(pass.as_of))?;
         Ok(())

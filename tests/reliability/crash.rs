@@ -166,6 +166,56 @@ impl Subject for Reaudit {
     }
 }
 
+/// A seed pass of another fleet's twins onto a replayed snapshot (documents applied or stale,
+/// twins the pass does not have reconciled away, the touched twins evaluated), run again with
+/// the same arguments after each kill, as an operator would.
+struct Seed {
+    base: PathBuf,
+    documents: PathBuf,
+}
+
+impl Subject for Seed {
+    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        if !data.exists() {
+            copy_dir(&self.base, data);
+        }
+        let mut command = Command::new(binary());
+        command.args([
+            "seed",
+            "--data-dir",
+            path(data),
+            "--hub",
+            "contoso-hub",
+            "--as-of",
+            "2030-01-01T00:00:00Z",
+            "--grace",
+            "0",
+            "--batch-size",
+            "500",
+            "--alerts-file",
+            path(alerts),
+            path(&self.documents),
+        ]);
+        start(command, failpoints, log)
+    }
+
+    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
+        let mut child = self.spawn(data, alerts, None, log);
+        let status = wait_at_most(&mut child, Duration::from_secs(300))
+            .expect("a seed pass did not finish within 300 s");
+        assert!(status.success(), "a seed pass failed: {status}");
+        assert_no_panic(log);
+    }
+
+    fn patience(&self) -> Duration {
+        Duration::from_secs(120)
+    }
+
+    fn spots(&self) -> &'static [&'static str] {
+        &[failpoint::SEED_BEFORE_EVALUATION]
+    }
+}
+
 /// Copies a closed data directory (RocksDB's files are plain files once no process has it
 /// open).
 fn copy_dir(from: &Path, to: &Path) {
@@ -594,4 +644,49 @@ fn reaudit_crash_campaign() {
         assert_every_spot_hit(&tally, subject.spots());
     }
     record("crash-reaudit", &tally, events);
+}
+
+/// A seed pass killed from outside and after its documents are committed but before its
+/// evaluation, then run again: each round ends with the uninterrupted pass's snapshot,
+/// violations and alerts (same ids), nothing doubled or lost.
+#[test]
+fn seed_crash_campaign() {
+    let scale = report::scale();
+    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_207));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = scale.pick(150_000, 40_000);
+    let fleet = generate_fleet(dir.path(), events / 10, events, 34, 0.0);
+    let base = dir.path().join("base");
+    ok(&["replay", "--data-dir", path(&base), path(&fleet)]);
+    // The hub's view: another history of the same fleet's devices.
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).expect("dir");
+    let other = generate_fleet(&other_dir, events / 10, events, 35, 0.0);
+    let replayed = dir.path().join("other-data");
+    ok(&["replay", "--data-dir", path(&replayed), path(&other)]);
+    let documents = dir.path().join("documents.json");
+    std::fs::write(
+        &documents,
+        ok(&["export", "--data-dir", path(&replayed)]).stdout,
+    )
+    .expect("documents");
+    let subject = Seed { base, documents };
+    let clean = dir.path().join("clean");
+    let clean_alerts = dir.path().join("clean.jsonl");
+    let started = Instant::now();
+    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
+    let whole = started.elapsed().as_millis() as u64;
+    let reference = Reference::of(&clean, &clean_alerts);
+    assert!(reference.alerts.len() >= 100, "too few alerts to check");
+    let plan = Plan {
+        kills: scale.pick(20, 6),
+        outside_ms: 20..=whole.max(60),
+        // The spot is passed once per run.
+        hits: 1,
+    };
+    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
+    if scale == Scale::Full {
+        assert_every_spot_hit(&tally, subject.spots());
+    }
+    record("crash-seed", &tally, events);
 }
