@@ -75,11 +75,15 @@ impl State {
         let (opened_before, resolved_before) =
             (self.counters.alerts_opened, self.counters.alerts_resolved);
         let started = std::time::Instant::now();
-        tracing::info!(
-            fingerprint = %fingerprint,
-            resumed = report.resumed,
-            "the policy differs from the one the snapshot was computed with: re-auditing every twin"
-        );
+        // A new, empty snapshot just records its policy.
+        let quiet = self.snapshot.directory.n_live() == 0;
+        if !quiet {
+            tracing::info!(
+                fingerprint = %fingerprint,
+                resumed = report.resumed,
+                "the policy differs from the one the snapshot was computed with: re-auditing every twin"
+            );
+        }
         let store = self.store.clone();
         let from = resume_after.clone().unwrap_or_default();
         let mut n_in_batch = 0usize;
@@ -144,6 +148,9 @@ impl State {
         report.alerts_opened = self.counters.alerts_opened - opened_before;
         report.alerts_resolved = self.counters.alerts_resolved - resolved_before;
         let seconds = started.elapsed().as_secs_f64();
+        if quiet {
+            return Ok(Some(report));
+        }
         tracing::info!(
             twins = report.twins,
             opened = report.alerts_opened,
