@@ -41,6 +41,7 @@
 //! option values make it panic.
 
 pub mod avro;
+pub mod documents;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
