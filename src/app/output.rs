@@ -133,12 +133,12 @@ fn generate_twin_documents(
     args: &GenerateArgs,
     options: &GenerateOptions,
 ) -> Result<ExitCode, Failure> {
-    use crate::generate::documents::{write_twin_documents, DocumentsLayout};
+    use crate::generate::documents::{write_twin_documents, DocumentStats, DocumentsLayout};
     let layout = match args.documents_layout {
         DocumentsLayoutArg::Array => DocumentsLayout::Array,
         DocumentsLayoutArg::Lines => DocumentsLayout::Lines,
     };
-    let write = |out: &mut dyn Write| {
+    let write = |out: &mut dyn Write| -> io::Result<DocumentStats> {
         let mut out = BufWriter::with_capacity(1 << 20, out);
         let stats = write_twin_documents(options, args.as_of_event, layout, &mut out)?;
         out.flush()?;

@@ -279,25 +279,15 @@ impl QueryEmulator {
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let mut bind = |listen: Option<SocketAddr>, tls: Option<TlsAcceptor>| async {
-            match listen {
-                None => Ok(None),
-                Some(address) => {
-                    let listener = TcpListener::bind(address).await?;
-                    let local = listener.local_addr()?;
-                    tracker.spawn(accept_loop(
-                        listener,
-                        tls,
-                        Arc::clone(&state),
-                        cancel.clone(),
-                        tracker.clone(),
-                    ));
-                    Ok::<_, std::io::Error>(Some(local))
-                }
-            }
-        };
-        let https_addr = bind(config.https_listen, Some(acceptor)).await?;
-        let http_addr = bind(config.http_listen, None).await?;
+        let https_addr = bind(
+            config.https_listen,
+            Some(acceptor),
+            &state,
+            &cancel,
+            &tracker,
+        )
+        .await?;
+        let http_addr = bind(config.http_listen, None, &state, &cancel, &tracker).await?;
         tracing::info!(https = ?https_addr, http = ?http_addr, host = %state.host_name, "IoT Hub query emulator listening");
         Ok(QueryEmulator {
             state,
@@ -404,6 +394,29 @@ impl State {
     }
 }
 
+/// Binds `listen` (when given) and serves it in the background; returns the bound address.
+async fn bind(
+    listen: Option<SocketAddr>,
+    tls: Option<TlsAcceptor>,
+    state: &Arc<State>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> std::io::Result<Option<SocketAddr>> {
+    let Some(address) = listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    tracker.spawn(accept_loop(
+        listener,
+        tls,
+        Arc::clone(state),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    Ok(Some(local))
+}
+
 fn host_port(address: SocketAddr) -> String {
     let ip = address.ip();
     if ip.is_unspecified() {
@@ -426,7 +439,7 @@ fn certificates(host_name: &str) -> std::io::Result<(String, TlsAcceptor)> {
     };
     let other = |e: &dyn std::fmt::Display| std::io::Error::other(format!("certificate: {e}"));
     let ca_key = KeyPair::generate().map_err(|e| other(&e))?;
-    let mut ca_params = CertificateParams::new(Vec::new()).map_err(|e| other(&e))?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(|e| other(&e))?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name

@@ -69,6 +69,8 @@ async fn python_with_azure_iot_hub() -> Result<PathBuf, String> {
             "--quiet",
             "--disable-pip-version-check",
             "azure-iot-hub==2.*",
+            // azure-iot-hub 2.7 imports `six` without declaring it.
+            "six",
         ]),
         Duration::from_secs(600),
     )

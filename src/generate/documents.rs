@@ -88,16 +88,16 @@ pub fn write_twin_documents(
     out: &mut impl Write,
 ) -> io::Result<DocumentStats> {
     let mut stats = DocumentStats::default();
-    let mut result = Ok(());
+    let mut result: io::Result<()> = Ok(());
     if layout == DocumentsLayout::Array {
         out.write_all(b"[")?;
     }
-    stats.as_of_event = twin_documents(opts, as_of_event, |document, is_module| {
+    let taken = twin_documents(opts, as_of_event, |document, is_module| {
         if result.is_err() {
             return;
         }
         let first = stats.device_twins + stats.module_twins == 0;
-        result = (|| {
+        result = (|| -> io::Result<()> {
             match layout {
                 DocumentsLayout::Array if first => out.write_all(b"\n")?,
                 DocumentsLayout::Array => out.write_all(b",\n")?,
@@ -115,6 +115,7 @@ pub fn write_twin_documents(
             stats.device_twins += 1;
         }
     });
+    stats.as_of_event = taken;
     result?;
     if layout == DocumentsLayout::Array {
         out.write_all(b"\n]\n")?;

@@ -215,7 +215,11 @@ mod tests {
                 format!("HostName=https://h/;SharedAccessKeyName=p;SharedAccessKey={KEY}"),
                 "host name",
             ),
-            (format!("{KEY}"), "not of the form"),
+            (
+                "HostName=h;SharedAccessKeyName=p;sharedaccesskey".to_string(),
+                "not of the form",
+            ),
+            (KEY.to_string(), "HostName is missing"),
         ];
         for (text, expected) in cases {
             let error = ConnectionString::parse(&text).expect_err(&text);

@@ -358,6 +358,15 @@ impl QueryClient {
     /// A dropped connection or a timeout is worth another attempt; an endpoint that does not
     /// resolve, a bad URL or a TLS failure is not.
     fn transport_error(&self, error: ureq::Error) -> Result<Attempt, IotHubError> {
+        // rustls' errors (an untrusted certificate, a name mismatch) reach ureq as IO errors.
+        if let ureq::Error::Io(io) = &error {
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                return Err(IotHubError::Tls {
+                    hub: self.hub.clone(),
+                    detail: tls.to_string(),
+                });
+            }
+        }
         match error {
             ureq::Error::Io(_)
             | ureq::Error::Timeout(_)
