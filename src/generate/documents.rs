@@ -2,26 +2,37 @@
 //! and `SELECT * FROM devices.modules`; reference `iothub-query.md`): what a seed pass reads
 //! (`SEMANTICS.md` §7), and what the emulator's query endpoint serves.
 //!
-//! The documents are those of the fleet model after a number of messages of the stream, so a
-//! seed as of event N and the stream's messages from N on describe the same fleet. Each
-//! carries what the query returns: `deviceId`, `moduleId` (module twins), `etag`,
-//! `deviceEtag` (module twins), `status`, `statusUpdateTime`, `connectionState`,
-//! `lastActivityTime`, `cloudToDeviceMessageCount`, `authenticationType`, `x509Thumbprint`,
-//! `modelId`, `version`, `tags`, and `properties.desired` / `properties.reported` with their
-//! `$metadata` and `$version` as the stream's bodies carry them; device twins also
-//! `capabilities` (and `deviceScope` on edge devices). `tags`, `properties` and `version`
-//! are exactly what applying the stream up to that point gives; the identity fields are
-//! plausible values, not a model (nothing in the stream says when a device last connected).
+//! The documents are the twins the stream's fleet messages leave after its first N messages,
+//! built by applying those messages as IoT Hub applied the operations they report: a create or
+//! a `replaceTwin` sets the whole twin, an `updateTwin` merges its `tags`, `properties.desired`
+//! and `properties.reported` (`$metadata` and `$version` included) as a JSON merge patch, a
+//! delete removes the twin (a device's, its modules too). Noise messages are not operations
+//! and are skipped. So `tags`, `properties` and `version` are exactly what replaying the same
+//! messages leaves in the snapshot, and a seed as of message N plus the messages from N on
+//! describe one fleet. (They are built from the messages, not from the generator's internal
+//! state, which may run ahead of what its messages carry.)
 //!
-//! Order: device by device in onboarding order, each device twin followed by its module twins
-//! (`azureiotsecurity`, then `DefenderIotMicroAgent`). Deleted twins are absent.
+//! Each document carries what the query returns: `deviceId`, `moduleId` (module twins),
+//! `etag`, `deviceEtag` (module twins), `status`, `statusUpdateTime`, `connectionState`,
+//! `lastActivityTime`, `cloudToDeviceMessageCount`, `authenticationType`, `x509Thumbprint`,
+//! `modelId`, `version`, `tags`, `properties`; device twins also what their create carried
+//! (`capabilities`, `deviceScope` on edge devices). The identity fields are plausible values:
+//! `connectionState` is `Connected` and `lastActivityTime` the time of the last reported
+//! change once the twin has reported anything.
+//!
+//! Order: devices in the order the stream first names them, each device twin followed by its
+//! module twins in moduleId order. Deleted twins are absent.
 
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 
-use crate::generate::{
-    etag, format_time, full_twin_body, messages, Device, GenerateOptions, ModuleSlot, TwinSlot,
-    NEVER, NEVER_TEXT,
-};
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::generate::{messages, GenerateOptions, GeneratedBody, MessageKind};
+
+/// `lastActivityTime` and `statusUpdateTime` of a twin that never did anything.
+const NEVER: &str = "0001-01-01T00:00:00Z";
 
 /// How the documents are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,44 +47,242 @@ pub enum DocumentsLayout {
 /// Counts of what [`write_twin_documents`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DocumentStats {
-    /// Messages of the stream the fleet was taken after.
+    /// Messages of the stream the twins were taken after.
     pub as_of_event: u64,
     pub device_twins: u64,
     pub module_twins: u64,
 }
 
-/// Calls `each` with every live twin of the fleet after the first `as_of_event` messages of
-/// `opts`' stream (all of them when `None`), as a query document (compact JSON), and whether
-/// it is a module twin. Returns how many messages were taken.
+/// One twin as its operations left it.
+struct TwinState {
+    document: Map<String, Value>,
+    /// The operation time of the last change to its reported properties.
+    last_reported: Option<String>,
+}
+
+#[derive(Default)]
+struct DeviceEntry {
+    twin: Option<TwinState>,
+    modules: BTreeMap<String, TwinState>,
+}
+
+/// The fleet's twins as the messages leave them.
+#[derive(Default)]
+struct Fleet {
+    /// Device ids in the order the stream first names them.
+    order: Vec<String>,
+    devices: HashMap<String, DeviceEntry>,
+}
+
+fn property<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(name, _)| name == key)
+        .map(|(_, value)| value.as_str())
+}
+
+/// RFC 7386 merge patch of `patch` into `target`.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Value::Object(target) = target {
+        for (key, value) in patch {
+            if value.is_null() {
+                target.remove(key);
+            } else {
+                merge(target.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+    }
+}
+
+impl Fleet {
+    fn apply(
+        &mut self,
+        device_id: &str,
+        module_id: &str,
+        op_type: &str,
+        op_time: &str,
+        body: Value,
+    ) {
+        if !self.devices.contains_key(device_id) {
+            self.order.push(device_id.to_string());
+        }
+        let entry = self.devices.entry(device_id.to_string()).or_default();
+        if module_id.is_empty() {
+            if op_type == "deleteDeviceIdentity" {
+                entry.modules.clear();
+            }
+            apply_to(&mut entry.twin, op_type, op_time, body);
+        } else {
+            let mut slot = entry.modules.remove(module_id);
+            apply_to(&mut slot, op_type, op_time, body);
+            if let Some(state) = slot {
+                entry.modules.insert(module_id.to_string(), state);
+            }
+        }
+    }
+}
+
+fn apply_to(slot: &mut Option<TwinState>, op_type: &str, op_time: &str, body: Value) {
+    let Value::Object(body) = body else {
+        return;
+    };
+    let reported_changed = body
+        .get("properties")
+        .and_then(|p| p.get("reported"))
+        .is_some();
+    match op_type {
+        "createDeviceIdentity" | "createModuleIdentity" => {
+            *slot = Some(TwinState {
+                document: body,
+                last_reported: None,
+            });
+        }
+        "replaceTwin" => {
+            let state = slot.get_or_insert_with(|| TwinState {
+                document: Map::new(),
+                last_reported: None,
+            });
+            // The identity fields a replace body lacks are the twin's still.
+            for (key, value) in body {
+                state.document.insert(key, value);
+            }
+        }
+        "updateTwin" => {
+            let Some(state) = slot.as_mut() else {
+                return;
+            };
+            if let Some(version) = body.get("version") {
+                state.document.insert("version".into(), version.clone());
+            }
+            if let Some(tags) = body.get("tags") {
+                merge(state.document.entry("tags").or_insert(Value::Null), tags);
+            }
+            if let Some(properties) = body.get("properties").and_then(Value::as_object) {
+                let target = state
+                    .document
+                    .entry("properties")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                for section in ["desired", "reported"] {
+                    if let (Some(patch), Some(target)) =
+                        (properties.get(section), target.as_object_mut())
+                    {
+                        merge(target.entry(section).or_insert(Value::Null), patch);
+                    }
+                }
+            }
+        }
+        "deleteDeviceIdentity" | "deleteModuleIdentity" => {
+            *slot = None;
+            return;
+        }
+        _ => return,
+    }
+    if reported_changed {
+        if let Some(state) = slot.as_mut() {
+            state.last_reported = Some(op_time.to_string());
+        }
+    }
+}
+
+fn etag(version: u64) -> String {
+    base64::engine::general_purpose::STANDARD.encode(version.to_be_bytes())
+}
+
+/// The query document of a twin: its state plus the fields only the query shows.
+fn document(state: &TwinState, device_id: &str, module_id: &str, device_version: u64) -> Vec<u8> {
+    let mut document = state.document.clone();
+    document.insert("deviceId".into(), device_id.into());
+    if module_id.is_empty() {
+        document.remove("moduleId");
+    } else {
+        document.insert("moduleId".into(), module_id.into());
+        document.insert("deviceEtag".into(), etag(device_version).into());
+    }
+    let version = document.get("version").and_then(Value::as_u64).unwrap_or(0);
+    document.insert("etag".into(), etag(version).into());
+    let mut set = |key: &str, value: Value| {
+        document.entry(key.to_string()).or_insert(value);
+    };
+    set("status", "enabled".into());
+    set("statusUpdateTime", NEVER.into());
+    let (connection, activity) = match &state.last_reported {
+        Some(time) => ("Connected", time.as_str()),
+        None => ("Disconnected", NEVER),
+    };
+    set("connectionState", connection.into());
+    set("lastActivityTime", activity.into());
+    set("cloudToDeviceMessageCount", 0.into());
+    set("authenticationType", "sas".into());
+    set(
+        "x509Thumbprint",
+        serde_json::json!({"primaryThumbprint": null, "secondaryThumbprint": null}),
+    );
+    set("modelId", "".into());
+    set("tags", Value::Object(Map::new()));
+    serde_json::to_vec(&Value::Object(document)).expect("a JSON value serialises")
+}
+
+/// Calls `each` with every twin the first `as_of_event` messages of `opts`' stream (all of
+/// them when `None`) leave, as a query document (compact JSON), and whether it is a module
+/// twin. Returns how many messages were taken.
 pub fn twin_documents(
     opts: &GenerateOptions,
     as_of_event: Option<u64>,
     mut each: impl FnMut(&[u8], bool),
 ) -> u64 {
     let take = as_of_event.map_or(opts.events, |n| n.min(opts.events));
-    let mut stream = messages(opts);
-    for _ in 0..take {
-        if stream.next().is_none() {
-            break;
-        }
-    }
-    for index in 0..stream.fleet.len() {
-        let device = &stream.fleet[index];
-        if !device.core.live {
+    let mut fleet = Fleet::default();
+    let mut taken = 0;
+    for message in messages(opts).take(usize::try_from(take).unwrap_or(usize::MAX)) {
+        taken += 1;
+        if matches!(message.kind, MessageKind::Noise(_)) {
             continue;
         }
-        let device_id = stream.device_id(index);
-        each(&document(device, &device_id, TwinSlot::Device), false);
-        for module in [ModuleSlot::SecurityAgent, ModuleSlot::MicroAgent] {
-            if device.module_live(module) {
-                each(
-                    &document(device, &device_id, TwinSlot::Module(module)),
-                    true,
-                );
-            }
+        let GeneratedBody::Json(body) = &message.body else {
+            continue;
+        };
+        let (Some(device_id), Some(op_type)) = (
+            property(&message.properties, "deviceId"),
+            property(&message.properties, "opType"),
+        ) else {
+            continue;
+        };
+        let module_id = property(&message.properties, "moduleId").unwrap_or("");
+        let op_time = property(&message.properties, "operationTimestamp").unwrap_or(NEVER);
+        // Fleet bodies are JSON objects; anything else is skipped like a non-operation.
+        let Ok(body) = serde_json::from_slice::<Value>(body) else {
+            continue;
+        };
+        fleet.apply(device_id, module_id, op_type, op_time, body);
+    }
+    for device_id in &fleet.order {
+        let Some(entry) = fleet.devices.get(device_id) else {
+            continue;
+        };
+        let Some(twin) = &entry.twin else {
+            continue;
+        };
+        let device_version = twin
+            .document
+            .get("version")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        each(&document(twin, device_id, "", device_version), false);
+        for (module_id, module) in &entry.modules {
+            each(
+                &document(module, device_id, module_id, device_version),
+                true,
+            );
         }
     }
-    take
+    taken
 }
 
 /// Writes the documents of [`twin_documents`] to `out` in `layout`.
@@ -121,50 +330,6 @@ pub fn write_twin_documents(
         out.write_all(b"\n]\n")?;
     }
     Ok(stats)
-}
-
-/// One twin as the query returns it: the whole-twin body the stream's lifecycle and replace
-/// notifications carry, plus the identity fields only the query shows.
-fn document(device: &Device, device_id: &str, slot: TwinSlot) -> Vec<u8> {
-    let body = full_twin_body(device, device_id, slot, slot == TwinSlot::Device);
-    // The generator writes valid JSON objects; a failure here is a bug in the generator.
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&body).expect("the generator writes whole twins as JSON");
-    let core = device.core(slot);
-    let last_activity = if core.reported_at == NEVER {
-        NEVER_TEXT.to_string()
-    } else {
-        format_time(core.reported_at)
-    };
-    if let Some(object) = value.as_object_mut() {
-        let mut set = |key: &str, v: serde_json::Value| {
-            object.entry(key.to_string()).or_insert(v);
-        };
-        if let TwinSlot::Module(_) = slot {
-            set("deviceEtag", etag(u64::from(device.incarnation)).into());
-        }
-        set("status", "enabled".into());
-        set("statusUpdateTime", NEVER_TEXT.into());
-        set(
-            "connectionState",
-            if core.reported_at == NEVER {
-                "Disconnected"
-            } else {
-                "Connected"
-            }
-            .into(),
-        );
-        set("lastActivityTime", last_activity.into());
-        set("cloudToDeviceMessageCount", 0.into());
-        set("authenticationType", "sas".into());
-        set(
-            "x509Thumbprint",
-            serde_json::json!({"primaryThumbprint": null, "secondaryThumbprint": null}),
-        );
-        set("modelId", "".into());
-        set("tags", serde_json::json!({}));
-    }
-    serde_json::to_vec(&value).expect("a JSON value serialises")
 }
 
 #[cfg(test)]
