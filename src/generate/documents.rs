@@ -55,7 +55,9 @@ pub struct DocumentStats {
 
 /// One twin as its operations left it.
 struct TwinState {
-    document: Map<String, Value>,
+    /// The document as compact JSON: a fleet of 400,000 twins as parsed values would take
+    /// gigabytes; as bytes it takes what the documents file does.
+    document: Vec<u8>,
     /// The operation time of the last change to its reported properties.
     last_reported: Option<String>,
 }
@@ -140,33 +142,35 @@ fn apply_to(slot: &mut Option<TwinState>, op_type: &str, op_time: &str, body: Va
     match op_type {
         "createDeviceIdentity" | "createModuleIdentity" => {
             *slot = Some(TwinState {
-                document: body,
+                document: store(body),
                 last_reported: None,
             });
         }
         "replaceTwin" => {
-            let state = slot.get_or_insert_with(|| TwinState {
-                document: Map::new(),
-                last_reported: None,
-            });
+            let mut document = slot.as_ref().map(|s| load(&s.document)).unwrap_or_default();
             // The identity fields a replace body lacks are the twin's still.
             for (key, value) in body {
-                state.document.insert(key, value);
+                document.insert(key, value);
             }
+            let last_reported = slot.as_ref().and_then(|s| s.last_reported.clone());
+            *slot = Some(TwinState {
+                document: store(document),
+                last_reported,
+            });
         }
         "updateTwin" => {
             let Some(state) = slot.as_mut() else {
                 return;
             };
+            let mut document = load(&state.document);
             if let Some(version) = body.get("version") {
-                state.document.insert("version".into(), version.clone());
+                document.insert("version".into(), version.clone());
             }
             if let Some(tags) = body.get("tags") {
-                merge(state.document.entry("tags").or_insert(Value::Null), tags);
+                merge(document.entry("tags").or_insert(Value::Null), tags);
             }
             if let Some(properties) = body.get("properties").and_then(Value::as_object) {
-                let target = state
-                    .document
+                let target = document
                     .entry("properties")
                     .or_insert_with(|| Value::Object(Map::new()));
                 for section in ["desired", "reported"] {
@@ -177,6 +181,7 @@ fn apply_to(slot: &mut Option<TwinState>, op_type: &str, op_time: &str, body: Va
                     }
                 }
             }
+            state.document = store(document);
         }
         "deleteDeviceIdentity" | "deleteModuleIdentity" => {
             *slot = None;
@@ -191,13 +196,22 @@ fn apply_to(slot: &mut Option<TwinState>, op_type: &str, op_time: &str, body: Va
     }
 }
 
+fn store(document: Map<String, Value>) -> Vec<u8> {
+    serde_json::to_vec(&Value::Object(document)).expect("a JSON value serialises")
+}
+
+fn load(document: &[u8]) -> Map<String, Value> {
+    // Only `store` writes these bytes: they are a JSON object.
+    serde_json::from_slice(document).expect("a stored twin is a JSON object")
+}
+
 fn etag(version: u64) -> String {
     base64::engine::general_purpose::STANDARD.encode(version.to_be_bytes())
 }
 
 /// The query document of a twin: its state plus the fields only the query shows.
 fn document(state: &TwinState, device_id: &str, module_id: &str, device_version: u64) -> Vec<u8> {
-    let mut document = state.document.clone();
+    let mut document = load(&state.document);
     document.insert("deviceId".into(), device_id.into());
     if module_id.is_empty() {
         document.remove("moduleId");
@@ -269,8 +283,7 @@ pub fn twin_documents(
         let Some(twin) = &entry.twin else {
             continue;
         };
-        let device_version = twin
-            .document
+        let device_version = load(&twin.document)
             .get("version")
             .and_then(Value::as_u64)
             .unwrap_or(0);
