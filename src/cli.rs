@@ -58,7 +58,8 @@ pub enum Command {
     /// the baseline policy, alerts on the terminal, metrics on localhost, until Ctrl-C
     Demo(DemoArgs),
     /// A local Event Hubs endpoint (AMQP 1.0, plain TCP) for development and tests, preloaded
-    /// with captured files; prints the connection string to use
+    /// with captured files, and IoT Hub's twin query (HTTPS and HTTP) over twin documents;
+    /// prints the connection strings and endpoints to use
     Emulator(EmulatorArgs),
 }
 
@@ -233,13 +234,31 @@ pub struct GenerateArgs {
     pub out: PathBuf,
 
     /// The container: storage-route JSON lines, Event Hubs Capture Avro, or storage-route Avro
-    /// (a line that is not JSON has no Avro form: the Avro containers leave those out)
+    /// (a line that is not JSON has no Avro form: the Avro containers leave those out); or,
+    /// instead of the messages, the twins they leave (twin-documents)
     #[arg(long, value_enum, default_value = "json")]
     pub format: GenerateFormat,
 
     /// The Avro block codec
     #[arg(long, value_enum, default_value = "deflate")]
     pub avro_codec: AvroCodec,
+
+    /// With `--format twin-documents`: the fleet's twins after this many messages of the
+    /// stream (default: all of --events), so that a seed as of N plus the messages from N on
+    /// describe one fleet
+    #[arg(long, value_name = "N")]
+    pub as_of_event: Option<u64>,
+
+    /// With `--format twin-documents`: one JSON array (as `az iot hub query` prints) or one
+    /// document per line
+    #[arg(long, value_enum, default_value = "array")]
+    pub documents_layout: DocumentsLayoutArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DocumentsLayoutArg {
+    Array,
+    Lines,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -247,6 +266,9 @@ pub enum GenerateFormat {
     Json,
     CaptureAvro,
     StorageAvro,
+    /// The fleet's twins as IoT Hub's twin query returns them (with `$metadata` and
+    /// `$version`): the input of a seed pass from a file
+    TwinDocuments,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -383,6 +405,35 @@ pub struct EmulatorArgs {
     /// Seed of the generated fleet published at --rate
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+
+    /// Generated events (of the fleet of --devices and --seed) preloaded before any file's;
+    /// --rate then continues the same stream from there
+    #[arg(long, default_value_t = 0)]
+    pub events: u64,
+
+    /// Serve IoT Hub's twin query (`POST /devices/query`) from these twin documents (one JSON
+    /// array as `az iot hub query` prints, or one per line). Without it, the twin query serves
+    /// the generated fleet's twins as of --events, when there is a generated fleet
+    #[arg(long, value_name = "FILE")]
+    pub twins: Option<PathBuf>,
+
+    /// The IoT hub's name for the twin query: its host name is NAME.azure-devices.net
+    /// (default: --hub, the name the generated events carry)
+    #[arg(long, value_name = "NAME")]
+    pub iothub_name: Option<String>,
+
+    /// HTTPS listener of the twin query (port 0: any free port; printed)
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub query_listen: String,
+
+    /// Plain HTTP listener of the twin query (port 0: any free port; printed)
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub query_http_listen: String,
+
+    /// Where to write the CA certificate (PEM) that clients of the HTTPS twin query must
+    /// trust (default: a file in the temporary directory; printed)
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert_out: Option<PathBuf>,
 
     /// Captured files or directories to preload (any replay format), in order
     pub paths: Vec<PathBuf>,

@@ -19,7 +19,10 @@
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
-//!   it stands apart and reuses only the generator's message type.
+//!   it stands apart and reuses only the generator (its message type and twin documents);
+//!   `emulator::query` serves IoT Hub's twin query (HTTPS) from twin documents.
+//! - [`iothub`]: IoT Hub's service API for a seed pass: connection string, shared access
+//!   signatures, the blocking twin query client.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
 //! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
@@ -42,6 +45,8 @@ pub mod failpoint;
 pub mod generate;
 #[cfg(feature = "service")]
 pub mod http;
+#[cfg(feature = "service")]
+pub mod iothub;
 pub mod model;
 #[cfg(feature = "service")]
 pub mod pipeline;

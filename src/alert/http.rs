@@ -48,6 +48,16 @@ fn agent(timeout: Duration) -> ureq::Agent {
         .timeout_global(Some(timeout))
         .max_redirects(0)
         .user_agent(concat!("twinwatch/", env!("CARGO_PKG_VERSION")))
+        // https:// through rustls with the binary's one crypto provider (aws-lc-rs) and
+        // Mozilla's roots: ureq would otherwise look for a process-wide default provider,
+        // and panic on the first https:// request when none was installed.
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                    rustls::crypto::aws_lc_rs::default_provider(),
+                ))
+                .build(),
+        )
         .build()
         .into()
 }

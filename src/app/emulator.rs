@@ -1,5 +1,7 @@
-//! `twinwatch emulator`: a local Event Hubs endpoint preloaded with captured files, and
-//! optionally publishing a generated fleet at a steady rate, until SIGTERM or Ctrl-C.
+//! `twinwatch emulator`: a local Event Hubs endpoint preloaded with generated events and
+//! captured files, and optionally publishing a generated fleet at a steady rate; beside it,
+//! IoT Hub's twin query over a documents file or the generated fleet's twins; until SIGTERM
+//! or Ctrl-C.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -10,6 +12,7 @@ use anyhow::Context as _;
 
 use super::Failure;
 use crate::cli::EmulatorArgs;
+use crate::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocuments};
 use crate::emulator::{EmulatedEvent, Emulator, EmulatorConfig};
 use crate::generate::{messages, GenerateOptions, GeneratedBody};
 use crate::source::avro::{AvroFile, OwnedProp};
@@ -134,7 +137,36 @@ pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
     let listen: SocketAddr = args.listen.parse().map_err(|_| {
         Failure::usage(anyhow::anyhow!("--listen: not an address: {}", args.listen))
     })?;
+    let query_listen: SocketAddr = args.query_listen.parse().map_err(|_| {
+        Failure::usage(anyhow::anyhow!(
+            "--query-listen: not an address: {}",
+            args.query_listen
+        ))
+    })?;
+    let query_http_listen: SocketAddr = args.query_http_listen.parse().map_err(|_| {
+        Failure::usage(anyhow::anyhow!(
+            "--query-http-listen: not an address: {}",
+            args.query_http_listen
+        ))
+    })?;
     let files = expand_paths(&args.paths).map_err(Failure::usage)?;
+    let fleet = GenerateOptions {
+        devices: args.devices,
+        events: u64::MAX / 2,
+        seed: args.seed,
+        hub: args.hub.clone(),
+        noise: 0.0,
+    };
+    let has_fleet = args.events > 0 || args.rate > 0.0;
+    // The twin query serves the documents file, else the generated fleet as of the events
+    // preloaded: a seed as of that point and the feed from there describe one fleet.
+    let twins = match &args.twins {
+        Some(path) => {
+            Some(TwinDocuments::read(path).map_err(|e| Failure::usage(anyhow::anyhow!(e)))?)
+        }
+        None if has_fleet => Some(TwinDocuments::generated(&fleet, args.events)),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -146,6 +178,16 @@ pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
             .with_context(|| format!("listening on {listen}"))
             .map_err(Failure::runtime)?;
         let mut n = 0usize;
+        if args.events > 0 {
+            let preload = GenerateOptions {
+                events: args.events,
+                ..fleet.clone()
+            };
+            for event in generated_events(preload, 0, false) {
+                emulator.publish(event);
+                n += 1;
+            }
+        }
         for file in &files {
             for event in events_of_file(&file.path).map_err(Failure::runtime)? {
                 emulator.publish(event);
@@ -153,21 +195,56 @@ pub fn run(args: &EmulatorArgs) -> Result<ExitCode, Failure> {
             }
         }
         if args.rate > 0.0 {
-            let options = GenerateOptions {
-                devices: args.devices,
-                events: u64::MAX / 2,
-                seed: args.seed,
-                hub: args.hub.clone(),
-                noise: 0.0,
-            };
-            emulator.spawn_publisher(generated_events(options, 0, true), args.rate);
+            emulator.spawn_publisher(generated_events(fleet.clone(), args.events, true), args.rate);
         }
+        let query = match twins {
+            None => None,
+            Some(twins) => {
+                let iothub = args.iothub_name.clone().unwrap_or_else(|| args.hub.clone());
+                let (devices, modules) = (twins.device_count(), twins.module_count());
+                let query = QueryEmulator::start(
+                    QueryEmulatorConfig::new(&iothub, Some(query_listen), Some(query_http_listen)),
+                    twins,
+                )
+                .await
+                .with_context(|| format!("twin query on {query_listen} and {query_http_listen}"))
+                .map_err(Failure::runtime)?;
+                let ca_path = args.ca_cert_out.clone().unwrap_or_else(|| {
+                    std::env::temp_dir()
+                        .join(format!("twinwatch-emulator-{}-ca.pem", std::process::id()))
+                });
+                std::fs::write(&ca_path, query.ca_certificate_pem())
+                    .with_context(|| format!("writing {}", ca_path.display()))
+                    .map_err(Failure::runtime)?;
+                tracing::info!(devices, modules, hub = %iothub, "twin query ready");
+                Some((query, ca_path))
+            }
+        };
+        // The Event Hubs connection string stays the first line (scripts read it so); the
+        // twin query's lines are labelled.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", emulator.connection_string());
+        if let Some((query, ca_path)) = &query {
+            let _ = writeln!(
+                out,
+                "iothub-connection-string: {}",
+                query.connection_string().to_secret_string()
+            );
+            if let Some(endpoint) = query.https_endpoint() {
+                let _ = writeln!(out, "iothub-endpoint: {endpoint}");
+            }
+            if let Some(endpoint) = query.http_endpoint() {
+                let _ = writeln!(out, "iothub-endpoint-http: {endpoint}");
+            }
+            let _ = writeln!(out, "iothub-ca-certificate: {}", ca_path.display());
+        }
         let _ = out.flush();
         drop(out);
         tracing::info!(address = %emulator.local_addr(), preloaded = n, partitions = args.partitions, hub = %args.hub, rate = args.rate, "emulator ready");
         let _ = tokio::signal::ctrl_c().await;
+        if let Some((query, _)) = query {
+            query.shutdown().await;
+        }
         emulator.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })

@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde_json::json;
 
 use super::Failure;
-use crate::cli::{AvroCodec, GenerateArgs, GenerateFormat};
+use crate::cli::{AvroCodec, DocumentsLayoutArg, GenerateArgs, GenerateFormat};
 use crate::generate::avro::{write_avro, AvroKind};
 use crate::generate::{write_json_lines, GenerateOptions};
 use crate::model::SourceId;
@@ -136,6 +136,42 @@ pub fn policy_check(files: &[std::path::PathBuf]) -> Result<ExitCode, Failure> {
 }
 
 /// `twinwatch generate`.
+/// `generate --format twin-documents`: the fleet's twins as the twin query returns them.
+fn generate_twin_documents(
+    args: &GenerateArgs,
+    options: &GenerateOptions,
+) -> Result<ExitCode, Failure> {
+    use crate::generate::documents::{write_twin_documents, DocumentStats, DocumentsLayout};
+    let layout = match args.documents_layout {
+        DocumentsLayoutArg::Array => DocumentsLayout::Array,
+        DocumentsLayoutArg::Lines => DocumentsLayout::Lines,
+    };
+    let write = |out: &mut dyn Write| -> io::Result<DocumentStats> {
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        let stats = write_twin_documents(options, args.as_of_event, layout, &mut out)?;
+        out.flush()?;
+        Ok(stats)
+    };
+    let result = if args.out.as_os_str() == "-" {
+        write(&mut io::stdout().lock())
+    } else {
+        let mut file = File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))
+            .map_err(Failure::runtime)?;
+        write(&mut file)
+    };
+    match result {
+        Ok(stats) => {
+            eprintln!(
+                "generated {} device twins and {} module twins as of message {} of {} devices",
+                stats.device_twins, stats.module_twins, stats.as_of_event, args.devices
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => finish_output(Err(e)),
+    }
+}
+
 pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
     if !(0.0..=1.0).contains(&args.noise) {
         return Err(Failure::usage(anyhow::anyhow!(
@@ -150,6 +186,9 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
         hub: args.hub.clone(),
         noise: args.noise,
     };
+    if args.format == GenerateFormat::TwinDocuments {
+        return generate_twin_documents(args, &options);
+    }
     let write = |out: &mut dyn Write| -> io::Result<crate::generate::GenerateStats> {
         let mut out = BufWriter::with_capacity(1 << 20, out);
         let codec = match args.avro_codec {
@@ -165,6 +204,7 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
             GenerateFormat::StorageAvro => {
                 write_avro(&options, AvroKind::Storage, codec, &mut out)?
             }
+            GenerateFormat::TwinDocuments => unreachable!("handled above"),
         };
         out.flush()?;
         Ok(stats)

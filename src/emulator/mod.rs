@@ -30,11 +30,14 @@
 //! client).
 
 pub mod event;
+pub mod query;
 pub mod registry;
 pub mod selector;
 mod server;
 mod wire;
 
+#[cfg(test)]
+mod query_tests;
 #[cfg(test)]
 mod tests;
 

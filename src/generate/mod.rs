@@ -53,6 +53,7 @@ mod json;
 mod noise;
 mod settings;
 mod stream;
+pub mod documents;
 
 use std::io::{self, Write};
 
