@@ -56,7 +56,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Replay(args) => replay::run(args),
         Command::Run(args) => run::run(args),
         Command::Export(args) => output::export(&args.data_dir),
-        Command::Deadletters(args) => output::dead_letters(&args.data_dir),
+        Command::Deadletters(args) if args.alerts => sinks::alert_dead_letters(&args.dir.data_dir),
+        Command::Deadletters(args) => output::dead_letters(&args.dir.data_dir),
         Command::Violations(args) => output::violations(&args.data_dir),
         Command::Policy(args) => match args.command {
             crate::cli::PolicyCommand::Check { files } => output::policy_check(&files),

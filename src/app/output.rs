@@ -18,7 +18,7 @@ use crate::model::SourceId;
 use crate::store::Store;
 use crate::twin::export_value;
 
-fn open(data_dir: &Path) -> Result<Store, Failure> {
+pub(super) fn open(data_dir: &Path) -> Result<Store, Failure> {
     if !data_dir.join("CURRENT").exists() {
         return Err(Failure::usage(anyhow::anyhow!(
             "{} is not a twinwatch data directory",
@@ -31,7 +31,7 @@ fn open(data_dir: &Path) -> Result<Store, Failure> {
 }
 
 /// A closed pipe (`twinwatch export | head`) ends the output quietly.
-fn finish_output(result: io::Result<()>) -> Result<ExitCode, Failure> {
+pub(super) fn finish_output(result: io::Result<()>) -> Result<ExitCode, Failure> {
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),

@@ -16,8 +16,11 @@ pub const CF_META: &str = "meta";
 
 pub const CF_VIOLATIONS: &str = "violations";
 pub const CF_OUTBOX: &str = "outbox";
+/// Alerts a sink refused for good (a 4xx other than 408 and 429), set aside so that delivery
+/// goes on: keyed by outbox sequence number, then sink name.
+pub const CF_ALERT_DEAD_LETTERS: &str = "alert_deadletters";
 
-pub const ALL_CFS: [&str; 7] = [
+pub const ALL_CFS: [&str; 8] = [
     CF_TWINS,
     CF_TOMBSTONES,
     CF_CHECKPOINTS,
@@ -25,6 +28,7 @@ pub const ALL_CFS: [&str; 7] = [
     CF_META,
     CF_VIOLATIONS,
     CF_OUTBOX,
+    CF_ALERT_DEAD_LETTERS,
 ];
 
 /// Key of the data format marker in [`CF_META`].
@@ -33,6 +37,21 @@ pub const META_FORMAT: &[u8] = b"format";
 /// Key in [`CF_META`] of the next outbox sequence number: written with every batch that
 /// queues alerts, so that numbers are never reused even after the outbox was emptied.
 pub const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
+
+/// Prefix of the keys in [`CF_META`] of each sink's delivery cursor (the next outbox sequence
+/// number it has not accepted), followed by the sink's name.
+pub const META_SINK_CURSOR: &[u8] = b"sink_cursor/";
+
+/// Key in [`CF_META`] of a sink's delivery cursor.
+pub fn sink_cursor_key(sink: &str) -> Vec<u8> {
+    [META_SINK_CURSOR, sink.as_bytes()].concat()
+}
+
+/// Key of an alert dead letter: the outbox sequence number big-endian (delivery order), then
+/// the sink's name.
+pub fn alert_dead_letter_key(seq: u64, sink: &str) -> Vec<u8> {
+    [&seq.to_be_bytes()[..], sink.as_bytes()].concat()
+}
 
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
     for &b in component {
