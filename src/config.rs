@@ -203,8 +203,8 @@ pub struct EventHubConfig {
     pub owner_level: Option<i64>,
 }
 
-/// The validated alert sinks.
-#[derive(Clone, Debug, Default)]
+/// The validated alert sinks (`Debug` shows URLs without their credentials).
+#[derive(Clone, Default)]
 pub struct AlertsConfig {
     pub file: Option<PathBuf>,
     pub stdout: bool,
@@ -219,6 +219,50 @@ pub struct AlertsConfig {
     pub webhook_batch_max_bytes: usize,
     pub webhook_in_flight: usize,
     pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("file", &self.file)
+            .field("stdout", &self.stdout)
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_deref().map(redacted_url),
+            )
+            .field("webhook_token", &self.webhook_token)
+            .field(
+                "alertmanager_url",
+                &self.alertmanager_url.as_deref().map(redacted_url),
+            )
+            .field("alertmanager_repost", &self.alertmanager_repost)
+            .field("sink_timeout", &self.sink_timeout)
+            .field("webhook_structured", &self.webhook_structured)
+            .field("webhook_batch_max_alerts", &self.webhook_batch_max_alerts)
+            .field("webhook_batch_max_bytes", &self.webhook_batch_max_bytes)
+            .field("webhook_in_flight", &self.webhook_in_flight)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// `url` without user-info (`user:password@`), query or fragment, which may hold secrets:
+/// the form that names a sink in errors and logs.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
 }
 
 /// The configuration the service runs with.
@@ -753,6 +797,16 @@ max_messages = 0
             (ok.webhook_batch_max_alerts, ok.webhook_in_flight),
             (500, 4)
         );
+        // What the service logs at start: no credentials of a URL.
+        let with_secrets = alerts(
+            "webhook_url = \"https://user:PASSWORD@hooks.example.com/x?key=KEY\"\nwebhook_token = \"TOKEN\"\n",
+        )
+        .expect("valid");
+        let shown = format!("{with_secrets:?}");
+        for secret in ["PASSWORD", "KEY", "TOKEN"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("https://hooks.example.com/x"), "{shown}");
         alerts("webhook_url = \"http://127.0.0.1:8080/x\"\nwebhook_token = \"t\"\n")
             .expect("a token to loopback");
         let error =

@@ -47,24 +47,8 @@ impl HttpOptions {
 /// Why a sink URL cannot be used (see the configuration's check, which this is).
 pub use crate::config::sink_url_problem as url_problem;
 
-/// `url` without user-info (`user:password@`), query or fragment, which may hold secrets:
-/// the form that names a sink in errors and logs.
-pub fn redacted_url(url: &str) -> String {
-    let (scheme, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (Some(scheme), rest),
-        None => (None, url),
-    };
-    let rest = rest.split(['?', '#']).next().unwrap_or("");
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let host = authority.rsplit('@').next().unwrap_or(authority);
-    match scheme {
-        Some(scheme) => format!("{scheme}://{host}{path}"),
-        None => format!("{host}{path}"),
-    }
-}
+/// `url` without user-info, query or fragment (see the configuration's, which this is).
+pub use crate::config::redacted_url;
 
 /// The TLS configuration: the system's root certificates and those of `ca_file`, with
 /// rustls' aws-lc-rs provider (the one the Event Hubs client already uses).
@@ -304,7 +288,9 @@ mod tests {
         assert!(tls_config(Some(&missing)).is_err());
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, b"").expect("write");
-        let error = tls_config(Some(&empty)).err().expect("no certificate");
+        let Err(error) = tls_config(Some(&empty)) else {
+            panic!("a CA file without a certificate was accepted");
+        };
         assert!(error.contains("no PEM certificate"), "{error}");
     }
 }
