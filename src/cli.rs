@@ -36,8 +36,9 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Write every twin of a data directory, one JSON object per line, sorted by key
     Export(DataDirArgs),
-    /// Write every dead letter of a data directory with its reason and position
-    Deadletters(DataDirArgs),
+    /// Write every dead letter of a data directory with its reason and position (with
+    /// --alerts: every alert a sink refused for good)
+    Deadletters(DeadlettersArgs),
     /// Write every failing (twin, rule) of a data directory, one JSON object per line; with
     /// --pending, the failures of rules with `for` that have not lasted long enough yet
     Violations(ViolationsArgs),
@@ -79,6 +80,17 @@ pub struct ViolationsArgs {
     /// List the pending violations (rules with `for`) with their deadlines instead
     #[arg(long)]
     pub pending: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadlettersArgs {
+    #[command(flatten)]
+    pub dir: DataDirArgs,
+
+    /// The alert dead letters instead (alerts a sink refused for good: sink, alert id, HTTP
+    /// status, the receiver's message, the alert), one JSON object a line, in outbox order
+    #[arg(long)]
+    pub alerts: bool,
 }
 
 #[derive(Debug, Args)]
@@ -318,7 +330,8 @@ pub enum PolicyCommand {
 }
 
 /// Where alerts go. Without any sink, alerts are only counted (the violation set is kept all
-/// the same); with several, each alert leaves the outbox once every sink has accepted it.
+/// the same); with several, each sink moves through the outbox on its own, and an alert leaves
+/// it once every sink has accepted it (or refused it for good: an alert dead letter).
 #[derive(Debug, Args)]
 pub struct SinkArgs {
     /// Append alerts (CloudEvents JSON lines) to this file
@@ -329,12 +342,34 @@ pub struct SinkArgs {
     #[arg(long)]
     pub alerts_stdout: bool,
 
-    /// POST each alert to this URL (CloudEvents HTTP binding, structured mode)
+    /// POST alerts to this URL (http:// or https://; CloudEvents HTTP binding, batched mode
+    /// unless --webhook-mode structured)
     #[arg(long, value_name = "URL")]
     pub webhook_url: Option<String>,
 
-    /// Bearer token for the webhook (prefer the environment variable: a command line is
-    /// visible to other users)
+    /// `batched`: a JSON array of alerts a request (application/cloudevents-batch+json);
+    /// `structured`: one alert a request, for receivers that need it
+    #[arg(long, value_name = "MODE", default_value = "batched", value_parser = ["batched", "structured"])]
+    pub webhook_mode: String,
+
+    /// Alerts per webhook request at most (batched mode)
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub webhook_batch_max_alerts: u64,
+
+    /// Bytes per webhook request body at most (batched mode; a larger alert goes alone)
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub webhook_batch_max_bytes: u64,
+
+    /// Webhook requests in flight at once
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub webhook_in_flight: u64,
+
+    /// A PEM file of CA certificates trusted for https sinks, besides the system's
+    #[arg(long, value_name = "FILE")]
+    pub sink_ca_file: Option<PathBuf>,
+
+    /// Bearer token for the webhook, sent only over https or to a loopback address (prefer
+    /// the environment variable: a command line is visible to other users)
     #[arg(long, env = "TWINWATCH_WEBHOOK_TOKEN", hide_env_values = true)]
     pub webhook_token: Option<String>,
 
@@ -347,9 +382,35 @@ pub struct SinkArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub alertmanager_repost_secs: u64,
 
+    /// Alertmanager's resolve_timeout, seconds: the re-post interval must be at most half
+    /// of it
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub alertmanager_resolve_timeout_secs: u64,
+
     /// Timeout of one HTTP request to a sink, seconds
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub sink_timeout_secs: u64,
+}
+
+impl SinkArgs {
+    /// The flags as the configuration file's `[alerts]` table, validated alike.
+    pub fn raw(&self) -> crate::config::RawAlerts {
+        crate::config::RawAlerts {
+            file: self.alerts_file.clone(),
+            stdout: self.alerts_stdout,
+            webhook_url: self.webhook_url.clone(),
+            webhook_token: self.webhook_token.clone(),
+            alertmanager_url: self.alertmanager_url.clone(),
+            alertmanager_repost_secs: Some(self.alertmanager_repost_secs),
+            sink_timeout_secs: Some(self.sink_timeout_secs),
+            webhook_mode: Some(self.webhook_mode.clone()),
+            webhook_batch_max_alerts: Some(self.webhook_batch_max_alerts),
+            webhook_batch_max_bytes: Some(self.webhook_batch_max_bytes),
+            webhook_in_flight: Some(self.webhook_in_flight),
+            ca_file: self.sink_ca_file.clone(),
+            alertmanager_resolve_timeout_secs: Some(self.alertmanager_resolve_timeout_secs),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -130,6 +130,20 @@ pub struct RawAlerts {
     pub alertmanager_repost_secs: Option<u64>,
     /// Timeout of one HTTP request to a sink, seconds (default 10).
     pub sink_timeout_secs: Option<u64>,
+    /// `batched` (default: a JSON array of alerts a request,
+    /// `application/cloudevents-batch+json`) or `structured` (one alert a request).
+    pub webhook_mode: Option<String>,
+    /// Alerts per webhook request at most, batched mode (default 500).
+    pub webhook_batch_max_alerts: Option<u64>,
+    /// Bytes per webhook request body at most, batched mode (default 1048576).
+    pub webhook_batch_max_bytes: Option<u64>,
+    /// Webhook requests in flight at once (default 4).
+    pub webhook_in_flight: Option<u64>,
+    /// A PEM file of CA certificates trusted for https sinks besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Alertmanager's `resolve_timeout`, seconds (default 300, Alertmanager's own default):
+    /// the re-post interval must be at most half of it.
+    pub alertmanager_resolve_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,8 +218,8 @@ pub struct EventHubConfig {
     pub owner_level: Option<i64>,
 }
 
-/// The validated alert sinks.
-#[derive(Clone, Debug, Default)]
+/// The validated alert sinks (`Debug` shows URLs without their credentials).
+#[derive(Clone, Default)]
 pub struct AlertsConfig {
     pub file: Option<PathBuf>,
     pub stdout: bool,
@@ -214,6 +228,56 @@ pub struct AlertsConfig {
     pub alertmanager_url: Option<String>,
     pub alertmanager_repost: Duration,
     pub sink_timeout: Duration,
+    /// One alert a webhook request (CloudEvents structured mode) instead of batches.
+    pub webhook_structured: bool,
+    pub webhook_batch_max_alerts: usize,
+    pub webhook_batch_max_bytes: usize,
+    pub webhook_in_flight: usize,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("file", &self.file)
+            .field("stdout", &self.stdout)
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_deref().map(redacted_url),
+            )
+            .field("webhook_token", &self.webhook_token)
+            .field(
+                "alertmanager_url",
+                &self.alertmanager_url.as_deref().map(redacted_url),
+            )
+            .field("alertmanager_repost", &self.alertmanager_repost)
+            .field("sink_timeout", &self.sink_timeout)
+            .field("webhook_structured", &self.webhook_structured)
+            .field("webhook_batch_max_alerts", &self.webhook_batch_max_alerts)
+            .field("webhook_batch_max_bytes", &self.webhook_batch_max_bytes)
+            .field("webhook_in_flight", &self.webhook_in_flight)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// `url` without user-info (`user:password@`), query or fragment, which may hold secrets:
+/// the form that names a sink in errors and logs.
+pub fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
 }
 
 /// The configuration the service runs with.
@@ -541,17 +605,125 @@ fn validate_eventhub(raw: RawEventHub, problems: &mut Vec<String>) -> Option<Eve
     })
 }
 
+/// The validated sinks of `raw` (the `[alerts]` table, or a command's sink flags), or what
+/// is wrong with them, one problem a line.
+pub fn alerts_config(raw: RawAlerts) -> Result<AlertsConfig, String> {
+    let mut problems = Vec::new();
+    let config = validate_alerts(raw, &mut problems);
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+/// Why a sink URL cannot be used; `None` when it can. `https://` and `http://` are accepted;
+/// a bearer token (`with_token`) only over https or to a loopback address, so that it never
+/// crosses a network in the clear.
+pub fn sink_url_problem(url: &str, with_token: bool) -> Option<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some("must be an http:// or https:// URL".into());
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => None,
+        "http" if with_token && !is_loopback_authority(rest) => Some(
+            "a bearer token is only sent over https, or over http to a loopback address \
+             (127.0.0.0/8, ::1, localhost)"
+                .into(),
+        ),
+        "http" => None,
+        _ => Some("must be an http:// or https:// URL".into()),
+    }
+}
+
+/// Whether the host of `rest` (a URL after `scheme://`) is a loopback address.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host = if let Some(bracketed) = host_port.strip_prefix('[') {
+        bracketed.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a re-post interval could let Alertmanager resolve open alerts by itself; `None` when
+/// it cannot. Alertmanager ends an alert `resolve_timeout` after it was last posted: the
+/// interval must leave room for a re-post in chunks and for retries, so at most half of it.
+pub fn repost_problem(repost: Duration, resolve_timeout: Duration) -> Option<String> {
+    (repost * 2 > resolve_timeout).then(|| {
+        format!(
+            "a re-post every {} s could outlive Alertmanager's resolve_timeout of {} s (open \
+             alerts would resolve by themselves); use at most {} s, or give the real \
+             resolve_timeout as alertmanager_resolve_timeout_secs",
+            repost.as_secs(),
+            resolve_timeout.as_secs(),
+            resolve_timeout.as_secs() / 2
+        )
+    })
+}
+
 fn validate_alerts(raw: RawAlerts, problems: &mut Vec<String>) -> AlertsConfig {
-    for (name, url) in [
-        ("webhook_url", &raw.webhook_url),
-        ("alertmanager_url", &raw.alertmanager_url),
+    let with_token = raw.webhook_token.is_some();
+    for (name, url, token) in [
+        ("webhook_url", &raw.webhook_url, with_token),
+        ("alertmanager_url", &raw.alertmanager_url, false),
     ] {
-        if let Some(url) = url {
-            if !url.starts_with("http://") {
-                problems.push(format!(
-                    "alerts.{name}: an http:// URL (https is not supported by this build)"
-                ));
+        if let Some(problem) = url.as_deref().and_then(|url| sink_url_problem(url, token)) {
+            problems.push(format!("alerts.{name}: {problem}"));
+        }
+    }
+    let webhook_structured = match raw.webhook_mode.as_deref() {
+        None | Some("batched") => false,
+        Some("structured") => true,
+        Some(other) => {
+            problems.push(format!(
+                "alerts.webhook_mode: `batched` or `structured`, not {other:?}"
+            ));
+            false
+        }
+    };
+    let alertmanager_repost =
+        Duration::from_secs(raw.alertmanager_repost_secs.unwrap_or(60).max(1));
+    let resolve_timeout = Duration::from_secs(raw.alertmanager_resolve_timeout_secs.unwrap_or(300));
+    if raw.alertmanager_url.is_some() {
+        if let Some(problem) = repost_problem(alertmanager_repost, resolve_timeout) {
+            problems.push(format!("alerts.alertmanager_repost_secs: {problem}"));
+        }
+    }
+    let positive =
+        |name: &str, value: Option<u64>, default: u64, problems: &mut Vec<String>| match value {
+            Some(0) => {
+                problems.push(format!("alerts.{name}: at least 1"));
+                default as usize
             }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => default as usize,
+        };
+    let webhook_batch_max_alerts = positive(
+        "webhook_batch_max_alerts",
+        raw.webhook_batch_max_alerts,
+        500,
+        problems,
+    );
+    let webhook_batch_max_bytes = positive(
+        "webhook_batch_max_bytes",
+        raw.webhook_batch_max_bytes,
+        1 << 20,
+        problems,
+    );
+    let webhook_in_flight = positive("webhook_in_flight", raw.webhook_in_flight, 4, problems);
+    if webhook_in_flight > 64 {
+        problems.push("alerts.webhook_in_flight: at most 64".into());
+    }
+    if let Some(path) = &raw.ca_file {
+        if !path.is_file() {
+            problems.push(format!("alerts.ca_file: {} is not a file", path.display()));
         }
     }
     AlertsConfig {
@@ -562,8 +734,13 @@ fn validate_alerts(raw: RawAlerts, problems: &mut Vec<String>) -> AlertsConfig {
         alertmanager_url: raw
             .alertmanager_url
             .map(|u| u.trim_end_matches('/').to_owned()),
-        alertmanager_repost: Duration::from_secs(raw.alertmanager_repost_secs.unwrap_or(60).max(1)),
+        alertmanager_repost,
         sink_timeout: Duration::from_secs(raw.sink_timeout_secs.unwrap_or(10).max(1)),
+        webhook_structured,
+        webhook_batch_max_alerts,
+        webhook_batch_max_bytes,
+        webhook_in_flight,
+        ca_file: raw.ca_file,
     }
 }
 
@@ -622,6 +799,64 @@ max_messages = 0
             assert!(error.contains(expected), "{expected} missing from: {error}");
         }
         assert!(!error.contains("TOPSECRET"));
+    }
+
+    /// https is accepted; a bearer token over plain http only to loopback; a re-post
+    /// interval that could outlive Alertmanager's resolve timeout is refused; the webhook's
+    /// mode is one of two.
+    #[test]
+    fn sink_settings_are_checked() {
+        let alerts = |text: &str| alerts_config(toml::from_str::<RawAlerts>(text).expect("parses"));
+        let ok = alerts(
+            "webhook_url = \"https://hooks.example.com/x\"\nwebhook_token = \"t\"\n\
+             alertmanager_url = \"https://am.example.com/\"\nwebhook_mode = \"structured\"\n",
+        )
+        .expect("valid");
+        assert!(ok.webhook_structured);
+        assert_eq!(
+            ok.alertmanager_url.as_deref(),
+            Some("https://am.example.com")
+        );
+        assert_eq!(
+            (ok.webhook_batch_max_alerts, ok.webhook_in_flight),
+            (500, 4)
+        );
+        // What the service logs at start: no credentials of a URL.
+        let with_secrets = alerts(
+            "webhook_url = \"https://user:PASSWORD@hooks.example.com/x?key=KEY\"\nwebhook_token = \"TOKEN\"\n",
+        )
+        .expect("valid");
+        let shown = format!("{with_secrets:?}");
+        for secret in ["PASSWORD", "KEY", "TOKEN"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("https://hooks.example.com/x"), "{shown}");
+        alerts("webhook_url = \"http://127.0.0.1:8080/x\"\nwebhook_token = \"t\"\n")
+            .expect("a token to loopback");
+        let error =
+            alerts("webhook_url = \"http://hooks.example.com/x\"\nwebhook_token = \"SECRET\"\n")
+                .expect_err("a token in the clear");
+        assert!(
+            error.contains("webhook_url") && error.contains("https"),
+            "{error}"
+        );
+        assert!(!error.contains("SECRET"));
+        let error =
+            alerts("alertmanager_url = \"http://am:9093\"\nalertmanager_repost_secs = 200\n")
+                .expect_err("longer than half the default resolve_timeout");
+        assert!(error.contains("resolve_timeout"), "{error}");
+        alerts(
+            "alertmanager_url = \"http://am:9093\"\nalertmanager_repost_secs = 200\n\
+             alertmanager_resolve_timeout_secs = 600\n",
+        )
+        .expect("within half of the given resolve_timeout");
+        let error = alerts(
+            "webhook_url = \"ftp://x/\"\nwebhook_mode = \"chunked\"\nwebhook_in_flight = 0\n",
+        )
+        .expect_err("invalid");
+        for expected in ["webhook_url", "webhook_mode", "webhook_in_flight"] {
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub const NAMES: &[&str] = &[
     // the apply thread or the delivery thread hears of it: between a batch write and the
     // sinks' acknowledgement.
     WRITER_AFTER_WRITE,
-    // Delivery, after every sink accepted a run of alerts, before the run leaves the outbox.
+    // Delivery, after a sink accepted a run of alerts, before its cursor moves past the run.
     DELIVERY_AFTER_ACK,
 ];
 

@@ -58,6 +58,8 @@ pub struct DeliveryMetrics {
     pub deliveries: prometheus::IntCounterVec,
     pub retries: prometheus::IntCounterVec,
     pub failures: prometheus::IntCounterVec,
+    /// `twinwatch_sink_dead_letters_total{sink}`: alerts a sink refused for good, set aside.
+    pub dead_letters: prometheus::IntCounterVec,
     pub outbox_pending: prometheus::IntGauge,
     /// When the alert at the head of the outbox started waiting (Unix ms; 0: none waits):
     /// `twinwatch_outbox_oldest_age_seconds` is computed from it at each scrape.
@@ -218,9 +220,14 @@ impl Metrics {
                 "Failed deliveries to each sink: of a run of alerts, or of its periodic re-post (Alertmanager)",
                 "sink",
             )?,
+            dead_letters: counter_vec(
+                "twinwatch_sink_dead_letters_total",
+                "Alerts a sink refused for good (a 4xx other than 408 and 429), set aside as alert dead letters",
+                "sink",
+            )?,
             outbox_pending: gauge(
                 "twinwatch_outbox_pending_alerts",
-                "Alerts committed but not yet accepted by every sink",
+                "Alerts committed but not yet accepted (or set aside) by every sink",
             )?,
             head_waiting_since_ms: Default::default(),
         };

@@ -1,11 +1,26 @@
 //! Alert delivery: the outbox that the pipeline fills in the same batch as the state change,
-//! the delivery thread that empties it, and the sinks it delivers to (file, stdout, an HTTP
-//! webhook, Prometheus Alertmanager).
+//! the delivery threads that empty it (one per sink, each with its own committed cursor), and
+//! the sinks they deliver to (file, stdout, a CloudEvents webhook, Prometheus Alertmanager).
+//!
+//! - `outbox`: the per-sink delivery threads, backoff, alert dead letters, health.
+//! - `sinks`: the `Sink` trait, `SinkError` (retryable or permanent), the local sinks.
+//! - `poster`: what the HTTP sinks share (agent, TLS, the POST, URL checks and redaction).
+//! - `webhook`, `alertmanager`: the HTTP sinks.
+//! - `wire`: the one serde type of an alert (the CloudEvent), for everything that reads one.
 
-pub mod http;
+pub mod alertmanager;
 pub mod outbox;
+pub mod poster;
 pub mod sinks;
+#[cfg(test)]
+mod testserver;
+pub mod webhook;
+pub mod wire;
 
-pub use http::{AlertmanagerSink, WebhookSink};
-pub use outbox::{spawn_delivery, Delivery, DeliveryReport, DeliveryWaker};
-pub use sinks::{ConsoleSink, FileSink, Sink, SinkError, StdoutSink};
+pub use alertmanager::AlertmanagerSink;
+pub use outbox::{
+    spawn_delivery, Delivery, DeliveryHealth, DeliveryReport, DeliveryWaker, Reopener,
+};
+pub use poster::HttpOptions;
+pub use sinks::{ConsoleSink, Failed, FileSink, Sink, SinkError, StdoutSink};
+pub use webhook::{WebhookMode, WebhookOptions, WebhookSink};

@@ -31,7 +31,7 @@ pub(super) fn open(data_dir: &Path) -> Result<Store, Failure> {
 }
 
 /// A closed pipe (`twinwatch export | head`) ends the output quietly.
-fn finish_output(result: io::Result<()>) -> Result<ExitCode, Failure> {
+pub(super) fn finish_output(result: io::Result<()>) -> Result<ExitCode, Failure> {
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),

@@ -132,6 +132,12 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
                 "some alerts were not accepted by every sink; they stay queued for the next run"
             );
         }
+        if delivered.dead_lettered > 0 {
+            tracing::warn!(
+                dead_lettered = delivered.dead_lettered,
+                "some alerts were refused for good by a sink: see `twinwatch deadletters --alerts`"
+            );
+        }
     }
     for (path, error) in &report.failed {
         tracing::error!(path = %path.display(), error = %error, "file not replayed");

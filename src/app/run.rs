@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Failure;
-use crate::alert::{spawn_delivery, AlertmanagerSink, FileSink, Sink, StdoutSink, WebhookSink};
+use crate::alert::{spawn_delivery, Sink};
 use crate::cli::RunArgs;
 use crate::config::{AlertsConfig, Config, RawConfig};
 use crate::model::{DeadLetterReason, SourceId};
@@ -55,32 +55,7 @@ pub fn load_config(args: &RunArgs) -> Result<Config, Failure> {
 }
 
 fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    let mut out: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(path) = &alerts.file {
-        out.push(Box::new(
-            FileSink::open(path)
-                .with_context(|| format!("opening {}", path.display()))
-                .map_err(Failure::runtime)?,
-        ));
-    }
-    if alerts.stdout {
-        out.push(Box::new(StdoutSink));
-    }
-    if let Some(url) = &alerts.webhook_url {
-        let token = alerts.webhook_token.as_ref().map(|t| t.expose().to_owned());
-        out.push(Box::new(WebhookSink::new(
-            url.clone(),
-            token,
-            alerts.sink_timeout,
-        )));
-    }
-    if let Some(url) = &alerts.alertmanager_url {
-        let mut sink =
-            AlertmanagerSink::new(url.clone(), alerts.alertmanager_repost, alerts.sink_timeout);
-        sink.seed_open(&super::sinks::open_alerts(store).map_err(Failure::runtime)?);
-        out.push(Box::new(sink));
-    }
-    Ok(out)
+    super::sinks::from_config(alerts, store)
 }
 
 /// An outbox whose oldest alert has waited this long makes the service not ready.
@@ -96,6 +71,8 @@ pub struct ServiceState {
     pub connect_error: std::sync::Mutex<Option<String>>,
     /// Set when the apply thread failed: the service cannot go on.
     pub failed: std::sync::Mutex<Option<String>>,
+    /// Whether alert delivery still works (`None`: no sinks).
+    pub delivery: Option<crate::alert::DeliveryHealth>,
 }
 
 impl ServiceState {
@@ -130,6 +107,9 @@ impl ServiceState {
         }
         if let Some(problem) = self.store.space_problem() {
             problems.push(problem);
+        }
+        if let Some(error) = self.delivery.as_ref().and_then(|d| d.failure()) {
+            problems.push(format!("alert delivery stopped: {error}"));
         }
         let waited = self.outbox_oldest_age();
         if waited >= OUTBOX_STUCK_AFTER {
@@ -268,6 +248,8 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         metrics,
     ));
     let (counters, stopping_since) = result?;
+    // A delivery thread that died (not one that is slow to stop) fails the run.
+    let delivery_health = delivery.as_ref().map(|d| d.health());
     if let Some(delivery) = delivery {
         // The whole stop fits in the deadline: delivery gets what the pipeline left of it.
         let left = config
@@ -291,6 +273,10 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         dead_lettered = counters.n_dead_lettered(),
         "stopped"
     );
+    if let Some(error) = delivery_health.and_then(|h| h.failure()) {
+        tracing::error!(error = %error, "exiting with an error: alert delivery had stopped");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -370,7 +356,26 @@ async fn serve(
         health: std::sync::OnceLock::new(),
         connect_error: std::sync::Mutex::new(None),
         failed: std::sync::Mutex::new(None),
+        delivery: delivery.map(|d| d.health()),
     });
+    if let Some(health) = delivery.map(|d| d.health()) {
+        // Alerts can no longer leave the outbox: stop, and exit 1, rather than run on
+        // without them.
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                if let Some(error) = health.failure() {
+                    tracing::error!(error = %error, "alert delivery stopped; stopping the service");
+                    cancel.cancel();
+                    return;
+                }
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))

@@ -1,63 +1,76 @@
-//! Building the alert sinks a command line asks for.
+//! Building the alert sinks a configuration (or a command line) asks for, and listing the
+//! alert dead letters.
 
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 
 use super::Failure;
-use crate::alert::{AlertmanagerSink, FileSink, Sink, StdoutSink, WebhookSink};
+use crate::alert::{
+    AlertmanagerSink, FileSink, HttpOptions, Sink, StdoutSink, WebhookMode, WebhookOptions,
+    WebhookSink,
+};
 use crate::cli::SinkArgs;
 use crate::compliance::{cloud_event, AlertKind, Transition};
+use crate::config::AlertsConfig;
 use crate::store::Store;
 
-fn check_url(flag: &str, url: &str) -> Result<(), Failure> {
-    if url.starts_with("http://") {
-        Ok(())
-    } else if url.starts_with("https://") {
-        Err(Failure::usage(anyhow::anyhow!(
-            "{flag}: https is not supported by this build (run a TLS-terminating proxy on loopback)"
-        )))
-    } else {
-        Err(Failure::usage(anyhow::anyhow!(
-            "{flag} must be an http:// URL"
-        )))
-    }
+/// The sinks of a command's flags (validated like the configuration file's `[alerts]`).
+pub fn build(args: &SinkArgs, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
+    let config = crate::config::alerts_config(args.raw())
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
+    from_config(&config, store)
 }
 
-/// The sinks of `args`; the Alertmanager sink is seeded with the violations open in `store`,
-/// so that a restart keeps them firing there.
-pub fn build(args: &SinkArgs, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    let timeout = Duration::from_secs(args.sink_timeout_secs);
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    if let Some(path) = &args.alerts_file {
-        let sink = FileSink::open(path)
-            .with_context(|| format!("opening {}", path.display()))
-            .map_err(Failure::runtime)?;
-        sinks.push(Box::new(sink));
+/// The sinks of `alerts`; the Alertmanager sink is seeded with the violations open in
+/// `store`, so that a restart keeps them firing there.
+pub fn from_config(
+    alerts: &AlertsConfig,
+    store: &Arc<Store>,
+) -> Result<Vec<Box<dyn Sink>>, Failure> {
+    let mut out: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(path) = &alerts.file {
+        out.push(Box::new(
+            FileSink::open(path)
+                .with_context(|| format!("opening {}", path.display()))
+                .map_err(Failure::runtime)?,
+        ));
     }
-    if args.alerts_stdout {
-        sinks.push(Box::new(StdoutSink));
+    if alerts.stdout {
+        out.push(Box::new(StdoutSink));
     }
-    if let Some(url) = &args.webhook_url {
-        check_url("--webhook-url", url)?;
-        sinks.push(Box::new(WebhookSink::new(
-            url.clone(),
-            args.webhook_token.clone(),
-            timeout,
-        )));
+    let http = HttpOptions {
+        timeout: alerts.sink_timeout,
+        ca_file: alerts.ca_file.clone(),
+        connections: 1,
+    };
+    if alerts.webhook_url.is_some() || alerts.alertmanager_url.is_some() {
+        // An unreadable CA file is a usage error now, not a failure at every delivery.
+        crate::alert::poster::tls_config(alerts.ca_file.as_deref())
+            .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
     }
-    if let Some(url) = &args.alertmanager_url {
-        check_url("--alertmanager-url", url)?;
-        let mut sink = AlertmanagerSink::new(
-            url.trim_end_matches('/').to_owned(),
-            Duration::from_secs(args.alertmanager_repost_secs),
-            timeout,
-        );
+    if let Some(url) = &alerts.webhook_url {
+        let token = alerts.webhook_token.as_ref().map(|t| t.expose().to_owned());
+        let mut options = WebhookOptions::new(url.clone(), token, http.clone());
+        options.mode = if alerts.webhook_structured {
+            WebhookMode::Structured
+        } else {
+            WebhookMode::Batched
+        };
+        options.max_batch_alerts = alerts.webhook_batch_max_alerts;
+        options.max_batch_bytes = alerts.webhook_batch_max_bytes;
+        options.in_flight = alerts.webhook_in_flight;
+        out.push(Box::new(WebhookSink::new(options)));
+    }
+    if let Some(url) = &alerts.alertmanager_url {
+        let mut sink = AlertmanagerSink::new(url.clone(), alerts.alertmanager_repost, http);
         sink.seed_open(&open_alerts(store).map_err(Failure::runtime)?);
-        sinks.push(Box::new(sink));
+        out.push(Box::new(sink));
     }
-    Ok(sinks)
+    Ok(out)
 }
 
 /// An `opened` CloudEvent for every stored violation (ids say they are a restart's re-send).
@@ -86,4 +99,22 @@ pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
         ));
     }
     Ok(out)
+}
+
+/// `twinwatch deadletters --alerts`: every alert a sink refused for good, one JSON object a
+/// line (`sink`, `seq`, `alertId`, `status`, `kind`, `message`, `deadLetteredAtMs`, `alert`),
+/// in outbox order.
+pub fn alert_dead_letters(data_dir: &Path) -> Result<ExitCode, Failure> {
+    let store = super::output::open(data_dir)?;
+    let mut out = BufWriter::new(io::stdout().lock());
+    let letters = store.alert_dead_letters().map_err(Failure::runtime)?;
+    let result = (|| -> io::Result<()> {
+        for record in letters {
+            let record = record.map_err(io::Error::other)?;
+            out.write_all(&record)?;
+            out.write_all(b"\n")?;
+        }
+        out.flush()
+    })();
+    super::output::finish_output(result)
 }

@@ -16,6 +16,9 @@ pub const CF_META: &str = "meta";
 
 pub const CF_VIOLATIONS: &str = "violations";
 pub const CF_OUTBOX: &str = "outbox";
+/// Alerts a sink refused for good (a 4xx other than 408 and 429), set aside so that delivery
+/// goes on: keyed by outbox sequence number, then sink name.
+pub const CF_ALERT_DEAD_LETTERS: &str = "alert_deadletters";
 
 /// The twins a seed pass applied (or whose module set it changed) and has not yet evaluated:
 /// encoded twin key → nothing (`SEMANTICS.md` §7: evaluation at the end of the pass, resumable).
@@ -24,7 +27,7 @@ pub const CF_SEED_TOUCHED: &str = "seed_touched";
 /// Pending violations (`SEMANTICS.md` §9): the same keys as [`CF_VIOLATIONS`].
 pub const CF_PENDING: &str = "pending";
 
-pub const ALL_CFS: [&str; 9] = [
+pub const ALL_CFS: [&str; 10] = [
     CF_TWINS,
     CF_TOMBSTONES,
     CF_CHECKPOINTS,
@@ -34,6 +37,7 @@ pub const ALL_CFS: [&str; 9] = [
     CF_OUTBOX,
     CF_SEED_TOUCHED,
     CF_PENDING,
+    CF_ALERT_DEAD_LETTERS,
 ];
 
 /// Key of the data format marker in [`CF_META`].
@@ -65,6 +69,21 @@ pub const META_SEEDED_PREFIX: &[u8] = b"seeded/";
 /// Key in [`CF_META`] of the seed pass whose touched twins ([`CF_SEED_TOUCHED`]) are still to
 /// be evaluated: its hub and as-of time.
 pub const META_SEED_PASS: &[u8] = b"seed_pass";
+
+/// Prefix of the keys in [`CF_META`] of each sink's delivery cursor (the next outbox sequence
+/// number it has not accepted), followed by the sink's name.
+pub const META_SINK_CURSOR: &[u8] = b"sink_cursor/";
+
+/// Key in [`CF_META`] of a sink's delivery cursor.
+pub fn sink_cursor_key(sink: &str) -> Vec<u8> {
+    [META_SINK_CURSOR, sink.as_bytes()].concat()
+}
+
+/// Key of an alert dead letter: the outbox sequence number big-endian (delivery order), then
+/// the sink's name.
+pub fn alert_dead_letter_key(seq: u64, sink: &str) -> Vec<u8> {
+    [&seq.to_be_bytes()[..], sink.as_bytes()].concat()
+}
 
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
     for &b in component {

@@ -219,6 +219,49 @@ mod base64_bytes {
     }
 }
 
+/// The first bytes of an outbox value that carries its commit time: a NUL (no alert, a JSON
+/// object, starts with one) and a version. Values without it (written before the time was
+/// recorded) are the alert alone.
+const OUTBOX_HEADER: [u8; 2] = [0x00, 0x01];
+
+thread_local! {
+    /// The value [`Store::put_outbox`] builds, reused (the pipeline queues alerts by the
+    /// thousand in a storm).
+    static OUTBOX_VALUE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An outbox entry as read back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    /// When it was committed, Unix milliseconds (`None`: written by an older twinwatch).
+    pub committed_ms: Option<u64>,
+    /// The alert, a CloudEvent in JSON.
+    pub alert: Vec<u8>,
+}
+
+impl OutboxEntry {
+    fn decode(seq: u64, value: &[u8]) -> OutboxEntry {
+        match value.strip_prefix(&OUTBOX_HEADER[..]) {
+            Some(rest) if rest.len() >= 8 => {
+                let (time, alert) = rest.split_at(8);
+                let mut raw = [0u8; 8];
+                raw.copy_from_slice(time);
+                OutboxEntry {
+                    seq,
+                    committed_ms: Some(u64::from_be_bytes(raw)),
+                    alert: alert.to_vec(),
+                }
+            }
+            _ => OutboxEntry {
+                seq,
+                committed_ms: None,
+                alert: value.to_vec(),
+            },
+        }
+    }
+}
+
 /// One atomic write: build it with the `Store` methods, then [`Store::write`] it.
 #[derive(Default)]
 pub struct Batch {
@@ -285,7 +328,13 @@ impl Store {
     /// Opens an existing data directory read-only (export, queries); works beside a running
     /// writer.
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let db = DB::open_cf_for_read_only(&Options::default(), path, ALL_CFS, false)?;
+        // Only the column families the directory has: one written by an older twinwatch
+        // lacks those added since (created at the next read-write open).
+        let present = DB::list_cf(&Options::default(), path).unwrap_or_default();
+        let cfs = ALL_CFS
+            .iter()
+            .filter(|name| present.is_empty() || present.iter().any(|p| p == *name));
+        let db = DB::open_cf_for_read_only(&Options::default(), path, cfs, false)?;
         let store = Store::from_db(db, path);
         store.check_format(path, false)?;
         Ok(store)
@@ -740,11 +789,119 @@ impl Store {
         }))
     }
 
+    /// Queues `alert` at `seq`, stamped with the time now (Unix milliseconds, in a small
+    /// header before the alert: see [`OutboxEntry`]), which is when its batch is committed
+    /// give or take the batch interval: the outbox's oldest-age gauge and `/readyz` use it.
     pub fn put_outbox(&self, batch: &mut Batch, seq: u64, alert: &[u8]) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        OUTBOX_VALUE.with_borrow_mut(|value| -> Result<(), StoreError> {
+            value.clear();
+            value.extend_from_slice(&OUTBOX_HEADER);
+            value.extend_from_slice(&now.to_be_bytes());
+            value.extend_from_slice(alert);
+            batch
+                .inner
+                .put_cf(self.cf(CF_OUTBOX)?, outbox_key(seq), &value[..]);
+            Ok(())
+        })
+    }
+
+    /// Up to `limit` outbox entries from sequence number `from` on, in order, with the time
+    /// each was committed (`None` for entries written before the time was recorded).
+    pub fn outbox_entries(&self, from: u64, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let start = outbox_key(from);
+        let iter = self.db.iterator_cf(
+            self.cf(CF_OUTBOX)?,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item?;
+            let seq =
+                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "outbox key",
+                    detail: format!("{k:?}"),
+                })?);
+            out.push(OutboxEntry::decode(seq, &v));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the outbox entries from `from` up to (not including) `to` in `batch`: those
+    /// every sink has accepted (or set aside as dead letters).
+    pub fn delete_outbox_range(
+        &self,
+        batch: &mut Batch,
+        from: u64,
+        to: u64,
+    ) -> Result<(), StoreError> {
+        if from < to {
+            batch
+                .inner
+                .delete_range_cf(self.cf(CF_OUTBOX)?, outbox_key(from), outbox_key(to));
+        }
+        Ok(())
+    }
+
+    /// The delivery cursor of the sink named `sink`: the outbox sequence number from which it
+    /// has not accepted anything yet (`None`: it never accepted anything here).
+    pub fn sink_cursor(&self, sink: &str) -> Result<Option<u64>, StoreError> {
+        match self.db.get_cf(self.cf(CF_META)?, sink_cursor_key(sink))? {
+            Some(raw) => Ok(Some(u64::from_be_bytes(
+                raw.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "sink cursor",
+                    detail: format!("{raw:?}"),
+                })?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the delivery cursor of the sink named `sink` in `batch`.
+    pub fn put_sink_cursor(
+        &self,
+        batch: &mut Batch,
+        sink: &str,
+        next: u64,
+    ) -> Result<(), StoreError> {
         batch
             .inner
-            .put_cf(self.cf(CF_OUTBOX)?, outbox_key(seq), alert);
+            .put_cf(self.cf(CF_META)?, sink_cursor_key(sink), next.to_be_bytes());
         Ok(())
+    }
+
+    /// Records an alert dead letter (the outbox entry `seq` refused for good by `sink`;
+    /// `record` is its JSON description) in `batch`.
+    pub fn put_alert_dead_letter(
+        &self,
+        batch: &mut Batch,
+        seq: u64,
+        sink: &str,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
+        batch.inner.put_cf(
+            self.cf(CF_ALERT_DEAD_LETTERS)?,
+            alert_dead_letter_key(seq, sink),
+            record,
+        );
+        Ok(())
+    }
+
+    /// Every alert dead letter's record, in outbox order (none in a data directory written
+    /// before alert dead letters existed, opened read-only).
+    pub fn alert_dead_letters(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_, StoreError> {
+        let iter = self
+            .db
+            .cf_handle(CF_ALERT_DEAD_LETTERS)
+            .map(|cf| self.db.iterator_cf(cf, IteratorMode::Start));
+        Ok(iter
+            .into_iter()
+            .flatten()
+            .map(|item| Ok(item?.1.into_vec())))
     }
 
     pub fn delete_outbox(&self, batch: &mut Batch, seq: u64) -> Result<(), StoreError> {
@@ -767,7 +924,7 @@ impl Store {
                     what: "outbox key",
                     detail: format!("{k:?}"),
                 })?);
-            out.push((seq, v.into_vec()));
+            out.push((seq, OutboxEntry::decode(seq, &v).alert));
         }
         Ok(out)
     }
@@ -936,6 +1093,94 @@ pub struct StoreStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Outbox entries carry their commit time; entries written before it was recorded (the
+    /// alert alone) are still read, without one. Per-sink cursors round-trip, and a range
+    /// deletion takes exactly the entries below its end.
+    #[test]
+    fn outbox_entries_carry_their_commit_time_and_old_entries_still_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis() as u64;
+        let mut batch = Batch::default();
+        store
+            .put_outbox(&mut batch, 1, b"{\"id\":\"new\"}")
+            .expect("put");
+        store.write(&mut batch).expect("write");
+        // The old format: the alert alone.
+        store
+            .db
+            .put_cf(
+                store.cf(CF_OUTBOX).expect("cf"),
+                outbox_key(0),
+                b"{\"id\":\"old\"}",
+            )
+            .expect("put");
+        let entries = store.outbox_entries(0, 10).expect("read");
+        assert_eq!(entries.len(), 2);
+        assert_eq!((entries[0].seq, entries[0].committed_ms), (0, None));
+        assert_eq!(entries[0].alert, b"{\"id\":\"old\"}");
+        assert_eq!(entries[1].alert, b"{\"id\":\"new\"}");
+        let at = entries[1].committed_ms.expect("a commit time");
+        assert!(at >= before && at < before + 60_000, "{at} vs {before}");
+        let plain = store.outbox_from(0, 10).expect("read");
+        assert_eq!(plain[1], (1, b"{\"id\":\"new\"}".to_vec()));
+
+        assert_eq!(store.sink_cursor("webhook").expect("cursor"), None);
+        let mut batch = Batch::default();
+        store
+            .put_sink_cursor(&mut batch, "webhook", 1)
+            .expect("put");
+        store.delete_outbox_range(&mut batch, 0, 1).expect("delete");
+        store.write(&mut batch).expect("write");
+        assert_eq!(store.sink_cursor("webhook").expect("cursor"), Some(1));
+        assert_eq!(store.sink_cursor("file").expect("cursor"), None);
+        let left: Vec<u64> = store
+            .outbox_entries(0, 10)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(left, [1]);
+    }
+
+    /// A directory written before the alert dead letters' column family existed opens
+    /// read-only (it has none) and gets the family at the next read-write open.
+    #[test]
+    fn a_directory_without_the_alert_dead_letter_family_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let old: Vec<&str> = ALL_CFS
+                .iter()
+                .copied()
+                .filter(|name| *name != CF_ALERT_DEAD_LETTERS)
+                .collect();
+            let db = DB::open_cf(&options, dir.path(), old).expect("create");
+            db.put_cf(db.cf_handle(CF_META).expect("meta"), META_FORMAT, FORMAT)
+                .expect("format");
+        }
+        let reader = Store::open_read_only(dir.path()).expect("read-only open");
+        assert_eq!(reader.alert_dead_letters().expect("read").count(), 0);
+        drop(reader);
+        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
+        let mut batch = Batch::default();
+        store
+            .put_alert_dead_letter(&mut batch, 7, "webhook", b"{}")
+            .expect("put");
+        store.write(&mut batch).expect("write");
+        let letters: Vec<Vec<u8>> = store
+            .alert_dead_letters()
+            .expect("read")
+            .collect::<Result<_, _>>()
+            .expect("read");
+        assert_eq!(letters, [b"{}".to_vec()]);
+    }
 
     /// A data directory of another (say a newer) format is refused, by the writer and by the
     /// readers, with both formats named; nothing in it is changed.

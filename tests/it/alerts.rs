@@ -180,3 +180,180 @@ fn a_killed_replay_delivers_every_alert_at_least_once() {
     assert!(kills >= 3, "only {kills} replays were killed mid-way");
     assert_every_alert_delivered(&clean_alerts, &killed_alerts, 1000);
 }
+
+/// The ids of the alerts in an alert file, with their rule ids.
+fn alerts_of_file(file: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(file)
+        .expect("alerts")
+        .lines()
+        .map(|line| {
+            let event =
+                twinwatch::alert::wire::CloudEvent::parse(line.as_bytes()).expect("a CloudEvent");
+            (event.id, event.data.rule_id)
+        })
+        .collect()
+}
+
+/// A webhook that refuses one rule's alerts for good (422) while it takes the others: the
+/// file sink gets every alert, the webhook every alert but that rule's, and the refused ones
+/// are alert dead letters (`deadletters --alerts`), each with the receiver's message. Nothing
+/// waits: the replay ends with an empty outbox.
+#[test]
+fn a_webhook_refusing_one_rule_for_good_holds_back_nothing_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 2_000, 20_000, 11, 0.05);
+    // Which rules fire: refuse the second most frequent, so that refused alerts are spread
+    // among accepted ones.
+    let clean = dir.path().join("clean.jsonl");
+    ok(&[
+        "replay",
+        "--data-dir",
+        path(&dir.path().join("clean")),
+        "--alerts-file",
+        path(&clean),
+        path(&fleet),
+    ]);
+    let clean_alerts = alerts_of_file(&clean);
+    let mut by_rule = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, rule) in &clean_alerts {
+        *by_rule.entry(rule.as_str()).or_default() += 1;
+    }
+    let mut counts: Vec<(usize, &str)> = by_rule.iter().map(|(r, n)| (*n, *r)).collect();
+    counts.sort();
+    assert!(counts.len() >= 2, "the fleet should break several rules");
+    let refused_rule = counts[counts.len() - 2].1.to_owned();
+
+    let port = crate::service::free_port();
+    let receiver = crate::service::Receiver::start(port);
+    receiver.refuse_rule(&refused_rule);
+    let alerts = dir.path().join("alerts.jsonl");
+    let data = dir.path().join("data");
+    ok(&[
+        "replay",
+        "--data-dir",
+        path(&data),
+        "--alerts-file",
+        path(&alerts),
+        "--webhook-url",
+        &format!("http://127.0.0.1:{port}/alerts"),
+        "--webhook-batch-max-alerts",
+        "100",
+        path(&fleet),
+    ]);
+    let delivered = alerts_of_file(&alerts);
+    assert_eq!(
+        delivered, clean_alerts,
+        "the file sink gets every alert, once"
+    );
+    let expected: std::collections::BTreeSet<String> = clean_alerts
+        .iter()
+        .filter(|(_, rule)| *rule != refused_rule)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(
+        receiver.stop(),
+        expected,
+        "the webhook gets every other alert"
+    );
+    let letters: Vec<Value> =
+        String::from_utf8(ok(&["deadletters", "--data-dir", path(&data), "--alerts"]).stdout)
+            .expect("UTF-8")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+            .collect();
+    let refused: Vec<String> = clean_alerts
+        .iter()
+        .filter(|(_, rule)| *rule == refused_rule)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let letter_ids: Vec<String> = letters
+        .iter()
+        .map(|l| l["alertId"].as_str().expect("an id").to_owned())
+        .collect();
+    assert_eq!(letter_ids, refused);
+    for letter in &letters {
+        assert_eq!(letter["sink"], "webhook");
+        assert_eq!(letter["status"], 422);
+        assert_eq!(letter["message"], "rule not accepted");
+        assert_eq!(letter["alert"]["data"]["ruleId"], refused_rule.as_str());
+    }
+    // The other dead letters (of messages) are untouched by the alerts'.
+    let messages = ok(&["deadletters", "--data-dir", path(&data)]).stdout;
+    assert!(!String::from_utf8_lossy(&messages).contains("\"alertId\""));
+}
+
+/// Killed replays delivering to a file and a webhook: each sink has its own committed
+/// cursor, and at-least-once holds at both (every alert reaches each, none is lost).
+#[test]
+fn killed_replays_deliver_every_alert_to_every_sink() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 5_000, 50_000, 13, 0.05);
+    let clean_alerts = dir.path().join("clean.jsonl");
+    let started = std::time::Instant::now();
+    ok(&[
+        "replay",
+        "--data-dir",
+        path(&dir.path().join("clean")),
+        "--batch-size",
+        "500",
+        "--alerts-file",
+        path(&clean_alerts),
+        path(&fleet),
+    ]);
+    let whole = started.elapsed();
+    let port = crate::service::free_port();
+    let receiver = crate::service::Receiver::start(port);
+    let killed_alerts = dir.path().join("killed.jsonl");
+    let killed_data = dir.path().join("killed");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut kills = 0;
+    for attempt in 0..6 {
+        let mut child = Command::new(binary())
+            .args([
+                "replay",
+                "--data-dir",
+                path(&killed_data),
+                "--batch-size",
+                "500",
+                "--alerts-file",
+                path(&killed_alerts),
+                "--webhook-url",
+                &format!("http://127.0.0.1:{port}/alerts"),
+                "--webhook-batch-max-alerts",
+                "50",
+                path(&fleet),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        if attempt == 5 {
+            assert!(
+                child.wait().expect("wait").success(),
+                "the final replay failed"
+            );
+            break;
+        }
+        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
+        if child.try_wait().expect("try_wait").is_none() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+            kills += 1;
+        }
+    }
+    assert!(kills >= 2, "only {kills} replays were killed mid-way");
+    assert_every_alert_delivered(&clean_alerts, &killed_alerts, 500);
+    let expected: std::collections::BTreeSet<String> = alerts_of_file(&clean_alerts)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let received = receiver.stop();
+    let missing: Vec<&String> = expected.difference(&received).collect();
+    assert!(
+        missing.is_empty(),
+        "{} alerts never reached the webhook, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+}

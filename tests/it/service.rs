@@ -232,6 +232,9 @@ pub struct Receiver {
     port: u16,
     bodies: Arc<Mutex<Vec<Vec<u8>>>>,
     failing: Arc<AtomicBool>,
+    /// A rule whose alerts are refused for good (422): a request carrying one is refused
+    /// whole and nothing of it kept, as a receiver validating a batch does.
+    refused_rule: Arc<Mutex<Option<String>>>,
     stopped: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<std::net::TcpStream>>>,
     accept: Option<std::thread::JoinHandle<()>>,
@@ -244,6 +247,7 @@ impl Receiver {
             port,
             bodies: Arc::default(),
             failing: Arc::default(),
+            refused_rule: Arc::default(),
             stopped: Arc::default(),
             open: Arc::default(),
             accept: None,
@@ -254,6 +258,7 @@ impl Receiver {
             receiver.stopped.clone(),
             receiver.open.clone(),
         );
+        let refused_rule = receiver.refused_rule.clone();
         receiver.accept = Some(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 if stopped.load(Ordering::SeqCst) {
@@ -262,11 +267,19 @@ impl Receiver {
                 open.lock()
                     .expect("lock")
                     .push(stream.try_clone().expect("clone"));
-                let (bodies, failing) = (bodies.clone(), failing.clone());
-                std::thread::spawn(move || serve_requests(stream, &bodies, &failing));
+                let (bodies, failing, refused_rule) =
+                    (bodies.clone(), failing.clone(), refused_rule.clone());
+                std::thread::spawn(move || {
+                    serve_requests(stream, &bodies, &failing, &refused_rule)
+                });
             }
         }));
         receiver
+    }
+
+    /// Refuses for good (422) every request that carries an alert of `rule`.
+    pub fn refuse_rule(&self, rule: &str) {
+        *self.refused_rule.lock().expect("lock") = Some(rule.to_owned());
     }
 
     /// Answers 503 (and keeps nothing) while `failing`.
@@ -289,20 +302,26 @@ impl Receiver {
         self.ids()
     }
 
-    /// The ids of the CloudEvents received.
+    /// The ids of the CloudEvents received (one a request, or arrays of them).
     pub fn ids(&self) -> std::collections::BTreeSet<String> {
         self.bodies
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .filter_map(|b| twinwatch::alert::wire::CloudEvent::parse_body(b).ok())
+            .flatten()
+            .map(|event| event.id)
             .collect()
     }
 }
 
 /// Reads requests from one connection until it closes, answering each.
-fn serve_requests(stream: std::net::TcpStream, bodies: &Mutex<Vec<Vec<u8>>>, failing: &AtomicBool) {
+fn serve_requests(
+    stream: std::net::TcpStream,
+    bodies: &Mutex<Vec<Vec<u8>>>,
+    failing: &AtomicBool,
+    refused_rule: &Mutex<Option<String>>,
+) {
     use std::io::{BufRead as _, BufReader, Read as _, Write as _};
     let Ok(mut writer) = stream.try_clone() else {
         return;
@@ -329,8 +348,19 @@ fn serve_requests(stream: std::net::TcpStream, bodies: &Mutex<Vec<Vec<u8>>>, fai
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let refused = refused_rule
+            .lock()
+            .expect("lock")
+            .clone()
+            .is_some_and(|rule| {
+                twinwatch::alert::wire::CloudEvent::parse_body(&body)
+                    .map(|events| events.iter().any(|e| e.data.rule_id == rule))
+                    .unwrap_or(false)
+            });
         let answer: &[u8] = if failing.load(Ordering::SeqCst) {
             b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+        } else if refused {
+            b"HTTP/1.1 422 Unprocessable Entity\r\ncontent-length: 17\r\n\r\nrule not accepted"
         } else {
             bodies.lock().expect("lock").push(body);
             b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
