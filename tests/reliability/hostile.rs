@@ -92,7 +92,48 @@ fn hostile_lines(template: &Value, device: &str) -> Vec<(&'static str, Vec<u8>, 
     let mut nul = good.clone();
     nul.insert(good.len() / 2, 0);
     let line = |body: &[u8]| update_line(template, device, body);
+    // Times cut inside a multi-byte character (issue 23: byte 19 of `"…06:06:3é"` is inside
+    // the `é`, and slicing there panicked, every run, from the durable checkpoint on).
+    let cut = "2019-05-10T06:06:3é";
+    let with_times = |operation: Option<&str>, enqueued: &str, enqueued_utc: &str| {
+        let mut value: Value = serde_json::from_slice(&good).expect("good line");
+        match operation {
+            Some(operation) => value["Properties"]["operationTimestamp"] = json!(operation),
+            None => {
+                value["Properties"]
+                    .as_object_mut()
+                    .expect("properties")
+                    .remove("operationTimestamp");
+            }
+        }
+        value["SystemProperties"]["enqueuedTime"] = json!(enqueued);
+        value["EnqueuedTimeUtc"] = json!(enqueued_utc);
+        serde_json::to_vec(&value).expect("json")
+    };
+    let fine = "2019-05-10T06:06:32.722Z";
     vec![
+        (
+            "operation-timestamp-cut-in-a-character",
+            with_times(Some(cut), fine, fine),
+            false,
+        ),
+        // Without `operationTimestamp` the enqueued times place the event: unreadable ones
+        // are the documented fallback (the epoch), not a failure, so these lines apply.
+        (
+            "enqueued-time-cut-in-a-character",
+            with_times(None, cut, fine),
+            true,
+        ),
+        (
+            "enqueued-time-utc-cut-in-a-character",
+            with_times(None, cut, "2019-05-10T06:06:32€"),
+            true,
+        ),
+        (
+            "dotnet-enqueued-time-overflow",
+            with_times(None, "12/8/99999999999999999999 3:03:17 AM", cut),
+            true,
+        ),
         ("nesting-70-objects", line(&nest(70, "{\"a\":", "}")), false),
         ("nesting-5000-arrays", line(&nest(5000, "[", "]")), false),
         (
@@ -214,8 +255,18 @@ fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
     );
 
     let data = dir.path().join("data");
+    // A sink makes the engine read each message's Event Hubs enqueued time (for its alerts),
+    // one more time parser the hostile lines must reach.
+    let alerts = dir.path().join("alerts.jsonl");
     let out = run_bounded(
-        &["replay", "--data-dir", path(&data), path(&mixed)],
+        &[
+            "replay",
+            "--data-dir",
+            path(&data),
+            "--alerts-file",
+            path(&alerts),
+            path(&mixed),
+        ],
         Duration::from_secs(120),
     );
     assert!(
