@@ -154,7 +154,8 @@ fn parse_us_dotnet(s: &str) -> Option<Ticks> {
     match meridiem {
         Some("PM") if hour < 12 => hour += 12,
         Some("AM") if hour == 12 => hour = 0,
-        _ => {}
+        None | Some("AM" | "PM") => {}
+        Some(_) => return None,
     }
     if hour > 23 || minute > 59 || second > 59 {
         return None;

@@ -210,8 +210,8 @@ impl ServiceState {
                     metric
                         .get_label()
                         .iter()
-                        .find(|l| l.get_name() == name)
-                        .map(|l| l.get_value().to_owned())
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
                 };
                 let (Some(rule), Some(severity)) = (label("rule"), label("severity")) else {
                     continue;

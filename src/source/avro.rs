@@ -199,7 +199,7 @@ pub struct AvroFile<R: Read> {
 /// apache-avro's default of 512 MiB. apache-avro takes the first value set in the process;
 /// every reader calls this before reading.
 pub fn limit_allocations() {
-    apache_avro::max_allocation_bytes(super::avro_fast::MAX_BLOCK_BYTES);
+    apache_avro::util::max_allocation_bytes(super::avro_fast::MAX_BLOCK_BYTES);
 }
 
 impl<R: Read> AvroFile<R> {

@@ -126,7 +126,8 @@ fn a_hub_that_never_answers_a_detach_does_not_hold_the_stop_past_its_deadline() 
     let file = generate_fleet(dir.path(), 100, 1000, 32, 0.0);
     let hub = Hub::start(&file);
     let config = dir.path().join("twinwatch.toml");
-    let deadline = Duration::from_secs(4);
+    // Half of it goes to the receivers, more than their 2 s close timeout.
+    let deadline = Duration::from_secs(6);
     std::fs::write(
         &config,
         format!("shutdown_deadline_secs = {}\n", deadline.as_secs()),
