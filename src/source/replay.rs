@@ -239,11 +239,10 @@ fn read_file(
                 None if data.len() > MAX_LINE_BYTES => {
                     // `data` is the start of one line (everything before it was sent) and
                     // already longer than the bound: a dead letter, and the file goes on.
-                    let (chunk, rest, eof) =
+                    let (chunk, eof) =
                         oversize_line(file, next_record, base_offset, data, &mut f, parser)?;
                     base_offset += chunk.line_ends[0];
                     next_record += 1;
-                    carry = rest;
                     if tx.send(ReadEvent::Chunk(chunk)).is_err() {
                         return Ok(false);
                     }
@@ -307,9 +306,9 @@ fn read_file(
 }
 
 /// A line longer than [`MAX_LINE_BYTES`] whose first `data.len()` bytes were read: reads and
-/// drops the rest of it, up to its newline or the end of the file. Returns a chunk of the one
-/// record (its first [`OVERSIZE_PREFIX_BYTES`], left unparsed: a dead letter `bad_record`),
-/// the bytes read after the line, and whether the file ended.
+/// drops the rest of it, up to its newline or the end of the file, and leaves the file right
+/// after it. Returns a chunk of the one record (its first [`OVERSIZE_PREFIX_BYTES`], left
+/// unparsed: a dead letter `bad_record`) and whether the file ended.
 fn oversize_line(
     file: usize,
     record: u64,
@@ -317,23 +316,24 @@ fn oversize_line(
     mut data: Vec<u8>,
     f: &mut File,
     parser: &mut LineParser,
-) -> io::Result<(Chunk, Vec<u8>, bool)> {
+) -> io::Result<(Chunk, bool)> {
     let mut length = data.len() as u64;
     data.truncate(OVERSIZE_PREFIX_BYTES);
     let mut block = Vec::with_capacity(BLOCK_BYTES);
-    let (rest, eof) = loop {
+    let eof = loop {
         block.clear();
         let n = (&mut *f).take(BLOCK_BYTES as u64).read_to_end(&mut block)?;
         if n == 0 {
-            break (Vec::new(), true);
+            break true;
         }
-        match memchr::memchr(b'\n', &block) {
-            Some(i) => {
-                length += i as u64 + 1;
-                break (block[i + 1..].to_vec(), false);
-            }
-            None => length += n as u64,
+        if let Some(i) = memchr::memchr(b'\n', &block) {
+            length += i as u64 + 1;
+            // Back to just after the line: what follows is read as usual (the caller's
+            // carried bytes must hold no newline).
+            f.seek(SeekFrom::Current(-((n - i - 1) as i64)))?;
+            break false;
         }
+        length += n as u64;
     };
     let prefix = data.len() as u32;
     let chunk = Chunk {
@@ -347,7 +347,7 @@ fn oversize_line(
         data,
         records: Vec::new(),
     };
-    Ok((chunk, rest, eof))
+    Ok((chunk, eof))
 }
 
 /// An Avro file's records, through whichever reader fits its schema.
@@ -613,6 +613,37 @@ mod tests {
                 assert_eq!(seen.len(), 2, "{name}");
             }
         }
+    }
+
+    /// Lines after a long line are lines, even when another long line follows them in the
+    /// same block (the reader once carried them into the next long line).
+    #[test]
+    fn lines_between_two_long_lines_are_records_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("two-long");
+        let long = MAX_LINE_BYTES + BLOCK_BYTES;
+        let mut text = b"{\"a\":1}\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', long));
+        text.extend_from_slice(b"\n{\"b\":2}\n{\"c\":3}\n");
+        text.extend(std::iter::repeat_n(b'y', long));
+        std::fs::write(&path, &text).expect("write");
+        let (seen, end) = read_all(&path);
+        let summary: Vec<(u64, bool, u64)> = seen
+            .iter()
+            .map(|(i, _, parsed, end)| (*i, *parsed, *end))
+            .collect();
+        let first_end = 8 + long as u64 + 1;
+        assert_eq!(
+            summary,
+            [
+                (0, true, 8),
+                (1, false, first_end),
+                (2, true, first_end + 8),
+                (3, true, first_end + 16),
+                (4, false, text.len() as u64),
+            ]
+        );
+        assert_eq!(end, (Some(text.len() as u64), 5));
     }
 
     #[test]
