@@ -533,9 +533,12 @@ mod tests {
         assert_eq!(ends, vec![3, 9, 10]);
     }
 
-    /// Every record the reader sends for `path`: (index, its bytes, whether it parsed, its
-    /// end offset), and the file's end.
-    fn read_all(path: &Path) -> (Vec<(u64, Vec<u8>, bool, u64)>, (Option<u64>, u64)) {
+    /// A record as the reader sent it: its index, its bytes, whether it parsed, its end offset.
+    type Seen = (u64, Vec<u8>, bool, u64);
+
+    /// Every record the reader sends for `path`, and the file's end (its byte offset and next
+    /// record).
+    fn read_all(path: &Path) -> (Vec<Seen>, (Option<u64>, u64)) {
         let reader = spawn_reader(vec![FileStart {
             path: path.to_owned(),
             next_record: 0,
@@ -666,7 +669,7 @@ mod tests {
                             chunk.first_record + i as u64,
                             String::from_utf8_lossy(&chunk.data[s as usize..e as usize])
                                 .into_owned(),
-                            chunk.base_offset + u64::from(chunk.line_ends[i]),
+                            chunk.base_offset + chunk.line_ends[i],
                         ));
                     }
                 }
