@@ -181,7 +181,7 @@ for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")
         fail(f"StatefulSet: {probe} should be GET {path} on a named container port")
 for var, (secret, key, optional) in {
     "TWINWATCH_EVENTHUB_CONNECTION_STRING": ("twinwatch-eventhub", "connection-string", None),
-    "TWINWATCH_API_TOKEN": ("twinwatch-api", "token", True),
+    "TWINWATCH_API_TOKEN": ("twinwatch-api", "token", None),
 }.items():
     ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
     if (ref.get("name"), ref.get("key"), ref.get("optional")) != (secret, key, optional):
@@ -193,6 +193,19 @@ sc = container.get("securityContext", {})
 if not (sc.get("readOnlyRootFilesystem") and sc.get("capabilities", {}).get("drop") == ["ALL"]
         and pod.get("securityContext", {}).get("runAsNonRoot")):
     fail("StatefulSet: runAsNonRoot, readOnlyRootFilesystem and drop ALL are required")
+for bound in ("requests", "limits"):
+    if "ephemeral-storage" not in container.get("resources", {}).get(bound, {}):
+        fail(f"StatefulSet: resources.{bound} needs an ephemeral-storage figure")
+netpol = get("NetworkPolicy", "twinwatch").get("spec", {})
+if not selects(netpol.get("podSelector", {}).get("matchLabels"), pod_labels) \
+        or netpol.get("policyTypes") != ["Ingress"]:
+    fail("NetworkPolicy: must select the pods and restrict their ingress")
+for rule in netpol.get("ingress", []):
+    if not rule.get("from"):
+        fail("NetworkPolicy: an ingress rule without `from` admits everyone")
+    for p in rule.get("ports", []):
+        if p.get("port") not in ports and p.get("port") not in ports.values():
+            fail(f"NetworkPolicy: port {p.get('port')} is not a container port")
 claims = [c["metadata"]["name"] for c in spec.get("volumeClaimTemplates", [])]
 if mounts.get("/data") not in claims:
     fail("StatefulSet: /data is not mounted from a volumeClaimTemplate")
@@ -281,6 +294,7 @@ exposed = {
     "twinwatch_sink_failures_total", "twinwatch_checkpoint_sequence_number",
     "twinwatch_partition_lag_events", "twinwatch_partition_connected",
     "twinwatch_receiver_reconnects_total", "twinwatch_receiver_displaced_total",
+    "twinwatch_events_expired_total",
     "twinwatch_event_age_seconds", "twinwatch_rocksdb_memtable_bytes",
     "twinwatch_rocksdb_pending_compaction_bytes", "twinwatch_rocksdb_block_cache_usage_bytes",
     "twinwatch_rocksdb_live_sst_bytes", "twinwatch_ready", "twinwatch_build_info",

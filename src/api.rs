@@ -38,6 +38,10 @@ const MAX_LIMIT: usize = 1000;
 /// Entries one `/v1/violations` request looks at, at most: a selective filter returns a
 /// short page and a cursor rather than walking millions of entries at once.
 const MAX_SCAN: usize = 100_000;
+/// `/v1` requests served at once, at most; more wait (within the listener's request timeout).
+/// Each holds a thread of the blocking pool and a RocksDB iterator, and `/metrics` and the
+/// probes must keep answering while a client floods the API.
+const MAX_CONCURRENT_REQUESTS: usize = 16;
 
 #[derive(Clone)]
 struct Api {
@@ -103,8 +107,28 @@ pub fn router(store: Arc<Store>, token: Option<Secret>, stats: StatsFn) -> Route
         .route("/stats", get(stats_handler))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(api.clone(), authorize))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            MAX_CONCURRENT_REQUESTS,
+        ))
         .with_state(api);
     Router::new().nest("/v1", v1)
+}
+
+/// What `/v1/*` answers when the API is not served (no token on an address other than
+/// loopback, see `Config::serves_api`): `403` with the reason, rather than a bare `404` that
+/// would look like a wrong path.
+pub fn disabled_router() -> Router {
+    let refuse = || async {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "api_disabled",
+            "the query API is off: it needs an API token (TWINWATCH_API_TOKEN or \
+             api_token_file) when the service listens on an address other than loopback",
+        )
+    };
+    Router::new()
+        .route("/v1", get(refuse))
+        .route("/v1/{*rest}", get(refuse))
 }
 
 /// Equal in time independent of where two tokens differ.
@@ -302,11 +326,19 @@ async fn stats_handler(State(api): State<Api>) -> Result<Json<Value>, ApiError> 
     let live = (api.stats)();
     let store = api.store.clone();
     blocking(move || {
-        // Violations are counted by a scan: there are far fewer of them than twins.
+        // The service's live counts carry the violation counts once its engine has exported
+        // them (the failing twins by rule it keeps): then no scan per request.
+        let counted = live.get("violations").is_some();
+        // Otherwise violations are counted by a scan: there are far fewer of them than twins.
         let mut total = 0u64;
         let mut by_severity: Map<String, Value> = Map::new();
         let mut by_rule: Map<String, Value> = Map::new();
-        for item in store.violations()? {
+        let scan = if counted {
+            None
+        } else {
+            Some(store.violations()?)
+        };
+        for item in scan.into_iter().flatten() {
             let (key, rule_id, value): (OwnedTwinKey, String, Vec<u8>) = item?;
             let v = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
                 what: "violation",
@@ -668,6 +700,40 @@ mod tests {
         // The live counts win over what the store says.
         assert_eq!(body["twins"], 7);
         assert_eq!(body["checkpoints"], "overridden");
+    }
+
+    /// Issue 23: `/v1/stats` scanned every violation per request; with the engine's counts in
+    /// the live stats, those are served (and the checkpoints still come from the store).
+    #[tokio::test]
+    async fn stats_take_the_engines_violation_counts_when_given() {
+        let (_dir, store) = fleet();
+        let counts = json!({"total": 3, "bySeverity": {"high": 3}, "byRule": {"r": 3}});
+        let stats: StatsFn = {
+            let counts = counts.clone();
+            Arc::new(move || json!({"violations": counts}))
+        };
+        let app = router(store.clone(), None, stats);
+        let (status, body) = get_json(&app, "/v1/stats", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["violations"], counts);
+        assert!(!all_violations(&store).is_empty());
+        assert!(
+            body["checkpoints"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty()),
+            "{body}"
+        );
+    }
+
+    /// Without a token on an address other than loopback, `/v1/*` is refused with a reason.
+    #[tokio::test]
+    async fn the_disabled_api_says_why() {
+        let app = disabled_router();
+        for uri in ["/v1", "/v1/stats", "/v1/twins/hub/device"] {
+            let (status, body) = get_json(&app, uri, None).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri}");
+            assert_eq!(body["error"]["code"], "api_disabled", "{uri}");
+        }
     }
 
     #[test]

@@ -51,8 +51,8 @@ impl ConfigError {
     }
 }
 
-/// The configuration file as written.
-#[derive(Debug, Default, Deserialize)]
+/// The configuration file as written. Its `Debug` redacts the secrets (see [`redact_url`]).
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The snapshot's data directory (env `TWINWATCH_DATA_DIR`).
@@ -71,7 +71,8 @@ pub struct RawConfig {
     /// How long a stop (SIGTERM, Ctrl-C) may take, seconds (default 30).
     pub shutdown_deadline_secs: Option<u64>,
     /// Bearer token required by the query API (`/v1/*`); better from the environment
-    /// (`TWINWATCH_API_TOKEN`) or a file. Without one, the API is open.
+    /// (`TWINWATCH_API_TOKEN`) or a file. Without one, the API is open on a loopback `listen`
+    /// address and not served on any other.
     pub api_token: Option<String>,
     /// A file holding the API's bearer token (a mounted Kubernetes Secret, say).
     pub api_token_file: Option<PathBuf>,
@@ -84,7 +85,7 @@ pub struct RawConfig {
     pub allowed_event_delay_secs: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawEventHub {
     /// The Event Hub-compatible connection string
@@ -112,7 +113,7 @@ pub struct RawEventHub {
     pub owner_level: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAlerts {
     /// Append alerts (CloudEvents JSON lines) to this file.
@@ -203,8 +204,9 @@ pub enum StartPosition {
     Latest,
 }
 
-/// The validated Event Hub settings.
-#[derive(Clone, Debug)]
+/// The validated Event Hub settings. `Debug` redacts the connection string and the custom
+/// endpoint's user-info and query.
+#[derive(Clone)]
 pub struct EventHubConfig {
     pub connection_string: Secret,
     /// `EntityPath` of the connection string.
@@ -218,7 +220,8 @@ pub struct EventHubConfig {
     pub owner_level: Option<i64>,
 }
 
-/// The validated alert sinks (`Debug` shows URLs without their credentials).
+/// The validated alert sinks. `Debug` (what the startup log prints) shows the URLs without
+/// user-info or query ([`redact_url`]) and never the token.
 #[derive(Clone, Default)]
 pub struct AlertsConfig {
     pub file: Option<PathBuf>,
@@ -280,6 +283,117 @@ pub fn redacted_url(url: &str) -> String {
     }
 }
 
+/// `url` with any user-info (`user:password@`) and query or fragment (`?token=...`) replaced
+/// by `<redacted>`: the form of a URL in logs, errors and `Debug` output. Scheme, host, port
+/// and path stay, so the operator can still tell which endpoint is meant.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let (rest, had_query) = match rest.find(['?', '#']) {
+        Some(i) => (&rest[..i], true),
+        None => (rest, false),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let host = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("<redacted>@{host}"),
+        None => authority.to_owned(),
+    };
+    let query = if had_query { "?<redacted>" } else { "" };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}{query}"),
+        None => format!("{host}{path}{query}"),
+    }
+}
+
+/// How an optional secret shows in `Debug`: whether it is set, never its value.
+fn redacted(value: &Option<String>) -> &'static str {
+    if value.is_some() {
+        "Some(<redacted>)"
+    } else {
+        "None"
+    }
+}
+
+/// How an optional URL shows in `Debug`: [`redact_url`].
+fn redacted_url_opt(value: &Option<String>) -> Option<String> {
+    value.as_deref().map(redact_url)
+}
+
+impl fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawConfig")
+            .field("data_dir", &self.data_dir)
+            .field("listen", &self.listen)
+            .field("policies", &self.policies)
+            .field("eventhub", &self.eventhub)
+            .field("alerts", &self.alerts)
+            .field("batching", &self.batching)
+            .field("shutdown_deadline_secs", &self.shutdown_deadline_secs)
+            .field("api_token", &format_args!("{}", redacted(&self.api_token)))
+            .field("api_token_file", &self.api_token_file)
+            .field("min_free_disk_mib", &self.min_free_disk_mib)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RawEventHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawEventHub")
+            .field(
+                "connection_string",
+                &format_args!("{}", redacted(&self.connection_string)),
+            )
+            .field("consumer_group", &self.consumer_group)
+            .field("partitions", &self.partitions)
+            .field("replicas", &self.replicas)
+            .field("ordinal", &self.ordinal)
+            .field("start_position", &self.start_position)
+            .field("custom_endpoint", &redacted_url_opt(&self.custom_endpoint))
+            .field("owner_level", &self.owner_level)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RawAlerts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawAlerts")
+            .field("file", &self.file)
+            .field("stdout", &self.stdout)
+            .field("webhook_url", &redacted_url_opt(&self.webhook_url))
+            .field(
+                "webhook_token",
+                &format_args!("{}", redacted(&self.webhook_token)),
+            )
+            .field(
+                "alertmanager_url",
+                &redacted_url_opt(&self.alertmanager_url),
+            )
+            .field("alertmanager_repost_secs", &self.alertmanager_repost_secs)
+            .field("sink_timeout_secs", &self.sink_timeout_secs)
+            .finish()
+    }
+}
+
+impl fmt::Debug for EventHubConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventHubConfig")
+            .field("connection_string", &self.connection_string)
+            .field("entity", &self.entity)
+            .field("host", &self.host)
+            .field("consumer_group", &self.consumer_group)
+            .field("partitions", &self.partitions)
+            .field("start_position", &self.start_position)
+            .field("custom_endpoint", &redacted_url_opt(&self.custom_endpoint))
+            .field("owner_level", &self.owner_level)
+            .finish()
+    }
+}
+
 /// The configuration the service runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -297,6 +411,15 @@ pub struct Config {
     pub min_free_bytes: u64,
     /// See [`RawConfig::allowed_event_delay_secs`].
     pub allowed_event_delay: Duration,
+}
+
+impl Config {
+    /// Whether the query API (`/v1/*`) is served: with a token, or on a loopback address
+    /// only. Without a token on any other address, the fleet's security state would be
+    /// readable by anyone who reaches the port, so only /metrics, /healthz and /readyz are.
+    pub fn serves_api(&self) -> bool {
+        self.api_token.is_some() || self.listen.ip().is_loopback()
+    }
 }
 
 impl RawConfig {
@@ -557,6 +680,21 @@ fn validate_eventhub(raw: RawEventHub, problems: &mut Vec<String>) -> Option<Eve
                 problems.push(
                     "eventhub.partitions: a non-empty list of partition ids, or \"all\"".into(),
                 );
+            }
+            // Two receivers on one partition would race for its checkpoint (and, with an
+            // owner level, displace each other for ever).
+            let mut seen = std::collections::BTreeSet::new();
+            let duplicates: std::collections::BTreeSet<&String> =
+                ids.iter().filter(|id| !seen.insert(*id)).collect();
+            if !duplicates.is_empty() {
+                problems.push(format!(
+                    "eventhub.partitions: {} listed more than once",
+                    duplicates
+                        .iter()
+                        .map(|id| format!("{id:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
             Partitions::List(ids)
         }
@@ -878,6 +1016,106 @@ max_messages = 0
             config.eventhub.partitions,
             Partitions::List(vec!["0".into(), "2".into()])
         );
+    }
+
+    /// Issue 23: two receivers on one partition were accepted.
+    #[test]
+    fn duplicate_partitions_are_refused() {
+        let raw: RawConfig = toml::from_str(&format!(
+            "data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\npartitions = [\"0\", 1, \"1\", \"0\", \"2\"]\n"
+        ))
+        .expect("parses");
+        let error = raw.validate().expect_err("duplicates").to_string();
+        assert!(
+            error.contains("\"0\", \"1\" listed more than once"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn urls_lose_their_user_info_and_query() {
+        for (url, expected) in [
+            (
+                "http://user:pa55@alerts.example:8080/hook?token=t0k#frag",
+                "http://<redacted>@alerts.example:8080/hook?<redacted>",
+            ),
+            ("http://host:9093", "http://host:9093"),
+            ("http://host/p?x", "http://host/p?<redacted>"),
+            (
+                "amqp://sas:key@127.0.0.1:5672",
+                "amqp://<redacted>@127.0.0.1:5672",
+            ),
+            ("host/p", "host/p"),
+            ("http://a@b@host/", "http://<redacted>@host/"),
+        ] {
+            assert_eq!(redact_url(url), expected, "{url}");
+        }
+    }
+
+    /// Issue 23: `RawConfig` derived `Debug` with the connection string and tokens in clear,
+    /// and the startup log printed sink URLs whole.
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let file = format!(
+            r#"
+data_dir = "/d"
+api_token = "API-SECRET-1"
+[eventhub]
+connection_string = "{EMULATOR};SharedAccessSignature=SIG-SECRET-2"
+custom_endpoint = "amqp://cuser:CUSTOM-SECRET-3@127.0.0.1:5672/?k=QUERY-SECRET-4"
+[alerts]
+webhook_url = "http://wuser:WEBHOOK-PASS-5@127.0.0.1:1/hook?token=WEBHOOK-QUERY-6"
+webhook_token = "WEBHOOK-TOKEN-7"
+alertmanager_url = "http://auser:AM-PASS-8@127.0.0.1:9093/?t=AM-QUERY-9"
+"#
+        );
+        let raw: RawConfig = toml::from_str(&file).expect("parses");
+        let raw_debug = format!("{raw:?}");
+        let config = raw.validate().expect("valid");
+        let config_debug = format!("{config:?}");
+        for secret in [
+            "SAS_KEY_VALUE",
+            "API-SECRET-1",
+            "SIG-SECRET-2",
+            "CUSTOM-SECRET-3",
+            "QUERY-SECRET-4",
+            "WEBHOOK-PASS-5",
+            "WEBHOOK-QUERY-6",
+            "WEBHOOK-TOKEN-7",
+            "AM-PASS-8",
+            "AM-QUERY-9",
+        ] {
+            assert!(!raw_debug.contains(secret), "{secret} in {raw_debug}");
+            assert!(!config_debug.contains(secret), "{secret} in {config_debug}");
+        }
+        // What is not secret still shows, so the log says which endpoints are meant.
+        assert!(config_debug.contains("127.0.0.1:9093"), "{config_debug}");
+        assert!(
+            raw_debug.contains("api_token: Some(<redacted>)"),
+            "{raw_debug}"
+        );
+    }
+
+    #[test]
+    fn the_api_is_served_on_loopback_or_with_a_token() {
+        let base = format!("data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\n");
+        let serves = |listen: &str, token: Option<&str>| {
+            let raw: RawConfig =
+                toml::from_str(&format!("listen = \"{listen}\"\n{base}")).expect("parses");
+            let vars: Vec<(&str, &str)> = token
+                .map(|t| vec![("TWINWATCH_API_TOKEN", t)])
+                .unwrap_or_default();
+            raw.with_environment(env(&vars))
+                .validate()
+                .expect("valid")
+                .serves_api()
+        };
+        assert!(serves("127.0.0.1:9464", None));
+        assert!(serves("[::1]:9464", None));
+        assert!(!serves("0.0.0.0:9464", None));
+        assert!(!serves("[::]:9464", None));
+        assert!(!serves("10.1.2.3:9464", None));
+        assert!(serves("0.0.0.0:9464", Some("t")));
     }
 
     /// A StatefulSet replica owns every `replicas`-th partition from its ordinal, which comes

@@ -110,6 +110,9 @@ pub struct Metrics {
     pub receiver_reconnects: prometheus::IntCounterVec,
     /// `twinwatch_receiver_displaced_total{partition}`: taken over by a higher owner level.
     pub receiver_displaced: prometheus::IntCounterVec,
+    /// `twinwatch_events_expired_total{partition}`: events the hub dropped (retention) before
+    /// they were read: the gaps in a partition's sequence numbers.
+    pub events_expired: prometheus::IntCounterVec,
     /// `twinwatch_twins`: twins in the snapshot.
     pub twins: prometheus::IntGauge,
     /// `twinwatch_tombstones`.
@@ -263,6 +266,11 @@ impl Metrics {
             "Times another consumer with a higher owner level took the partition",
             "partition",
         )?;
+        let events_expired = counter_vec(
+            "twinwatch_events_expired_total",
+            "Events the hub dropped (retention) before they were read: gaps in the partition's sequence numbers; a reconcile pass (twinwatch seed) restores the twins they changed",
+            "partition",
+        )?;
         let twins = gauge("twinwatch_twins", "Twins in the snapshot")?;
         let tombstones = gauge(
             "twinwatch_tombstones",
@@ -376,6 +384,7 @@ impl Metrics {
             partition_connected,
             receiver_reconnects,
             receiver_displaced,
+            events_expired,
             twins,
             tombstones,
             failing_twins,

@@ -103,12 +103,16 @@ impl Ticks {
         if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
             return None;
         }
-        let (head, tail) = s.split_at(19);
+        // Everything is read as bytes: the text is untrusted, and byte 19 may fall inside a
+        // multi-byte character (`"2019-05-10T06:06:3é"`), where slicing the `str` would panic.
+        let (head, tail) = b.split_at(19);
+        if !head.is_ascii() {
+            return None;
+        }
         let mut normalized = String::with_capacity(36);
-        normalized.push_str(&head[..10]);
+        normalized.extend(head[..10].iter().map(|&c| char::from(c)));
         normalized.push('T');
-        normalized.push_str(&head[11..]);
-        let tail = tail.as_bytes();
+        normalized.extend(head[11..].iter().map(|&c| char::from(c)));
         let mut i = 0;
         if tail.first() == Some(&b'.') {
             let n = tail[1..].iter().take_while(|c| c.is_ascii_digit()).count();
@@ -136,18 +140,34 @@ fn parse_us_dotnet(s: &str) -> Option<Ticks> {
     let date = parts.next()?;
     let time = parts.next()?;
     let meridiem = parts.next();
+    if parts.next().is_some() {
+        return None;
+    }
+    // Each field is 1 to 4 plain digits (no sign, no overflow): a year of 20 digits would
+    // otherwise overflow the tick arithmetic below.
+    let field = |text: Option<&str>| -> Option<i64> {
+        let text = text?.as_bytes();
+        if text.is_empty() || text.len() > 4 {
+            return None;
+        }
+        digits(text)
+    };
     let mut d = date.split('/');
-    let month: i64 = d.next()?.parse().ok()?;
-    let day: i64 = d.next()?.parse().ok()?;
-    let year: i64 = d.next()?.parse().ok()?;
+    let month = field(d.next())?;
+    let day = field(d.next())?;
+    let year = field(d.next())?;
     let mut t = time.split(':');
-    let mut hour: i64 = t.next()?.parse().ok()?;
-    let minute: i64 = t.next()?.parse().ok()?;
-    let second: i64 = t.next()?.parse().ok()?;
+    let mut hour = field(t.next())?;
+    let minute = field(t.next())?;
+    let second = field(t.next())?;
+    if d.next().is_some() || t.next().is_some() {
+        return None;
+    }
     match meridiem {
         Some("PM") if hour < 12 => hour += 12,
         Some("AM") if hour == 12 => hour = 0,
-        _ => {}
+        None | Some("AM" | "PM") => {}
+        Some(_) => return None,
     }
     if hour > 23 || minute > 59 || second > 59 {
         return None;
@@ -291,6 +311,59 @@ mod tests {
             Ticks::parse_lenient("12/8/2017 3:03:17 PM"),
             Ticks::parse_strict("2017-12-08T15:03:17Z")
         );
+    }
+
+    /// Issue 23: byte 19 inside a multi-byte character panicked `str::split_at`, and the
+    /// durable checkpoint made it a crash loop. Every cut of such strings must be `None`.
+    #[test]
+    fn no_parser_panics_on_a_character_cut_at_any_byte() {
+        for bad in [
+            "2019-05-10T06:06:3é",
+            "2019-05-10T06:06:3éZ",
+            "2019-05-10T06:06:32é",
+            "2019-05-10T06:06:32.7é",
+            "2019-05-10T06:06:32.722+0é:00",
+            "2019-05-10 06:06:3€",
+            "2019-05-10é06:06:32Z",
+            "é019-05-10T06:06:32Z",
+            "2019-05-10T06:06:32.7220000😀",
+            "12/8/2017 3:03:1é AM",
+            "12/8/2017 3:03:17 AMé",
+            "99999999999999999999/8/2017 3:03:17 AM",
+            "12/8/99999999999999999999 3:03:17 AM",
+            "12/8/-2017 3:03:17 AM",
+            "12/8/2017 -3:03:17 AM",
+            "12/8/2017/1 3:03:17 AM",
+        ] {
+            assert_eq!(Ticks::parse_lenient(bad), None, "{bad:?} must be rejected");
+            assert_eq!(Ticks::parse_strict(bad), None, "{bad:?} must be rejected");
+        }
+        // Every prefix of every char-aligned cut of a valid time with a multi-byte tail.
+        let text = "2019-05-10T06:06:32.7220000Zé€😀";
+        for end in 0..=text.len() {
+            if let Some(prefix) = text.get(..end) {
+                let _ = Ticks::parse_lenient(prefix);
+                let _ = Ticks::parse_strict(prefix);
+            }
+            for c in ["é", "€", "😀"] {
+                let mut spliced = text.as_bytes()[..end].to_vec();
+                spliced.extend_from_slice(c.as_bytes());
+                if let Ok(spliced) = std::str::from_utf8(&spliced) {
+                    let _ = Ticks::parse_lenient(spliced);
+                    let _ = Ticks::parse_strict(spliced);
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Strings of the characters times are made of, with multi-byte ones among them:
+        /// parsing never panics, whatever the cut.
+        #[test]
+        fn parsers_never_panic(text in "[0-9:./ TtZz+é€😀APM-]{0,40}") {
+            let _ = Ticks::parse_lenient(&text);
+            let _ = Ticks::parse_strict(&text);
+        }
     }
 
     #[test]

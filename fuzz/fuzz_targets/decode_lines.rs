@@ -1,12 +1,14 @@
 //! Decoding: each input is storage-route JSON lines (system and application properties, the
 //! body inline or base64), taken through the path the engine takes: parse the line, read the
 //! message's properties, classify, parse and check the body, apply the event to a snapshot,
-//! then evaluate the baseline policy on every twin and export it. Any panic is a defect: bad
-//! input must end as an ignore or a dead letter.
+//! then evaluate the baseline policy on every twin and export it. Every time parser is reached:
+//! `operationTimestamp` (strict) and the IoT Hub enqueued time through decoding, and the Event
+//! Hubs enqueued time (`EnqueuedTimeUtc`) as the engine reads it when a sink is configured.
+//! Any panic is a defect: bad input must end as an ignore or a dead letter.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twinwatch::decode::{decode_body, decode_header, Body, BodyParser};
+use twinwatch::decode::{decode_body, decode_header, Body, BodyParser, Message, Prop};
 use twinwatch::policy::{Policy, TwinView};
 use twinwatch::source::storage_json::StorageJsonMessage;
 use twinwatch::twin::{apply, export_value, MemoryTwins, Slot};
@@ -32,6 +34,12 @@ fuzz_target!(|data: &[u8]| {
         let Some(message) = StorageJsonMessage::new(&tape.0, line.len()) else {
             continue;
         };
+        // What the engine reads for an alert's `enqueuedtime` when a sink is configured, and
+        // the enqueued time decoding falls back to, whether or not decoding gets that far.
+        let _ = message.eventhubs_enqueued_time().and_then(Prop::time);
+        let _ = message
+            .system_property("iothub-enqueuedtime", "enqueuedTime")
+            .and_then(Prop::time);
         let Ok(header) = decode_header(&message, MAX_BODY) else {
             continue;
         };

@@ -216,7 +216,7 @@ pub fn replay(
                 if chunk.records.is_empty() {
                     for (i, &(start, end)) in chunk.lines.iter().enumerate() {
                         let raw = &chunk.data[start as usize..end as usize];
-                        let next_offset = chunk.base_offset + u64::from(chunk.line_ends[i]);
+                        let next_offset = chunk.base_offset + chunk.line_ends[i];
                         engine.ingest_parsed_line(
                             handle,
                             chunk.first_record + i as u64,

@@ -4,7 +4,7 @@
 //! thread commits its last batch; the outbox gets a bounded time to drain; exit 0.
 
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,11 +73,15 @@ pub struct ServiceState {
     pub failed: std::sync::Mutex<Option<String>>,
     /// Whether alert delivery still works (`None`: no sinks).
     pub delivery: Option<crate::alert::DeliveryHealth>,
+    /// Set once the apply thread has exported the failing twins by rule
+    /// (`twinwatch_failing_twins`, counted by the engine from the stored violations on): from
+    /// then on `/v1/stats` reads its violation counts there instead of scanning the store.
+    pub violations_counted: AtomicBool,
 }
 
 impl ServiceState {
     /// Why the service is not ready (empty when it is): the pipeline failed, not connected,
-    /// a fatal receiver error, a partition without its receiver, or alerts stuck in the
+    /// a partition the hub refuses, a partition without its receiver, or alerts stuck in the
     /// outbox. (The store is open: it was opened before the listener started.)
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -95,11 +99,12 @@ impl ServiceState {
                 problems.push(format!("not connected to the Event Hub: {reason}"));
             }
             Some(health) => {
-                if let Some(error) = health.fatal_error() {
-                    problems.push(format!("cannot consume: {error}"));
-                }
                 for (id, partition) in &health.partitions {
-                    if !partition.connected.load(Ordering::Relaxed) {
+                    if let Some(error) = partition.refused_error() {
+                        problems.push(format!(
+                            "partition {id}: the hub refuses its receiver (retrying): {error}"
+                        ));
+                    } else if !partition.connected.load(Ordering::Relaxed) {
                         problems.push(format!("partition {id} is not connected"));
                     }
                 }
@@ -148,7 +153,7 @@ impl ServiceState {
                     (outcome.to_owned(), serde_json::json!(n))
                 })
                 .collect();
-        serde_json::json!({
+        let mut stats = serde_json::json!({
             "twins": m.twins.get(),
             "tombstones": m.tombstones.get(),
             "messages": messages,
@@ -158,7 +163,49 @@ impl ServiceState {
             },
             "outboxPending": m.delivery.outbox_pending.get(),
             "ready": self.problems().is_empty(),
-        })
+        });
+        if let (Some(counts), Some(out)) = (self.violation_counts(), stats.as_object_mut()) {
+            out.insert("violations".to_owned(), counts);
+        }
+        stats
+    }
+
+    /// `/v1/stats`'s violation counts from the failing twins by rule the apply thread exports
+    /// (a twin fails a rule exactly when it has that violation), `None` until it has.
+    fn violation_counts(&self) -> Option<serde_json::Value> {
+        use prometheus::core::Collector as _;
+        if !self.violations_counted.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut total = 0u64;
+        let mut by_severity = serde_json::Map::new();
+        let mut by_rule = serde_json::Map::new();
+        for family in self.metrics.failing_twins.collect() {
+            for metric in family.get_metric() {
+                let n = metric.get_gauge().get_value().max(0.0) as u64;
+                if n == 0 {
+                    continue;
+                }
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                };
+                let (Some(rule), Some(severity)) = (label("rule"), label("severity")) else {
+                    continue;
+                };
+                total += n;
+                let before = by_severity
+                    .get(&severity)
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+                by_severity.insert(severity, serde_json::json!(before + n));
+                by_rule.insert(rule, serde_json::json!(n));
+            }
+        }
+        Some(serde_json::json!({"total": total, "bySeverity": by_severity, "byRule": by_rule}))
     }
 
     /// Sets the gauges read at scrape time: RocksDB's figures, the outbox's oldest alert's
@@ -200,7 +247,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         consumer_group = %config.eventhub.consumer_group,
         partitions = ?config.eventhub.partitions,
         start_position = ?config.eventhub.start_position,
-        custom_endpoint = ?config.eventhub.custom_endpoint,
+        custom_endpoint = ?config.eventhub.custom_endpoint.as_deref().map(crate::config::redact_url),
         rules = policy.rules().len(),
         alerts = ?config.alerts,
         "starting"
@@ -247,6 +294,9 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         delivery.as_ref(),
         metrics,
     ));
+    // Whatever task is still running (a receiver whose detach the hub never answered) is
+    // dropped, not waited for: the stop keeps to its deadline.
+    runtime.shutdown_timeout(Duration::from_millis(200));
     let (counters, stopping_since) = result?;
     // A delivery thread that died (not one that is slow to stop) fails the run.
     let delivery_health = delivery.as_ref().map(|d| d.health());
@@ -357,6 +407,7 @@ async fn serve(
         connect_error: std::sync::Mutex::new(None),
         failed: std::sync::Mutex::new(None),
         delivery: delivery.map(|d| d.health()),
+        violations_counted: AtomicBool::new(false),
     });
     if let Some(health) = delivery.map(|d| d.health()) {
         // Alerts can no longer leave the outbox: stop, and exit 1, rather than run on
@@ -380,26 +431,42 @@ async fn serve(
         .await
         .with_context(|| format!("listening on {}", config.listen))
         .map_err(Failure::runtime)?;
-    tracing::info!(
-        address = %config.listen,
-        api_token = config.api_token.is_some(),
-        "serving /metrics, /healthz, /readyz, /v1/*"
-    );
+    let serves_api = config.serves_api();
+    if serves_api {
+        tracing::info!(
+            address = %config.listen,
+            api_token = config.api_token.is_some(),
+            "serving /metrics, /healthz, /readyz, /v1/*"
+        );
+    } else {
+        tracing::warn!(
+            address = %config.listen,
+            "serving /metrics, /healthz, /readyz only: the query API (/v1/*) needs an API token \
+             (TWINWATCH_API_TOKEN or api_token_file) on an address other than loopback"
+        );
+    }
     {
         let stats: crate::api::StatsFn = {
             let state = state.clone();
             Arc::new(move || state.live_stats())
         };
-        let api = crate::api::router(state.store.clone(), config.api_token.clone(), stats);
-        let app = crate::http::router(state.clone()).merge(api);
+        let mut app = crate::http::router(state.clone());
+        if serves_api {
+            app = app.merge(crate::api::router(
+                state.store.clone(),
+                config.api_token.clone(),
+                stats,
+            ));
+        } else {
+            app = app.merge(crate::api::disabled_router());
+        }
         let cancel = cancel.clone();
-        tracker.spawn(async move {
-            let server = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { cancel.cancelled().await });
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "the HTTP listener failed");
-            }
-        });
+        tracker.spawn(crate::http::serve(
+            listener,
+            app,
+            crate::http::Limits::SERVICE,
+            cancel,
+        ));
     }
     // Connect, retrying until it works or the service is stopped (the hub may not be up yet).
     let mut backoff = Duration::from_millis(500);
@@ -430,7 +497,6 @@ async fn serve(
             .iter()
             .map(|id| (id.clone(), Arc::new(PartitionHealth::default())))
             .collect(),
-        fatal: std::sync::Mutex::new(None),
     });
     let _ = state.health.set(health.clone());
 
@@ -467,6 +533,7 @@ async fn serve(
                         &state,
                         wake,
                         &live,
+                        &cancel,
                     )
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the apply thread panicked")));
@@ -594,6 +661,7 @@ fn apply_loop(
     state: &ServiceState,
     wake: Option<crate::alert::DeliveryWaker>,
     live: &LiveSettings,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<Counters> {
     let tick = options.batch_interval;
     let mut engine = Engine::new(store, options)?;
@@ -611,6 +679,8 @@ fn apply_loop(
             engine.add_source(SourceId::Partition(id.clone()), format!("{entity}/{id}"))?;
         handles.push(source);
         expected.push(checkpoint.next_index);
+        // At 0 from the start, so that an alert on its increase sees the first gap.
+        state.metrics.events_expired.with_label_values(&[id]);
         let next = (checkpoint.next_index > 0 || checkpoint.offset.is_some())
             .then_some(checkpoint.next_index as i64);
         starts.push(PartitionStart {
@@ -632,16 +702,31 @@ fn apply_loop(
     let mut exported = Counters::default();
     let mut last_export = Instant::now();
     let mut last_committed_batches = 0;
+    let mut closed = false;
     loop {
+        // Once the service stops, no more chunks are taken in: what is buffered is applied
+        // and the loop ends, even while a receiver that hangs (a detach the hub never
+        // answers) still holds its sender. The check runs at least every `tick`.
+        if !closed && cancel.is_cancelled() {
+            rx.close();
+            closed = true;
+        }
         let chunk = match rx.try_recv() {
             Ok(chunk) => Some(chunk),
             Err(mpsc::error::TryRecvError::Disconnected) => break,
             Err(mpsc::error::TryRecvError::Empty) => {
-                // The timer must be made inside the runtime: build it in the async block.
-                match handle.block_on(async { tokio::time::timeout(tick, rx.recv()).await }) {
-                    Ok(Some(chunk)) => Some(chunk),
-                    Ok(None) => break,
-                    Err(_) => None,
+                // The timer must be made inside the runtime: build it in the async block. A
+                // stop ends the wait at once (the batch interval may be up to a minute).
+                let received = handle.block_on(async {
+                    tokio::select! {
+                        received = tokio::time::timeout(tick, rx.recv()) => received.ok(),
+                        _ = cancel.cancelled(), if !closed => None,
+                    }
+                });
+                match received {
+                    Some(Some(chunk)) => Some(chunk),
+                    Some(None) => break,
+                    None => None,
                 }
             }
         };
@@ -657,7 +742,15 @@ fn apply_loop(
                         continue;
                     }
                     if seq > expected[p] && expected[p] > 0 {
-                        tracing::warn!(partition = %partition_ids[p], expected = expected[p], got = seq, "a gap in the partition's sequence numbers (retention?)");
+                        // Expired from retention before they were read: their changes are
+                        // lost until a reconcile pass (`twinwatch seed`) reads the twins.
+                        let expired = seq - expected[p];
+                        tracing::warn!(partition = %partition_ids[p], expected = expected[p], got = seq, expired, "events expired from the hub's retention before they were read: run a reconcile pass (twinwatch seed)");
+                        state
+                            .metrics
+                            .events_expired
+                            .with_label_values(&[&partition_ids[p]])
+                            .inc_by(expired);
                     }
                     expected[p] = seq + 1;
                     let message = RecordMessage {
@@ -848,4 +941,5 @@ fn export_metrics(
     m.twins.set(engine.snapshot().directory.n_live() as i64);
     m.tombstones
         .set(engine.snapshot().directory.n_dead() as i64);
+    state.violations_counted.store(true, Ordering::Release);
 }

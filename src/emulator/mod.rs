@@ -195,6 +195,13 @@ impl Emulator {
         self.hub.set_refuse_tokens(refuse);
     }
 
+    /// Fault injection: from now on a receiver's detach is never answered, and its link and
+    /// connection are held open (until the emulator shuts down), as a hub that hangs would:
+    /// for testing that a client's stop keeps to its deadline.
+    pub fn ignore_detaches(&self, ignore: bool) {
+        self.hub.set_ignore_detaches(ignore);
+    }
+
     /// Fault injection: closes every receiver of `partition` (of every partition when
     /// `None`) with the AMQP error `condition` and `description`, as the service does when it
     /// moves a partition (`amqp:link:detach-forced`) or is overloaded

@@ -108,6 +108,9 @@ pub(crate) struct Hub {
     next_reader_id: AtomicU64,
     /// Fault injection: refuse every `$cbs` token (as the service refuses a wrong key).
     refuse_tokens: std::sync::atomic::AtomicBool,
+    /// Fault injection: receivers' detaches are left unanswered (see
+    /// `Emulator::ignore_detaches`).
+    ignore_detaches: std::sync::atomic::AtomicBool,
     /// Cancelled to drop every open connection (fault injection); replaced by a fresh token
     /// so that connections made afterwards live on.
     connections: Mutex<CancellationToken>,
@@ -190,6 +193,7 @@ impl Hub {
                 .collect(),
             next_reader_id: AtomicU64::new(1),
             refuse_tokens: std::sync::atomic::AtomicBool::new(false),
+            ignore_detaches: std::sync::atomic::AtomicBool::new(false),
             connections: Mutex::new(CancellationToken::new()),
         }
     }
@@ -213,6 +217,16 @@ impl Hub {
             .sum();
         std::mem::take(&mut *lock(&self.connections)).cancel();
         readers
+    }
+
+    pub(crate) fn set_ignore_detaches(&self, ignore: bool) {
+        self.ignore_detaches
+            .store(ignore, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(crate) fn ignores_detaches(&self) -> bool {
+        self.ignore_detaches
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub(crate) fn refuses_tokens(&self) -> bool {

@@ -563,6 +563,11 @@ async fn serve_reader(
                     return;
                 }
                 _ = sender.on_detach() => {
+                    if hub.ignores_detaches() {
+                        // Hold the link, unanswered, until the emulator stops.
+                        cancel.cancelled().await;
+                        return;
+                    }
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
                     return;
                 }

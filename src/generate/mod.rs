@@ -48,12 +48,12 @@
 pub mod avro;
 mod body;
 mod changes;
+pub mod documents;
 mod fleet;
 mod json;
 mod noise;
 mod settings;
 mod stream;
-pub mod documents;
 
 use std::io::{self, Write};
 

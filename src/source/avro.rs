@@ -205,8 +205,17 @@ pub struct AvroFile<R: Read> {
     next_index: u64,
 }
 
+/// Caps what apache-avro allocates for one length it reads (a block, a string, a map) at
+/// [`super::avro_fast::MAX_BLOCK_BYTES`], as the fast reader caps its blocks, instead of
+/// apache-avro's default of 512 MiB. apache-avro takes the first value set in the process;
+/// every reader calls this before reading.
+pub fn limit_allocations() {
+    apache_avro::util::max_allocation_bytes(super::avro_fast::MAX_BLOCK_BYTES);
+}
+
 impl<R: Read> AvroFile<R> {
     pub fn open(input: R) -> Result<Self, AvroError> {
+        limit_allocations();
         let reader =
             apache_avro::Reader::new(input).map_err(|e| AvroError::Container(e.to_string()))?;
         let schema = reader.writer_schema();

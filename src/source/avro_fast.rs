@@ -271,6 +271,7 @@ impl<R: Read> FastAvroFile<R> {
     /// Reads the header; `Ok(None)` when the schema is not one this reader knows (the caller
     /// then reads the file with apache-avro from the start).
     pub fn open(mut input: R) -> Result<Option<Self>, AvroError> {
+        super::avro::limit_allocations();
         let io = |e: std::io::Error| container_error(e.to_string());
         let mut magic = [0u8; 4];
         input.read_exact(&mut magic).map_err(io)?;
@@ -353,11 +354,23 @@ impl<R: Read> FastAvroFile<R> {
         let (Ok(count), Ok(size)) = (u64::try_from(count), usize::try_from(size)) else {
             return Err(corrupt("negative block count or size".into()));
         };
-        if size > 1 << 30 {
-            return Err(corrupt(format!("a block of {size} bytes")));
+        if size > MAX_BLOCK_BYTES {
+            return Err(corrupt(format!(
+                "a block of {size} bytes (at most {MAX_BLOCK_BYTES})"
+            )));
         }
-        self.compressed.resize(size, 0);
-        self.input.read_exact(&mut self.compressed).map_err(io)?;
+        // Read what is there rather than allocate what the header claims: the buffer grows
+        // with the bytes that arrive, so a lying size on a short file costs nothing.
+        self.compressed.clear();
+        let read = (&mut self.input)
+            .take(size as u64)
+            .read_to_end(&mut self.compressed)
+            .map_err(io)?;
+        if read != size {
+            return Err(corrupt(format!(
+                "a truncated block: {read} of its {size} bytes"
+            )));
+        }
         let mut sync = [0u8; 16];
         self.input.read_exact(&mut sync).map_err(io)?;
         if sync != self.sync {
@@ -375,6 +388,15 @@ impl<R: Read> FastAvroFile<R> {
                 let (data, crc) = self.compressed.split_at(n - 4);
                 let len =
                     snap::raw::decompress_len(data).map_err(|e| corrupt(format!("snappy: {e}")))?;
+                // The length is the stream's own claim: check it against the cap and against
+                // what the compressed bytes can expand to before allocating it.
+                if len > MAX_BLOCK_BYTES || len > data.len().saturating_mul(SNAPPY_MAX_RATIO) {
+                    return Err(corrupt(format!(
+                        "snappy: a block claiming {len} bytes from {} compressed (at most \
+                         {MAX_BLOCK_BYTES}, and at most {SNAPPY_MAX_RATIO} times the compressed size)",
+                        data.len()
+                    )));
+                }
                 self.block.resize(len, 0);
                 snap::raw::Decoder::new()
                     .decompress(data, &mut self.block)
@@ -442,8 +464,17 @@ impl<R: Read> FastAvroFile<R> {
     }
 }
 
-/// The largest block an inflated deflate block may grow to (a bound against inflation bombs).
-const MAX_INFLATED: usize = 1 << 30;
+/// The largest block, compressed or not, any codec may produce (a bound against lying headers
+/// and decompression bombs). Event Hubs messages are at most 1 MB and Capture writes blocks of
+/// a few MB, so 256 MiB is far above any real file and far below the service's memory.
+pub const MAX_BLOCK_BYTES: usize = 256 << 20;
+
+/// The largest block an inflated deflate block may grow to.
+const MAX_INFLATED: usize = MAX_BLOCK_BYTES;
+
+/// Snappy cannot expand more than this: its densest element, a copy with a two-byte offset,
+/// is 3 bytes for at most 64 (21.3 times); a claimed length beyond it is a lie.
+const SNAPPY_MAX_RATIO: usize = 24;
 
 /// Inflates a raw deflate stream into `out` with libdeflate (about twice as fast as miniz_oxide
 /// here, where inflating was a tenth of the replay's CPU), reusing `out`'s allocation: blocks
@@ -510,6 +541,97 @@ mod tests {
         );
         assert_ne!(variant, STORAGE_SCHEMA);
         assert_eq!(known_schema(variant.as_bytes()), None);
+    }
+
+    /// A container of the storage schema with `codec` and the one raw block given.
+    fn container(codec: &str, count: i64, size: i64, block: &[u8]) -> Vec<u8> {
+        fn long(out: &mut Vec<u8>, n: i64) {
+            let mut z = ((n << 1) ^ (n >> 63)) as u64;
+            loop {
+                let b = (z & 0x7f) as u8;
+                z >>= 7;
+                if z == 0 {
+                    out.push(b);
+                    return;
+                }
+                out.push(b | 0x80);
+            }
+        }
+        let mut out = b"Obj\x01".to_vec();
+        long(&mut out, 2);
+        for (key, value) in [("avro.schema", STORAGE_SCHEMA), ("avro.codec", codec)] {
+            long(&mut out, key.len() as i64);
+            out.extend_from_slice(key.as_bytes());
+            long(&mut out, value.len() as i64);
+            out.extend_from_slice(value.as_bytes());
+        }
+        long(&mut out, 0);
+        let sync = [7u8; 16];
+        out.extend_from_slice(&sync);
+        long(&mut out, count);
+        long(&mut out, size);
+        out.extend_from_slice(block);
+        out.extend_from_slice(&sync);
+        out
+    }
+
+    /// Issue 23: a block's size was allocated as claimed before its bytes were read.
+    #[test]
+    fn a_block_claiming_more_than_the_file_holds_is_corrupt_without_allocating_it() {
+        for codec in ["null", "deflate", "snappy"] {
+            let file = container(codec, 1, (MAX_BLOCK_BYTES - 1) as i64, b"only a few bytes");
+            let mut reader = FastAvroFile::open(&file[..])
+                .expect("header")
+                .expect("known");
+            let mut bodies = Vec::new();
+            let error = reader
+                .next_record(&mut bodies)
+                .expect("an error")
+                .expect_err("truncated");
+            assert!(error.to_string().contains("truncated block"), "{error}");
+            assert!(
+                reader.compressed.capacity() < 1 << 20,
+                "{codec}: {} bytes allocated for a block of 16",
+                reader.compressed.capacity()
+            );
+            let file = container(codec, 1, (MAX_BLOCK_BYTES + 1) as i64, b"");
+            let mut reader = FastAvroFile::open(&file[..])
+                .expect("header")
+                .expect("known");
+            let error = reader
+                .next_record(&mut bodies)
+                .expect("an error")
+                .expect_err("too big");
+            assert!(error.to_string().contains("at most"), "{error}");
+        }
+    }
+
+    /// Issue 23: a snappy block's claimed length was allocated whatever it was.
+    #[test]
+    fn a_snappy_block_claiming_a_huge_length_is_corrupt_without_allocating_it() {
+        // The varint of 4 GiB - 1, a few literal bytes, and a checksum.
+        let mut block = vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x08, b'a', b'b', b'c'];
+        block.extend_from_slice(&crc32fast::hash(b"abc").to_be_bytes());
+        let file = container("snappy", 1, block.len() as i64, &block);
+        let mut reader = FastAvroFile::open(&file[..])
+            .expect("header")
+            .expect("known");
+        let mut bodies = Vec::new();
+        let error = reader
+            .next_record(&mut bodies)
+            .expect("an error")
+            .expect_err("a lie");
+        assert!(
+            error.to_string().contains("snappy: a block claiming"),
+            "{error}"
+        );
+        assert!(reader.block.capacity() < 1 << 20);
+        // Snappy's best real ratio is within the bound the check assumes.
+        let zeros = vec![0u8; 8 << 20];
+        let compressed = snap::raw::Encoder::new()
+            .compress_vec(&zeros)
+            .expect("compress");
+        assert!(zeros.len() <= compressed.len() * SNAPPY_MAX_RATIO);
     }
 
     /// A storage-route schema with an extra field is not the known one: the fast reader

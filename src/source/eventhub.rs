@@ -6,19 +6,23 @@
 //! apply thread over a bounded channel, as many as the client has ready in one message: a
 //! slow store slows the receivers, never grows memory.
 //! Transient errors reconnect with backoff from the last event sent; a receiver displaced by
-//! a higher owner level is logged, counted and retried; bad credentials are fatal and make
-//! `/readyz` fail.
+//! a higher owner level is logged, counted and retried; a refusal (bad credentials, an entity
+//! not found) is retried with a long backoff (a key rotation or a failover ends it) and shown
+//! by `/readyz` until the partition is received again. Errors are classified by the client's
+//! error kinds and AMQP conditions; only an error that carries none is read as text.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use azure_core_amqp::message::{AmqpAnnotationKey, AmqpMessageBody};
+use azure_core_amqp::{AmqpError, AmqpErrorCondition, AmqpErrorKind};
+use azure_messaging_eventhubs::error::ErrorKind as EventHubsErrorKind;
 use azure_messaging_eventhubs::models::{
     AmqpMessage, AmqpSimpleValue, AmqpValue, ReceivedEventData,
 };
 use azure_messaging_eventhubs::{
-    ConsumerClient, OpenReceiverOptions, RetryOptions, StartLocation,
+    ConsumerClient, EventHubsError, OpenReceiverOptions, RetryOptions, StartLocation,
     StartPosition as ClientStartPosition,
 };
 use futures::StreamExt;
@@ -32,6 +36,14 @@ use crate::time::Ticks;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// After a refusal (unauthorized, not found) the next attempt waits this long at first, then
+/// twice as long each time up to [`MAX_REFUSED_BACKOFF`]: long enough not to hammer the hub
+/// with bad credentials, short enough that a rotated key is picked up within minutes.
+const FIRST_REFUSED_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_REFUSED_BACKOFF: Duration = Duration::from_secs(300);
+/// How long closing a receiver or a client may take: a hub that never answers a detach must
+/// not hold the receiver's task (and the service's stop) for ever.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 const PREFETCH: u32 = 300;
 /// At most this many events go to the apply thread in one channel message: whatever the
 /// client has ready, so that a busy receiver pays one send (and one wake of the apply
@@ -62,6 +74,9 @@ pub struct PartitionHealth {
     /// The hub's last enqueued sequence number plus one, as last read (0 for an empty
     /// partition; -1 until read).
     pub hub_next_sequence: AtomicI64,
+    /// Why the hub refuses this partition's receiver (unauthorized, not found), while it
+    /// does: `/readyz` shows it; cleared once the partition is received again.
+    pub refused: Mutex<Option<String>>,
 }
 
 impl Default for PartitionHealth {
@@ -71,6 +86,20 @@ impl Default for PartitionHealth {
             reconnects: AtomicU64::new(0),
             displaced: AtomicU64::new(0),
             hub_next_sequence: AtomicI64::new(-1),
+            refused: Mutex::new(None),
+        }
+    }
+}
+
+impl PartitionHealth {
+    /// Why the hub refuses the partition, if it does (see [`PartitionHealth::refused`]).
+    pub fn refused_error(&self) -> Option<String> {
+        self.refused.lock().ok().and_then(|r| r.clone())
+    }
+
+    fn set_refused(&self, error: Option<String>) {
+        if let Ok(mut refused) = self.refused.lock() {
+            *refused = error;
         }
     }
 }
@@ -78,8 +107,6 @@ impl Default for PartitionHealth {
 pub struct SourceHealth {
     /// Owned partitions, by id, in the order of [`LiveEvent::partition`].
     pub partitions: Vec<(String, Arc<PartitionHealth>)>,
-    /// A fatal error (bad credentials, an unknown hub): the service cannot consume.
-    pub fatal: Mutex<Option<String>>,
 }
 
 impl SourceHealth {
@@ -87,10 +114,6 @@ impl SourceHealth {
         self.partitions
             .iter()
             .all(|(_, h)| h.connected.load(Ordering::Relaxed))
-    }
-
-    pub fn fatal_error(&self) -> Option<String> {
-        self.fatal.lock().ok().and_then(|f| f.clone())
     }
 }
 
@@ -184,16 +207,83 @@ pub async fn connect(config: &EventHubConfig) -> Result<Vec<String>, EventHubErr
 }
 
 /// How a receiver error is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ErrorClass {
-    Fatal,
+    /// The hub refuses the receiver (unauthorized, not found): retried with a long backoff
+    /// and shown by `/readyz`, since only the operator (a new key) or the hub (a failover
+    /// ending) can end it.
+    Refused,
     Displaced,
     Transient,
 }
 
+/// An error the client raised, with its class: read from the client's error kinds and the
+/// AMQP conditions in its source chain, or from its text when it carries neither.
+struct ReceiverError {
+    text: String,
+    class: ErrorClass,
+}
+
+impl ReceiverError {
+    fn of(error: &EventHubsError) -> ReceiverError {
+        let text = scrub(&error.to_string());
+        let class = classify_kind(error).unwrap_or_else(|| classify(&text));
+        ReceiverError { text, class }
+    }
+
+    fn message(text: &str) -> ReceiverError {
+        ReceiverError {
+            text: text.to_owned(),
+            class: ErrorClass::Transient,
+        }
+    }
+}
+
+/// The class of an AMQP condition the hub sent, if it settles it.
+fn classify_condition(condition: &AmqpErrorCondition) -> Option<ErrorClass> {
+    match condition {
+        AmqpErrorCondition::UnauthorizedAccess
+        | AmqpErrorCondition::NotFound
+        | AmqpErrorCondition::EntityDisabledError => Some(ErrorClass::Refused),
+        AmqpErrorCondition::LinkStolen => Some(ErrorClass::Displaced),
+        _ => None,
+    }
+}
+
+/// How deep an error's source chain is followed (a chain that loops must not loop us).
+const MAX_ERROR_CHAIN: usize = 16;
+
+/// The class the client's error kinds give, walking the source chain: the hub's condition
+/// may arrive at the top, inside an AMQP error, or wrapped by `azure_core`.
+fn classify_kind(error: &EventHubsError) -> Option<ErrorClass> {
+    if matches!(error.kind, EventHubsErrorKind::ConsumerDisconnected(_)) {
+        return Some(ErrorClass::Displaced);
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    for _ in 0..MAX_ERROR_CHAIN {
+        let current = cause?;
+        if let Some(amqp) = current.downcast_ref::<AmqpError>() {
+            if let AmqpErrorKind::AmqpDescribedError(described) = amqp.kind() {
+                if let Some(class) = classify_condition(&described.condition) {
+                    return Some(class);
+                }
+            }
+        }
+        if let Some(eventhubs) = current.downcast_ref::<EventHubsError>() {
+            if matches!(eventhubs.kind, EventHubsErrorKind::ConsumerDisconnected(_)) {
+                return Some(ErrorClass::Displaced);
+            }
+        }
+        cause = current.source();
+    }
+    None
+}
+
+/// The class of an error known by its text only (the client's kinds did not settle it).
 fn classify(text: &str) -> ErrorClass {
     let lower = text.to_ascii_lowercase();
     if lower.contains("unauthorized") || lower.contains("not-found") || lower.contains("notfound") {
-        ErrorClass::Fatal
+        ErrorClass::Refused
     } else if lower.contains("stolen")
         || lower.contains("epoch")
         || lower.contains("owner level")
@@ -315,7 +405,12 @@ async fn receive_partition(
     let partition_health = health.partitions[start.index].1.clone();
     let mut next = start.next_sequence_number;
     let mut backoff = FIRST_BACKOFF;
+    let mut refused_backoff = FIRST_REFUSED_BACKOFF;
     let mut client: Option<ConsumerClient> = None;
+    // With `start_position = "latest"` and no checkpoint: the position "latest" stood for
+    // when the receiver first opened (after the hub's last sequence number then), so that a
+    // reopen before the first event resumes there instead of skipping what arrived between.
+    let mut opened_latest_at: Option<(StartLocation, bool)> = None;
     while !cancel.is_cancelled() {
         if client.is_none() {
             let connected = tokio::select! {
@@ -339,17 +434,51 @@ async fn receive_partition(
         let Some(active) = client.as_ref() else {
             continue;
         };
-        let location = match (next, default_start) {
-            (Some(seq), _) => StartLocation::SequenceNumber(seq),
-            (None, StartPosition::Earliest) => StartLocation::Earliest,
-            (None, StartPosition::Latest) => StartLocation::Latest,
+        let (location, inclusive) = match (next, default_start, &opened_latest_at) {
+            (Some(seq), _, _) => (StartLocation::SequenceNumber(seq), true),
+            (None, StartPosition::Earliest, _) => (StartLocation::Earliest, true),
+            (None, StartPosition::Latest, Some((location, inclusive))) => {
+                (location.clone(), *inclusive)
+            }
+            (None, StartPosition::Latest, None) => {
+                let read = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    read = active.get_partition_properties(&start.id) => read,
+                };
+                match read {
+                    // Nothing retained: everything that arrives from now on is "latest".
+                    Ok(p) if p.is_empty || p.last_enqueued_sequence_number < 0 => {
+                        (StartLocation::Earliest, true)
+                    }
+                    Ok(p) => (
+                        StartLocation::SequenceNumber(p.last_enqueued_sequence_number),
+                        false,
+                    ),
+                    Err(e) => {
+                        let error = ReceiverError::of(&e);
+                        tracing::warn!(partition = %start.id, error = %error.text, "cannot read where the partition ends; retrying");
+                        if let Some(old) = client.take() {
+                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await;
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
         };
+        if next.is_none() && default_start == StartPosition::Latest {
+            opened_latest_at = Some((location.clone(), inclusive));
+        }
         let options = OpenReceiverOptions {
             owner_level,
             prefetch: Some(PREFETCH),
             start_position: Some(ClientStartPosition {
                 location,
-                inclusive: true,
+                inclusive,
             }),
             receive_timeout: None,
         };
@@ -358,9 +487,11 @@ async fn receive_partition(
             opened = active.open_receiver_on_partition(start.id.clone(), Some(options)) => opened,
         };
         let failure = match outcome {
-            Err(e) => scrub(&e.to_string()),
+            Err(e) => ReceiverError::of(&e),
             Ok(receiver) => {
                 partition_health.connected.store(true, Ordering::Relaxed);
+                partition_health.set_refused(None);
+                refused_backoff = FIRST_REFUSED_BACKOFF;
                 tracing::info!(partition = %start.id, from = ?next, "receiving");
                 let mut failure = None;
                 {
@@ -372,7 +503,7 @@ async fn receive_partition(
                             items = stream.next() => items,
                         };
                         let Some(items) = items else {
-                            failure = Some("the receive stream ended".to_owned());
+                            failure = Some(ReceiverError::message("the receive stream ended"));
                             break;
                         };
                         let (chunk, failed) = to_chunk(&start, items);
@@ -392,39 +523,51 @@ async fn receive_partition(
                     }
                 }
                 partition_health.connected.store(false, Ordering::Relaxed);
-                let _ = receiver.close().await;
+                // A hub that never answers the detach must not hold the stop (or the
+                // reconnect) beyond CLOSE_TIMEOUT.
+                if tokio::time::timeout(CLOSE_TIMEOUT, receiver.close())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(partition = %start.id, "the hub did not answer the receiver's detach in time");
+                }
                 match failure {
                     None => return,
                     Some(failure) => failure,
                 }
             }
         };
-        match classify(&failure) {
-            ErrorClass::Fatal => {
-                tracing::error!(partition = %start.id, error = %failure, "cannot consume this partition");
-                if let Ok(mut fatal) = health.fatal.lock() {
-                    fatal.get_or_insert(failure);
-                }
-                return;
+        let wait = match failure.class {
+            ErrorClass::Refused => {
+                tracing::error!(partition = %start.id, error = %failure.text, retry_in = ?refused_backoff, "the hub refuses this partition's receiver; retrying");
+                partition_health.set_refused(Some(failure.text));
+                let wait = refused_backoff;
+                refused_backoff = (refused_backoff * 2).min(MAX_REFUSED_BACKOFF);
+                wait
             }
             ErrorClass::Displaced => {
                 partition_health.displaced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(partition = %start.id, error = %failure, "another consumer took the partition (higher owner level); retrying");
+                tracing::warn!(partition = %start.id, error = %failure.text, "another consumer took the partition (higher owner level); retrying");
+                backoff
             }
             ErrorClass::Transient => {
-                tracing::warn!(partition = %start.id, error = %failure, "receiver failed; reconnecting");
+                tracing::warn!(partition = %start.id, error = %failure.text, "receiver failed; reconnecting");
+                backoff
             }
-        }
+        };
         partition_health.reconnects.fetch_add(1, Ordering::Relaxed);
         // A fresh connection for the next attempt: whatever state the old one is in.
         if let Some(old) = client.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    if let Some(old) = client.take() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await;
     }
 }
 
@@ -513,7 +656,7 @@ fn read_annotations(message: &AmqpMessage) -> Annotations {
 fn to_chunk(
     start: &PartitionStart,
     items: Vec<azure_messaging_eventhubs::Result<ReceivedEventData>>,
-) -> (Vec<LiveEvent>, Option<String>) {
+) -> (Vec<LiveEvent>, Option<ReceiverError>) {
     let mut chunk = Vec::with_capacity(items.len());
     for item in items {
         match item {
@@ -523,7 +666,7 @@ fn to_chunk(
                     tracing::warn!(partition = %start.id, "an event without a sequence number was skipped")
                 }
             },
-            Err(e) => return (chunk, Some(scrub(&e.to_string()))),
+            Err(e) => return (chunk, Some(ReceiverError::of(&e))),
         }
     }
     (chunk, None)
@@ -581,11 +724,48 @@ mod tests {
         assert!(scrub(text).contains("EntityPath=e"));
     }
 
+    /// Issue 23: the class comes from the client's kinds and the hub's AMQP condition, not
+    /// from the words of the message.
+    #[test]
+    fn errors_are_classified_by_the_clients_kinds() {
+        let described = |condition| {
+            AmqpError::from(AmqpErrorKind::AmqpDescribedError(
+                azure_core_amqp::AmqpDescribedError::new(
+                    condition,
+                    Some("no words to match".to_owned()),
+                    Default::default(),
+                ),
+            ))
+        };
+        for (condition, class) in [
+            (
+                AmqpErrorCondition::UnauthorizedAccess,
+                Some(ErrorClass::Refused),
+            ),
+            (AmqpErrorCondition::NotFound, Some(ErrorClass::Refused)),
+            (AmqpErrorCondition::LinkStolen, Some(ErrorClass::Displaced)),
+            (AmqpErrorCondition::ServerBusyError, None),
+        ] {
+            let top = EventHubsError::from(described(condition.clone()));
+            assert_eq!(classify_kind(&top), class, "{condition:?}");
+            // Deeper in the chain, as a detach by the hub carries it.
+            let nested = EventHubsError::from(AmqpError::from(
+                AmqpErrorKind::LinkDetachedByRemote(Box::new(described(condition.clone()))),
+            ));
+            assert_eq!(classify_kind(&nested), class, "{condition:?} nested");
+        }
+        let disconnected = EventHubsError::from(EventHubsErrorKind::ConsumerDisconnected(None));
+        assert_eq!(classify_kind(&disconnected), Some(ErrorClass::Displaced));
+        // An error with no kind to go by falls back to its text.
+        let busy = EventHubsError::from(described(AmqpErrorCondition::ServerBusyError));
+        assert_eq!(ReceiverError::of(&busy).class, ErrorClass::Transient);
+    }
+
     #[test]
     fn errors_are_classified() {
         assert!(matches!(
             classify("amqp:unauthorized-access: bad token"),
-            ErrorClass::Fatal
+            ErrorClass::Refused
         ));
         assert!(matches!(
             classify("amqp:link:stolen: a receiver with a higher epoch"),

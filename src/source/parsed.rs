@@ -61,7 +61,13 @@ impl LineParser {
         let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
         for &(start, end) in lines {
             let (start, end) = (start as usize, end as usize);
-            debug_assert!(start <= end && end <= len);
+            // Checked in every build, not only in debug ones: the slice below is unsafe, and
+            // this is a public function. A span outside the buffer is a line that is not
+            // JSON, never a read or write out of bounds.
+            if start > end || end > len {
+                spans.push(None);
+                continue;
+            }
             // SAFETY: `start..end + INPUT_PADDING` lies inside `buffer` (`end <= len`, and
             // the buffer was padded by INPUT_PADDING). simd-json writes only inside
             // `start..end` (it leaves the padding unchanged), and the strings of earlier lines
@@ -144,5 +150,20 @@ not json
         assert!(parsed.line_nodes(1).is_none());
         let third = from_tape(parsed.line_nodes(2).expect("json"));
         assert_eq!(third.to_string(), r#"{"b":[1,2,{"c":"é"}]}"#);
+    }
+
+    /// Spans outside the buffer (or reversed) were guarded by a `debug_assert` only, in front
+    /// of an unsafe slice: in a release build they read and wrote out of bounds.
+    #[test]
+    fn spans_outside_the_buffer_are_lines_that_are_not_json() {
+        let text = br#"{"a":1}"#;
+        let mut parser = LineParser::default();
+        let parsed = parser.parse(
+            text.to_vec(),
+            &[(0, 7), (0, 8), (5, 3), (7, u32::MAX), (0, 0), (0, 7)],
+        );
+        assert_eq!(parsed.len(), 6);
+        let json: Vec<bool> = (0..6).map(|i| parsed.line_nodes(i).is_some()).collect();
+        assert_eq!(json, [true, false, false, false, false, true]);
     }
 }

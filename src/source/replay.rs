@@ -20,6 +20,16 @@ use super::parsed::{LineParser, ParsedLines};
 /// Bytes read from a file at a time.
 const BLOCK_BYTES: usize = 4 << 20;
 
+/// The longest JSON line read as a record. IoT Hub's messages are at most 256 KB (a
+/// storage-route line with a base64 body about 350 KB); a longer line is a dead letter
+/// `bad_record` at its position, of which only the first [`OVERSIZE_PREFIX_BYTES`] are kept,
+/// and the file goes on after it. Without the bound a file with no newline was held in
+/// memory whole.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// What a dead letter keeps of a line longer than [`MAX_LINE_BYTES`].
+pub const OVERSIZE_PREFIX_BYTES: usize = 64 << 10;
+
 /// Avro object container files start with these four bytes.
 pub const AVRO_MAGIC: &[u8; 4] = b"Obj\x01";
 
@@ -112,8 +122,9 @@ pub struct Chunk {
     /// not records and are left out.
     pub lines: Vec<(u32, u32)>,
     /// Each line's next-record byte offset (just past its terminator), relative to
-    /// `base_offset`.
-    pub line_ends: Vec<u32>,
+    /// `base_offset` (64 bits: a line longer than [`MAX_LINE_BYTES`] is represented by its
+    /// prefix, and its end may lie gigabytes further).
+    pub line_ends: Vec<u64>,
     /// The lines parsed (from a copy: `data` stays as read, for dead letters).
     pub parsed: ParsedLines,
     /// Avro files: the records, whose bodies are `data`'s `lines` (then `line_ends` is
@@ -225,6 +236,26 @@ fn read_file(
         } else {
             match memrchr_newline(&data[before..]) {
                 Some(i) => before + i + 1,
+                None if data.len() > MAX_LINE_BYTES => {
+                    // `data` is the start of one line (everything before it was sent) and
+                    // already longer than the bound: a dead letter, and the file goes on.
+                    let (chunk, eof) =
+                        oversize_line(file, next_record, base_offset, data, &mut f, parser)?;
+                    base_offset += chunk.line_ends[0];
+                    next_record += 1;
+                    if tx.send(ReadEvent::Chunk(chunk)).is_err() {
+                        return Ok(false);
+                    }
+                    if eof {
+                        let end = ReadEvent::FileEnd {
+                            file,
+                            byte_offset: Some(base_offset),
+                            next_record,
+                        };
+                        return Ok(tx.send(end).is_ok());
+                    }
+                    continue;
+                }
                 None => {
                     carry = data;
                     continue;
@@ -233,11 +264,20 @@ fn read_file(
         };
         carry.extend_from_slice(&data[complete..]);
         data.truncate(complete);
-        let (lines, line_ends) = split_lines(&data);
+        let (mut lines, line_ends) = split_lines(&data);
         let n_lines = lines.len() as u64;
         let n_data = data.len() as u64;
         if !lines.is_empty() || eof {
-            let parsed = parse_copy(parser, recycled, &data, &lines);
+            // Whole lines longer than the bound (it is checked above only for a line without
+            // its end in memory): kept as their prefix, and not parsed.
+            let mut to_parse = lines.clone();
+            for (line, parse) in lines.iter_mut().zip(&mut to_parse) {
+                if (line.1 - line.0) as usize > MAX_LINE_BYTES {
+                    line.1 = line.0 + OVERSIZE_PREFIX_BYTES as u32;
+                    *parse = (line.0, line.0);
+                }
+            }
+            let parsed = parse_copy(parser, recycled, &data, &to_parse);
             let chunk = Chunk {
                 file,
                 first_record: next_record,
@@ -263,6 +303,51 @@ fn read_file(
             return Ok(tx.send(end).is_ok());
         }
     }
+}
+
+/// A line longer than [`MAX_LINE_BYTES`] whose first `data.len()` bytes were read: reads and
+/// drops the rest of it, up to its newline or the end of the file, and leaves the file right
+/// after it. Returns a chunk of the one record (its first [`OVERSIZE_PREFIX_BYTES`], left
+/// unparsed: a dead letter `bad_record`) and whether the file ended.
+fn oversize_line(
+    file: usize,
+    record: u64,
+    base_offset: u64,
+    mut data: Vec<u8>,
+    f: &mut File,
+    parser: &mut LineParser,
+) -> io::Result<(Chunk, bool)> {
+    let mut length = data.len() as u64;
+    data.truncate(OVERSIZE_PREFIX_BYTES);
+    let mut block = Vec::with_capacity(BLOCK_BYTES);
+    let eof = loop {
+        block.clear();
+        let n = (&mut *f).take(BLOCK_BYTES as u64).read_to_end(&mut block)?;
+        if n == 0 {
+            break true;
+        }
+        if let Some(i) = memchr::memchr(b'\n', &block) {
+            length += i as u64 + 1;
+            // Back to just after the line: what follows is read as usual (the caller's
+            // carried bytes must hold no newline).
+            f.seek(SeekFrom::Current(-((n - i - 1) as i64)))?;
+            break false;
+        }
+        length += n as u64;
+    };
+    let prefix = data.len() as u32;
+    let chunk = Chunk {
+        file,
+        first_record: record,
+        base_offset,
+        lines: vec![(0, prefix)],
+        line_ends: vec![length],
+        // Nothing parsed: the line is not a record.
+        parsed: parser.parse(Vec::new(), &[(0, 0)]),
+        data,
+        records: Vec::new(),
+    };
+    Ok((chunk, eof))
 }
 
 /// An Avro file's records, through whichever reader fits its schema.
@@ -406,7 +491,7 @@ fn memrchr_newline(data: &[u8]) -> Option<usize> {
 
 /// Splits whole lines; a line's end drops `\n` and a `\r` before it, and lines of only
 /// white space are skipped.
-fn split_lines(data: &[u8]) -> (Vec<(u32, u32)>, Vec<u32>) {
+fn split_lines(data: &[u8]) -> (Vec<(u32, u32)>, Vec<u64>) {
     let mut lines = Vec::new();
     let mut ends = Vec::new();
     let mut start = 0usize;
@@ -425,7 +510,7 @@ fn split_lines(data: &[u8]) -> (Vec<(u32, u32)>, Vec<u32>) {
             .any(|b| !b.is_ascii_whitespace())
         {
             lines.push((start as u32, content_end as u32));
-            ends.push(next as u32);
+            ends.push(next as u64);
         }
         start = next;
     }
@@ -448,6 +533,122 @@ mod tests {
         assert_eq!(ends, vec![3, 9, 10]);
     }
 
+    /// A record as the reader sent it: its index, its bytes, whether it parsed, its end offset.
+    type Seen = (u64, Vec<u8>, bool, u64);
+
+    /// Every record the reader sends for `path`, and the file's end (its byte offset and next
+    /// record).
+    fn read_all(path: &Path) -> (Vec<Seen>, (Option<u64>, u64)) {
+        let reader = spawn_reader(vec![FileStart {
+            path: path.to_owned(),
+            next_record: 0,
+            byte_offset: 0,
+        }])
+        .expect("spawn");
+        let (mut seen, mut end) = (Vec::new(), None);
+        for event in reader.events {
+            match event {
+                ReadEvent::Chunk(chunk) => {
+                    for (i, &(s, e)) in chunk.lines.iter().enumerate() {
+                        seen.push((
+                            chunk.first_record + i as u64,
+                            chunk.data[s as usize..e as usize].to_vec(),
+                            chunk.parsed.line_nodes(i).is_some(),
+                            chunk.base_offset + chunk.line_ends[i],
+                        ));
+                    }
+                }
+                ReadEvent::FileEnd {
+                    byte_offset,
+                    next_record,
+                    ..
+                } => end = Some((byte_offset, next_record)),
+                ReadEvent::FileError { error, .. } => panic!("{error}"),
+            }
+        }
+        reader.handle.join().expect("reader");
+        (seen, end.expect("the file ends"))
+    }
+
+    /// Issue 23: a line with no newline was held in memory whole. A line longer than the
+    /// bound is one unparsed record of its prefix, at its position, whether its end comes
+    /// within the block that passes the bound, much later, or never (the end of the file).
+    #[test]
+    fn a_line_longer_than_the_bound_is_one_unparsed_record_and_the_file_goes_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, long, newline) in [
+            ("just-over", MAX_LINE_BYTES + 10, true),
+            ("far-over", MAX_LINE_BYTES + 3 * BLOCK_BYTES + 17, true),
+            ("no-newline", MAX_LINE_BYTES + BLOCK_BYTES + 1, false),
+            ("at-the-bound", MAX_LINE_BYTES, true),
+        ] {
+            let path = dir.path().join(name);
+            let mut text = b"{\"a\":1}\n".to_vec();
+            text.extend(std::iter::repeat_n(b'x', long));
+            if newline {
+                text.extend_from_slice(b"\n{\"c\":3}\n");
+            }
+            std::fs::write(&path, &text).expect("write");
+            let (seen, end) = read_all(&path);
+            assert_eq!(end, (Some(text.len() as u64), seen.len() as u64), "{name}");
+            assert_eq!(seen[0], (0, b"{\"a\":1}".to_vec(), true, 8), "{name}");
+            let (index, bytes, parsed, end) = &seen[1];
+            assert_eq!(*index, 1, "{name}");
+            assert!(!parsed, "{name}: the long line parsed");
+            assert_eq!(
+                *end,
+                8 + long as u64 + u64::from(newline),
+                "{name}: where the long line ends"
+            );
+            if long > MAX_LINE_BYTES {
+                assert_eq!(bytes.len(), OVERSIZE_PREFIX_BYTES, "{name}");
+            } else {
+                assert_eq!(bytes.len(), long, "{name}: at the bound the line is whole");
+            }
+            if newline {
+                assert_eq!(seen.len(), 3, "{name}");
+                assert_eq!(
+                    seen[2],
+                    (2, b"{\"c\":3}".to_vec(), true, text.len() as u64),
+                    "{name}"
+                );
+            } else {
+                assert_eq!(seen.len(), 2, "{name}");
+            }
+        }
+    }
+
+    /// Lines after a long line are lines, even when another long line follows them in the
+    /// same block (the reader once carried them into the next long line).
+    #[test]
+    fn lines_between_two_long_lines_are_records_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("two-long");
+        let long = MAX_LINE_BYTES + BLOCK_BYTES;
+        let mut text = b"{\"a\":1}\n".to_vec();
+        text.extend(std::iter::repeat_n(b'x', long));
+        text.extend_from_slice(b"\n{\"b\":2}\n{\"c\":3}\n");
+        text.extend(std::iter::repeat_n(b'y', long));
+        std::fs::write(&path, &text).expect("write");
+        let (seen, end) = read_all(&path);
+        let summary: Vec<(u64, bool, u64)> = seen
+            .iter()
+            .map(|(i, _, parsed, end)| (*i, *parsed, *end))
+            .collect();
+        let first_end = 8 + long as u64 + 1;
+        assert_eq!(
+            summary,
+            [
+                (0, true, 8),
+                (1, false, first_end),
+                (2, true, first_end + 8),
+                (3, true, first_end + 16),
+                (4, false, text.len() as u64),
+            ]
+        );
+        assert_eq!(end, (Some(text.len() as u64), 5));
+    }
+
     #[test]
     fn reader_resumes_at_offsets_and_counts_records() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -468,7 +669,7 @@ mod tests {
                             chunk.first_record + i as u64,
                             String::from_utf8_lossy(&chunk.data[s as usize..e as usize])
                                 .into_owned(),
-                            chunk.base_offset + u64::from(chunk.line_ends[i]),
+                            chunk.base_offset + chunk.line_ends[i],
                         ));
                     }
                 }

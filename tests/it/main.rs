@@ -5,6 +5,7 @@ mod alerts;
 mod avro;
 mod cases;
 mod faults;
+mod hardening;
 mod iothub;
 mod kill;
 mod live;

@@ -92,7 +92,48 @@ fn hostile_lines(template: &Value, device: &str) -> Vec<(&'static str, Vec<u8>, 
     let mut nul = good.clone();
     nul.insert(good.len() / 2, 0);
     let line = |body: &[u8]| update_line(template, device, body);
+    // Times cut inside a multi-byte character (issue 23: byte 19 of `"…06:06:3é"` is inside
+    // the `é`, and slicing there panicked, every run, from the durable checkpoint on).
+    let cut = "2019-05-10T06:06:3é";
+    let with_times = |operation: Option<&str>, enqueued: &str, enqueued_utc: &str| {
+        let mut value: Value = serde_json::from_slice(&good).expect("good line");
+        match operation {
+            Some(operation) => value["Properties"]["operationTimestamp"] = json!(operation),
+            None => {
+                value["Properties"]
+                    .as_object_mut()
+                    .expect("properties")
+                    .remove("operationTimestamp");
+            }
+        }
+        value["SystemProperties"]["enqueuedTime"] = json!(enqueued);
+        value["EnqueuedTimeUtc"] = json!(enqueued_utc);
+        serde_json::to_vec(&value).expect("json")
+    };
+    let fine = "2019-05-10T06:06:32.722Z";
     vec![
+        (
+            "operation-timestamp-cut-in-a-character",
+            with_times(Some(cut), fine, fine),
+            false,
+        ),
+        // Without `operationTimestamp` the enqueued times place the event: unreadable ones
+        // are the documented fallback (the epoch), not a failure, so these lines apply.
+        (
+            "enqueued-time-cut-in-a-character",
+            with_times(None, cut, fine),
+            true,
+        ),
+        (
+            "enqueued-time-utc-cut-in-a-character",
+            with_times(None, cut, "2019-05-10T06:06:32€"),
+            true,
+        ),
+        (
+            "dotnet-enqueued-time-overflow",
+            with_times(None, "12/8/99999999999999999999 3:03:17 AM", cut),
+            true,
+        ),
         ("nesting-70-objects", line(&nest(70, "{\"a\":", "}")), false),
         ("nesting-5000-arrays", line(&nest(5000, "[", "]")), false),
         (
@@ -214,8 +255,18 @@ fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
     );
 
     let data = dir.path().join("data");
+    // A sink makes the engine read each message's Event Hubs enqueued time (for its alerts),
+    // one more time parser the hostile lines must reach.
+    let alerts = dir.path().join("alerts.jsonl");
     let out = run_bounded(
-        &["replay", "--data-dir", path(&data), path(&mixed)],
+        &[
+            "replay",
+            "--data-dir",
+            path(&data),
+            "--alerts-file",
+            path(&alerts),
+            path(&mixed),
+        ],
         Duration::from_secs(120),
     );
     assert!(
@@ -319,5 +370,251 @@ fn hostile_policy_files_are_policy_errors() {
     report::record(
         "hostile-policies",
         &[("inputs", n), ("panics", 0), ("stalls", 0), ("accepted", 0)],
+    );
+}
+
+/// The highest resident set (VmHWM, KiB) of a running process, or 0 once it is gone.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// An Avro object container of `schema` and `codec` whose one block claims `count` records
+/// and `size` bytes but holds `block`.
+fn avro_container(schema: &str, codec: &str, size: i64, block: &[u8]) -> Vec<u8> {
+    fn long(out: &mut Vec<u8>, n: i64) {
+        let mut z = ((n << 1) ^ (n >> 63)) as u64;
+        loop {
+            let b = (z & 0x7f) as u8;
+            z >>= 7;
+            if z == 0 {
+                out.push(b);
+                return;
+            }
+            out.push(b | 0x80);
+        }
+    }
+    let mut out = b"Obj\x01".to_vec();
+    long(&mut out, 2);
+    for (key, value) in [("avro.schema", schema), ("avro.codec", codec)] {
+        long(&mut out, key.len() as i64);
+        out.extend_from_slice(key.as_bytes());
+        long(&mut out, value.len() as i64);
+        out.extend_from_slice(value.as_bytes());
+    }
+    long(&mut out, 0);
+    let sync = [0x5au8; 16];
+    out.extend_from_slice(&sync);
+    long(&mut out, 1);
+    long(&mut out, size);
+    out.extend_from_slice(block);
+    out.extend_from_slice(&sync);
+    out
+}
+
+/// Issue 23: a block's claimed size (and a snappy block's claimed length) was allocated
+/// before its bytes were there: a file of a few hundred bytes cost up to 4 GiB. Each hostile
+/// file must be a file error (the run goes on with the next file, exit 1), with the process's
+/// peak memory far below what the file claims.
+#[test]
+fn hostile_avro_files_are_file_errors_without_allocating_what_they_claim() {
+    use twinwatch::generate::avro::STORAGE_SCHEMA;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 100, 1000, 36, 0.0);
+    let reference = dir.path().join("reference");
+    ok(&["replay", "--data-dir", path(&reference), path(&fleet)]);
+    let expected = ok(&["export", "--data-dir", path(&reference)]).stdout;
+    let other_schema = STORAGE_SCHEMA.replace(
+        r#"{"name":"Body","type":["null","bytes"]}"#,
+        r#"{"name":"Body","type":["null","bytes"]},{"name":"Extra","type":"string"}"#,
+    );
+    // The varint of 4 GiB - 1, then a few literal bytes and a checksum.
+    let mut snappy = vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x08, b'a', b'b', b'c'];
+    snappy.extend_from_slice(&crc32fast::hash(b"abc").to_be_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "null-block-claiming-1-gib",
+            avro_container(STORAGE_SCHEMA, "null", (1 << 30) - 1, b"sixteen bytes..."),
+        ),
+        (
+            "deflate-block-claiming-1-gib",
+            avro_container(
+                STORAGE_SCHEMA,
+                "deflate",
+                (1 << 30) - 1,
+                b"sixteen bytes...",
+            ),
+        ),
+        (
+            "snappy-claiming-4-gib",
+            avro_container(STORAGE_SCHEMA, "snappy", snappy.len() as i64, &snappy),
+        ),
+        (
+            "generic-reader-block-claiming-500-mib",
+            avro_container(&other_schema, "null", 500 << 20, b"sixteen bytes..."),
+        ),
+    ];
+    let n = cases.len() as u64;
+    let mut worst_kib = 0;
+    for (name, bytes) in cases {
+        let file = dir.path().join(format!("{name}.avro"));
+        std::fs::write(&file, &bytes).expect("write");
+        let data = dir.path().join(format!("data-{name}"));
+        let mut child = Command::new(binary())
+            .args([
+                "replay",
+                "--data-dir",
+                path(&data),
+                path(&file),
+                path(&fleet),
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let started = Instant::now();
+        let mut peak = 0;
+        let status = loop {
+            peak = peak.max(peak_rss_kib(child.id()));
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{name}: stalled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        assert_eq!(status.code(), Some(1), "{name}: not a file error: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{name}: the file is not named: {stderr}"
+        );
+        assert!(
+            peak < 400 << 10,
+            "{name}: {} MiB resident for a file of {} bytes",
+            peak >> 10,
+            bytes.len()
+        );
+        worst_kib = worst_kib.max(peak);
+        let export = ok(&["export", "--data-dir", path(&data)]).stdout;
+        assert!(
+            export == expected,
+            "{name}: the next file was not replayed whole"
+        );
+    }
+    report::record(
+        "hostile-avro",
+        &[
+            ("inputs", n),
+            ("panics", 0),
+            ("stalls", 0),
+            ("peak_rss_mib", worst_kib >> 10),
+        ],
+    );
+}
+
+/// Issue 23: a JSON file with no newline was held in memory whole. A line longer than the
+/// bound (64 MiB) is a dead letter `bad_record` at its position, in the middle of a file or
+/// as its unterminated end, and the lines around it are applied.
+#[test]
+fn a_line_longer_than_the_bound_is_a_dead_letter_and_the_file_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 100, 1000, 37, 0.0);
+    let good = std::fs::read(&fleet).expect("fleet");
+    let lines: Vec<&[u8]> = good
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let half = lines.len() / 2;
+    let long = vec![b'{'; 200 << 20];
+    let mut text = Vec::new();
+    for line in &lines[..half] {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    text.extend_from_slice(&long);
+    text.push(b'\n');
+    for line in &lines[half..] {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    // And a last line with no end at all.
+    text.extend_from_slice(&long);
+    let file = dir.path().join("long.json");
+    std::fs::write(&file, &text).expect("write");
+    drop(text);
+    let data = dir.path().join("data");
+    let mut child = Command::new(binary())
+        .args(["replay", "--data-dir", path(&data), path(&file)])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    let mut peak = 0;
+    let status = loop {
+        peak = peak.max(peak_rss_kib(child.id()));
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "stalled");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(status.success(), "replay failed");
+    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("dead letter"))
+        .collect();
+    let at: Vec<(u64, &str)> = dead
+        .iter()
+        .map(|d| {
+            (
+                d["record"].as_u64().expect("record"),
+                d["reason"].as_str().expect("reason"),
+            )
+        })
+        .collect();
+    let n = lines.len() as u64;
+    assert_eq!(
+        at,
+        [(half as u64, "bad_record"), (n + 1, "bad_record")],
+        "the long lines' dead letters"
+    );
+    let reference = dir.path().join("reference");
+    ok(&["replay", "--data-dir", path(&reference), path(&fleet)]);
+    assert!(
+        ok(&["export", "--data-dir", path(&data)]).stdout
+            == ok(&["export", "--data-dir", path(&reference)]).stdout,
+        "the lines around the long ones were not all applied"
+    );
+    assert!(
+        peak < 512 << 10,
+        "{} MiB resident for 200 MiB lines",
+        peak >> 10
+    );
+    report::record(
+        "hostile-long-lines",
+        &[
+            ("inputs", 2),
+            ("line_mib", 200),
+            ("peak_rss_mib", peak >> 10),
+            ("lost", 0),
+        ],
     );
 }
