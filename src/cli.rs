@@ -30,7 +30,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The service: consume an IoT Hub's Event Hub-compatible endpoint into the snapshot,
-    /// raise alerts, serve /metrics, /healthz and /readyz; stops cleanly on SIGTERM or Ctrl-C
+    /// raise alerts, serve /metrics, /healthz and /readyz; SIGHUP reloads the policy files
+    /// (a changed policy re-audits every twin) and reopens the alert file; stops cleanly on
+    /// SIGTERM or Ctrl-C
     Run(RunArgs),
     /// Replay captured files (storage-route JSON lines, Capture or storage-route Avro) into a data directory
     Replay(ReplayArgs),
@@ -158,6 +160,12 @@ pub struct SeedArgs {
     /// A PEM file of extra certificate authorities to trust for the twin query endpoint
     #[arg(long, value_name = "FILE")]
     pub iothub_ca_file: Option<PathBuf>,
+
+    /// The IoT Hub connection string (HostName=...;SharedAccessKeyName=...;SharedAccessKey=...;
+    /// a policy with registry read) when no file is given: from the environment only, never a
+    /// flag (a command line is visible to other users)
+    #[arg(skip = std::env::var("TWINWATCH_IOTHUB_CONNECTION_STRING").ok().map(crate::config::Secret::new))]
+    pub iothub_connection_string: Option<crate::config::Secret>,
 
     /// Twin documents per page asked of the hub
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]

@@ -370,12 +370,14 @@ async fn serve(
             cancel.cancel();
         });
     }
-    // SIGHUP: reload the policy files (the apply thread re-audits between two batches).
+    // SIGHUP: reload the policy files (the apply thread re-audits between two batches) and
+    // reopen the alert file (log rotation by rename).
     let reload = Arc::new(std::sync::atomic::AtomicBool::new(false));
     #[cfg(unix)]
     {
         let reload = reload.clone();
         let cancel = cancel.clone();
+        let reopener = delivery.map(|d| d.reopener());
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hangup) => {
                 tracker.spawn(async move {
@@ -386,8 +388,11 @@ async fn serve(
                                 if received.is_none() {
                                     break;
                                 }
-                                tracing::info!("SIGHUP: reloading the policy files");
+                                tracing::info!("SIGHUP: reloading the policy files and reopening the alert file");
                                 reload.store(true, Ordering::SeqCst);
+                                if let Some(reopener) = &reopener {
+                                    reopener.reopen();
+                                }
                             }
                         }
                     }

@@ -14,6 +14,7 @@ use serde_json::json;
 use super::Failure;
 use crate::alert::spawn_delivery;
 use crate::cli::SeedArgs;
+use crate::iothub::{ConnectionString, QueryClient, QueryError, QueryEvent, QueryOptions};
 use crate::pipeline::{Engine, PassEnd, SeedCounters, SeedPass};
 use crate::source::documents::DocumentReader;
 use crate::store::{Store, StoreOptions};
@@ -24,8 +25,27 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Where a pass reads its documents.
 enum Input {
-    Files { hub: String, files: Vec<PathBuf> },
+    Files {
+        hub: String,
+        files: Vec<PathBuf>,
+    },
+    /// The hub's twin query API.
+    Hub {
+        hub: String,
+        client: Box<QueryClient>,
+    },
 }
+
+impl Input {
+    fn hub(&self) -> &str {
+        match self {
+            Input::Files { hub, .. } | Input::Hub { hub, .. } => hub,
+        }
+    }
+}
+
+/// The twin queries of a pass, in order: device twins, then module twins.
+const QUERIES: [&str; 2] = ["SELECT * FROM devices", "SELECT * FROM devices.modules"];
 
 /// What a pass did, for the summary.
 struct PassReport {
@@ -88,8 +108,32 @@ impl PassReport {
 fn input(args: &SeedArgs) -> Result<(Input, Ticks), Failure> {
     let usage = |message: &str| Failure::usage(anyhow::anyhow!("{message}"));
     if args.files.is_empty() {
-        return Err(usage(
-            "give twin-document files with --hub and --as-of (reading the hub's twin query API is not part of this build)",
+        if args.hub.is_some() {
+            return Err(usage(
+                "--hub names the hub of files; from the hub, its name comes from the connection string",
+            ));
+        }
+        let text = args.iothub_connection_string.as_ref().map(|s| s.expose()).ok_or_else(|| {
+            usage("give twin-document files (with --hub and --as-of), or the hub's connection string in TWINWATCH_IOTHUB_CONNECTION_STRING")
+        })?;
+        let connection = ConnectionString::parse(text).map_err(Failure::usage)?;
+        let options = QueryOptions {
+            endpoint: args.iothub_endpoint.clone(),
+            page_size: args.page_size,
+            ca_file: args.iothub_ca_file.clone(),
+            ..QueryOptions::default()
+        };
+        let client = QueryClient::new(&connection, options).map_err(Failure::usage)?;
+        let as_of = match &args.as_of {
+            Some(text) => parse_as_of(text)?,
+            None => Ticks::now(),
+        };
+        return Ok((
+            Input::Hub {
+                hub: connection.hub_name().to_owned(),
+                client: Box::new(client),
+            },
+            as_of,
         ));
     }
     if args.iothub_endpoint.is_some() {
@@ -143,8 +187,7 @@ pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
         None
     };
     let mut options = args.tuning.engine_options(policy, queue_alerts);
-    let Input::Files { hub, .. } = &input;
-    options.continue_seed = Some((hub.clone(), as_of));
+    options.continue_seed = Some((input.hub().to_owned(), as_of));
     let grace_seconds = i64::try_from(args.grace).unwrap_or(i64::MAX);
     let reconcile_grace =
         (!args.no_reconcile).then(|| Ticks(grace_seconds.saturating_mul(TICKS_PER_SECOND)));
@@ -215,6 +258,11 @@ fn seed(
             let incomplete = read_files(&mut engine, &mut pass, &files, &bar)?;
             (hub, pass, incomplete)
         }
+        Input::Hub { hub, client } => {
+            let mut pass = engine.begin_seed(&hub, as_of)?;
+            let incomplete = read_hub(&mut engine, &mut pass, &client, &bar)?;
+            (hub, pass, incomplete)
+        }
     };
     if let Some(reason) = &incomplete {
         tracing::error!(hub = %hub, reason = %reason, "the seed pass is incomplete: nothing is removed");
@@ -237,6 +285,64 @@ fn seed(
         incomplete,
         elapsed: started.elapsed(),
     })
+}
+
+/// Why a page could not be applied.
+#[derive(Debug, thiserror::Error)]
+enum PageError {
+    #[error("the page is not a JSON array of documents: {0}")]
+    Documents(#[from] crate::source::documents::DocumentsError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+}
+
+/// Reads both twin queries, page by page, into the pass; returns why the pass is incomplete,
+/// if it is. A wrong key, a page that fails beyond its retries or a malformed page makes it
+/// incomplete; a failure of the snapshot itself is an error.
+fn read_hub(
+    engine: &mut Engine,
+    pass: &mut SeedPass,
+    client: &QueryClient,
+    bar: &ProgressBar,
+) -> anyhow::Result<Option<String>> {
+    let mut throttled = 0u64;
+    for query in QUERIES {
+        let mut on_page = |page: &[u8]| -> Result<(), PageError> {
+            let mut reader = DocumentReader::new(page);
+            while let Some(document) = reader.next_document()? {
+                engine.ingest_document(pass, document)?;
+            }
+            Ok(())
+        };
+        let mut on_event = |event: QueryEvent| match event {
+            QueryEvent::PageRead { page, .. } => {
+                bar.set_message(format!("{query}: page {}", page + 1));
+            }
+            QueryEvent::Throttled { wait, .. } => {
+                throttled += 1;
+                bar.set_message(format!(
+                    "{query}: throttled by the hub, waiting {:.1} s ({throttled} waits so far)",
+                    wait.as_secs_f64()
+                ));
+            }
+            QueryEvent::Retrying { cause, wait, .. } => {
+                tracing::warn!(cause = %cause, wait_ms = wait.as_millis() as u64, "retrying a page of the twin query");
+            }
+        };
+        match client.run_query(query, &mut on_page, &mut on_event) {
+            Ok(stats) => tracing::info!(
+                query,
+                pages = stats.pages,
+                throttled = stats.throttled,
+                retries = stats.retries,
+                "twin query read"
+            ),
+            Err(QueryError::Page(PageError::Pipeline(e))) => return Err(e.into()),
+            Err(QueryError::Page(e)) => return Ok(Some(format!("{query}: {e}"))),
+            Err(QueryError::Hub(e)) => return Ok(Some(format!("{query}: {e}"))),
+        }
+    }
+    Ok(None)
 }
 
 /// Reads every file's documents into the pass; returns why the pass is incomplete, if it is.

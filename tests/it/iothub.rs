@@ -296,3 +296,94 @@ fn the_emulator_serves_its_generated_fleet_as_of_the_preloaded_events() {
     let served: Vec<Value> = devices.into_iter().chain(modules).collect();
     assert_same_state(&state_of(&served), &state_of(&documents));
 }
+
+/// `twinwatch seed` from the emulator's twin query (HTTPS, its own CA, small pages) gives the
+/// snapshot, violations and counts of a seed from the same documents as a file; a wrong key
+/// is an incomplete pass that names the hub, never the key, and applies nothing.
+#[test]
+fn seed_from_the_hub_equals_seed_from_the_same_documents_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let documents = twin_documents(dir.path(), 150, 6_000, 5, &[]);
+    let file = dir.path().join("twins.json");
+    let ca = dir.path().join("ca.pem");
+    let emulator = EmulatorProcess::start(&[
+        "--twins",
+        path(&file),
+        "--iothub-name",
+        "contoso-hub",
+        "--ca-cert-out",
+        path(&ca),
+    ]);
+    let connection = emulator.line("iothub-connection-string").to_owned();
+    let seed_from_hub = |data: &Path, connection: &str| {
+        Command::new(binary())
+            .args([
+                "seed",
+                "--data-dir",
+                path(data),
+                "--iothub-endpoint",
+                emulator.line("iothub-endpoint"),
+                "--iothub-ca-file",
+                path(&ca),
+                "--page-size",
+                "37",
+                "--as-of",
+                "2030-01-01T00:00:00Z",
+            ])
+            .env("TWINWATCH_IOTHUB_CONNECTION_STRING", connection)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run seed")
+    };
+    let from_hub = dir.path().join("from-hub");
+    let output = seed_from_hub(&from_hub, &connection);
+    assert!(output.status.success(), "{output:?}");
+    let line = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        line.contains(&format!("{} documents", documents.len())),
+        "{line}"
+    );
+    let from_file = dir.path().join("from-file");
+    ok(&[
+        "seed",
+        "--data-dir",
+        path(&from_file),
+        "--hub",
+        "contoso-hub",
+        "--as-of",
+        "2030-01-01T00:00:00Z",
+        path(&file),
+    ]);
+    assert_eq!(export(&from_hub), export(&from_file));
+    assert_eq!(export(&from_hub).len(), documents.len());
+    assert_eq!(
+        ok(&["violations", "--data-dir", path(&from_hub)]).stdout,
+        ok(&["violations", "--data-dir", path(&from_file)]).stdout,
+        "page order never matters: the pass is evaluated once, in key order"
+    );
+
+    // A wrong key: the hub refuses, nothing is applied, the key is never shown.
+    let key = connection
+        .split(';')
+        .find_map(|part| part.strip_prefix("SharedAccessKey="))
+        .expect("a key");
+    let wrong_key = "d3JvbmcgdHdpbndhdGNoIGtleSB3cm9uZyB0d2lud2F0Y2gga2V5ISE=";
+    let wrong = connection.replace(key, wrong_key);
+    let refused = dir.path().join("refused");
+    let output = seed_from_hub(&refused, &wrong);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("contoso-hub"),
+        "the error names the hub: {text}"
+    );
+    assert!(!text.contains(wrong_key) && !text.contains(key), "{text}");
+    assert!(
+        export(&refused).is_empty(),
+        "a refused pass applies nothing"
+    );
+}
