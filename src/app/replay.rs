@@ -102,6 +102,38 @@ impl ReplayReport {
     }
 }
 
+/// Gives the sinks up to [`DRAIN_DEADLINE`] to accept the last alerts and stops delivery;
+/// what they have not accepted stays in the outbox for the next run.
+pub(super) fn drain(delivery: crate::alert::Delivery) -> Result<(), Failure> {
+    let delivered = delivery
+        .drain_and_stop(DRAIN_DEADLINE)
+        .map_err(Failure::runtime)?;
+    if delivered.left_in_outbox > 0 {
+        tracing::warn!(
+            left = delivered.left_in_outbox,
+            "some alerts were not accepted by every sink; they stay queued for the next run"
+        );
+    }
+    if delivered.dead_lettered > 0 {
+        tracing::warn!(
+            dead_lettered = delivered.dead_lettered,
+            "some alerts were refused for good by a sink: see `twinwatch deadletters --alerts`"
+        );
+    }
+    Ok(())
+}
+
+/// Writes a run's summary as pretty JSON.
+pub(super) fn write_summary(
+    path: &std::path::Path,
+    summary: &serde_json::Value,
+) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(summary).map_err(Failure::runtime)?;
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("writing {}", path.display()))
+        .map_err(Failure::runtime)
+}
+
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     let policy = Arc::new(super::load_policy(&args.policies)?);
     let files = expand_paths(&args.paths).map_err(Failure::usage)?;
@@ -123,32 +155,14 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     let options = args.tuning.engine_options(policy, queue_alerts);
     let report = replay(store, &files, options).map_err(Failure::runtime)?;
     if let Some(delivery) = delivery {
-        let delivered = delivery
-            .drain_and_stop(DRAIN_DEADLINE)
-            .map_err(Failure::runtime)?;
-        if delivered.left_in_outbox > 0 {
-            tracing::warn!(
-                left = delivered.left_in_outbox,
-                "some alerts were not accepted by every sink; they stay queued for the next run"
-            );
-        }
-        if delivered.dead_lettered > 0 {
-            tracing::warn!(
-                dead_lettered = delivered.dead_lettered,
-                "some alerts were refused for good by a sink: see `twinwatch deadletters --alerts`"
-            );
-        }
+        drain(delivery)?;
     }
     for (path, error) in &report.failed {
         tracing::error!(path = %path.display(), error = %error, "file not replayed");
     }
     println!("{}", report.one_line());
     if let Some(path) = &args.summary {
-        let text =
-            serde_json::to_string_pretty(&report.summary_json()).map_err(Failure::runtime)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("writing {}", path.display()))
-            .map_err(Failure::runtime)?;
+        write_summary(path, &report.summary_json())?;
     }
     Ok(if report.failed.is_empty() {
         ExitCode::SUCCESS

@@ -20,9 +20,6 @@ use crate::source::documents::DocumentReader;
 use crate::store::{Store, StoreOptions};
 use crate::time::{Ticks, TICKS_PER_SECOND};
 
-/// How long a finished pass waits for its sinks to accept the last alerts.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-
 /// Where a pass reads its documents.
 enum Input {
     Files {
@@ -193,23 +190,11 @@ pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
         (!args.no_reconcile).then(|| Ticks(grace_seconds.saturating_mul(TICKS_PER_SECOND)));
     let report = seed(store, options, input, as_of, reconcile_grace).map_err(Failure::runtime)?;
     if let Some(delivery) = delivery {
-        let delivered = delivery
-            .drain_and_stop(DRAIN_DEADLINE)
-            .map_err(Failure::runtime)?;
-        if delivered.left_in_outbox > 0 {
-            tracing::warn!(
-                left = delivered.left_in_outbox,
-                "some alerts were not accepted by every sink; they stay queued for the next run"
-            );
-        }
+        super::replay::drain(delivery)?;
     }
     println!("{}", report.one_line());
     if let Some(path) = &args.summary {
-        let text =
-            serde_json::to_string_pretty(&report.summary_json()).map_err(Failure::runtime)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("writing {}", path.display()))
-            .map_err(Failure::runtime)?;
+        super::replay::write_summary(path, &report.summary_json())?;
     }
     Ok(match report.incomplete {
         None => ExitCode::SUCCESS,

@@ -341,10 +341,22 @@ impl Engine {
         next_byte_offset: u64,
         line: &[u8],
     ) -> Result<(), PipelineError> {
+        self.with_parsed(line, |state, nodes| {
+            state.ingest_line(source, index, next_byte_offset, nodes, line)
+        })
+    }
+
+    /// Parses `raw` into the reused tape and hands its nodes (`None` when it is not JSON) and
+    /// the state to `f`.
+    fn with_parsed<R>(
+        &mut self,
+        raw: &[u8],
+        f: impl FnOnce(&mut State, Option<&[Node<'_>]>) -> R,
+    ) -> R {
         self.line_buf.clear();
-        self.line_buf.extend_from_slice(line);
+        self.line_buf.extend_from_slice(raw);
         self.line_buf
-            .resize(line.len() + simd_json::INPUT_PADDING, 0);
+            .resize(raw.len() + simd_json::INPUT_PADDING, 0);
         let mut tape = self
             .spare_tape
             .take()
@@ -352,14 +364,12 @@ impl Engine {
             .reset();
         let parsed = simd_json::fill_tape_padded(
             &mut self.line_buf,
-            line.len(),
+            raw.len(),
             &mut self.buffers,
             &mut tape,
         );
         let nodes = parsed.ok().map(|()| &tape.0[..]);
-        let result = self
-            .state
-            .ingest_line(source, index, next_byte_offset, nodes, line);
+        let result = f(&mut self.state, nodes);
         self.spare_tape = Some(tape.reset());
         result
     }

@@ -123,25 +123,7 @@ impl Engine {
         pass: &mut SeedPass,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
-        self.line_buf.clear();
-        self.line_buf.extend_from_slice(raw);
-        self.line_buf
-            .resize(raw.len() + simd_json::INPUT_PADDING, 0);
-        let mut tape = self
-            .spare_tape
-            .take()
-            .unwrap_or_else(simd_json::Tape::null)
-            .reset();
-        let parsed = simd_json::fill_tape_padded(
-            &mut self.line_buf,
-            raw.len(),
-            &mut self.buffers,
-            &mut tape,
-        );
-        let nodes = parsed.ok().map(|()| &tape.0[..]);
-        let result = self.state.handle_document(pass, nodes, raw);
-        self.spare_tape = Some(tape.reset());
-        result
+        self.with_parsed(raw, |state, nodes| state.handle_document(pass, nodes, raw))
     }
 
     /// Ends a pass: reconciles it if it is complete and reconciling is asked for, records the
