@@ -13,7 +13,7 @@ use twinwatch::source::avro_fast::FastAvroFile;
 
 const MAX_BODY: usize = 256 * 1024;
 
-fn decode(record: &twinwatch::source::avro::Record, bodies: &[u8]) {
+fn decode(record: &twinwatch::source::avro::OwnedMessage, bodies: &[u8]) {
     let body_bytes = record
         .body
         .and_then(|(start, end)| bodies.get(start as usize..end as usize))
