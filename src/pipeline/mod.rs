@@ -874,32 +874,28 @@ impl State {
             if first.0 > until {
                 break;
             }
-            let Some((deadline, encoded, _)) = self.deadlines.pop_first() else {
+            let Some((deadline, encoded, place)) = self.deadlines.pop_first() else {
                 break;
             };
             let Some(set) = self.violations.get_mut(&encoded) else {
                 continue;
             };
-            let Some(violation) = set
-                .iter_mut()
-                .find(|v| v.pending.as_ref().is_some_and(|p| p.deadline == deadline))
-            else {
+            // The entry names its rule by place in the policy: two rules may share a deadline.
+            let policy = &self.options.policy;
+            let Some(violation) = set.iter_mut().find(|v| {
+                v.pending.as_ref().is_some_and(|p| p.deadline == deadline)
+                    && policy.rule_index(&v.rule_id).unwrap_or(usize::MAX) == place
+            }) else {
                 continue;
             };
+            let was_pending = violation.clone();
             let Some(pending) = violation.pending.take() else {
                 continue;
             };
             let opened = violation.clone();
-            if let Some(n) = self.pending_counts.get_mut(&opened.rule_id) {
-                *n = n.saturating_sub(1);
-            }
-            self.store
-                .delete_pending(&mut self.batch, &encoded, &opened.rule_id)?;
-            self.failing_counts
-                .entry(opened.rule_id.clone())
-                .or_insert((opened.severity, 0))
-                .1 += 1;
-            self.store_violation(&encoded, &opened)?;
+            // Off the pending books (the index entry is already taken), onto the open ones.
+            self.forget_violation(&encoded, &was_pending)?;
+            self.record_violation(&encoded, &opened)?;
             self.counters.pending_opened += 1;
             let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
                 what: "key",
@@ -1146,18 +1142,24 @@ enum Origin<'a> {
     Fixed { id: &'a str },
 }
 
-/// A twin key in an alert id: `hub/device[/module]`, each part with `%`, `/` and `#`
-/// percent-escaped so that distinct keys never give the same text.
+/// A part of an alert id with `%`, `/` and `#` percent-escaped, so that distinct parts never
+/// give the same text.
+fn escape_id_part(part: &str) -> String {
+    part.replace('%', "%25")
+        .replace('/', "%2F")
+        .replace('#', "%23")
+}
+
+/// A twin key in an alert id: `hub/device[/module]`, each part escaped.
 fn escaped_key(key: TwinKey<'_>) -> String {
-    let escape = |part: &str| {
-        part.replace('%', "%25")
-            .replace('/', "%2F")
-            .replace('#', "%23")
-    };
-    let mut out = format!("{}/{}", escape(key.hub), escape(key.device_id));
+    let mut out = format!(
+        "{}/{}",
+        escape_id_part(key.hub),
+        escape_id_part(key.device_id)
+    );
     if !key.is_device_twin() {
         out.push('/');
-        out.push_str(&escape(key.module_id));
+        out.push_str(&escape_id_part(key.module_id));
     }
     out
 }

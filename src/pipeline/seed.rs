@@ -4,8 +4,10 @@
 //! touched is evaluated once, in key order, at the pass's as-of time.
 //!
 //! The touched keys are durable (`seed_touched`, written in the batch that applied the
-//! document), and so is the pass itself (`seed_pass`): a pass interrupted by a crash is
-//! evaluated when the data directory is next opened, as an incomplete pass is.
+//! document), and so is the pass itself (`seed_pass`): a pass interrupted by a crash goes on
+//! when the same pass (hub and as-of time) is run again, and what it applied before is
+//! evaluated with the rest at its end; opened for anything else, the data directory first
+//! evaluates what the interrupted pass applied, as an incomplete pass does.
 
 use std::collections::{BTreeMap, HashSet};
 
