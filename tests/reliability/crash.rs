@@ -118,42 +118,35 @@ impl Subject for Replay {
     }
 }
 
-/// A replay that has nothing left to apply, under a changed policy: all its work is the
-/// re-audit (`SEMANTICS.md` §8). Each round starts from a copy of a directory replayed under
-/// the old policy.
-struct Reaudit {
-    fleet: PathBuf,
-    /// The directory replayed under the old policy, copied for each round.
+/// A command run on a copy of a prepared data directory, again with the same arguments after
+/// each kill, as an operator would: a re-audit (a replay with nothing left to apply under a
+/// changed policy, `SEMANTICS.md` §8) or a seed pass (§7).
+struct OnCopy {
+    /// The prepared directory, copied for each round.
     base: PathBuf,
-    policy: PathBuf,
+    /// The command and its arguments after `--data-dir DIR --alerts-file FILE`.
+    args: Vec<String>,
+    spots: &'static [&'static str],
 }
 
-impl Subject for Reaudit {
+impl Subject for OnCopy {
     fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
         if !data.exists() {
             copy_dir(&self.base, data);
         }
         let mut command = Command::new(binary());
-        command.args([
-            "replay",
-            "--data-dir",
-            path(data),
-            "--batch-size",
-            "500",
-            "--policy",
-            path(&self.policy),
-            "--alerts-file",
-            path(alerts),
-            path(&self.fleet),
-        ]);
+        command
+            .arg(&self.args[0])
+            .args(["--data-dir", path(data), "--alerts-file", path(alerts)])
+            .args(&self.args[1..]);
         start(command, failpoints, log)
     }
 
     fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
         let mut child = self.spawn(data, alerts, None, log);
         let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .expect("a re-audit did not finish within 300 s");
-        assert!(status.success(), "a re-audit failed: {status}");
+            .unwrap_or_else(|| panic!("`{}` did not finish within 300 s", self.args[0]));
+        assert!(status.success(), "`{}` failed: {status}", self.args[0]);
         assert_no_panic(log);
     }
 
@@ -162,57 +155,7 @@ impl Subject for Reaudit {
     }
 
     fn spots(&self) -> &'static [&'static str] {
-        &[failpoint::REAUDIT_BEFORE_COMMIT]
-    }
-}
-
-/// A seed pass of another fleet's twins onto a replayed snapshot (documents applied or stale,
-/// twins the pass does not have reconciled away, the touched twins evaluated), run again with
-/// the same arguments after each kill, as an operator would.
-struct Seed {
-    base: PathBuf,
-    documents: PathBuf,
-}
-
-impl Subject for Seed {
-    fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
-        if !data.exists() {
-            copy_dir(&self.base, data);
-        }
-        let mut command = Command::new(binary());
-        command.args([
-            "seed",
-            "--data-dir",
-            path(data),
-            "--hub",
-            "contoso-hub",
-            "--as-of",
-            "2030-01-01T00:00:00Z",
-            "--grace",
-            "0",
-            "--batch-size",
-            "500",
-            "--alerts-file",
-            path(alerts),
-            path(&self.documents),
-        ]);
-        start(command, failpoints, log)
-    }
-
-    fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
-        let mut child = self.spawn(data, alerts, None, log);
-        let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .expect("a seed pass did not finish within 300 s");
-        assert!(status.success(), "a seed pass failed: {status}");
-        assert_no_panic(log);
-    }
-
-    fn patience(&self) -> Duration {
-        Duration::from_secs(120)
-    }
-
-    fn spots(&self) -> &'static [&'static str] {
-        &[failpoint::SEED_BEFORE_EVALUATION]
+        self.spots
     }
 }
 
@@ -614,10 +557,19 @@ fn reaudit_crash_campaign() {
     )
     .expect("policy");
     ok(&["policy", "check", path(&changed)]);
-    let subject = Reaudit {
-        fleet,
+    let subject = OnCopy {
         base,
-        policy: changed,
+        args: [
+            "replay",
+            "--batch-size",
+            "500",
+            "--policy",
+            path(&changed),
+            path(&fleet),
+        ]
+        .map(String::from)
+        .to_vec(),
+        spots: &[failpoint::REAUDIT_BEFORE_COMMIT],
     };
     let clean = dir.path().join("clean");
     let clean_alerts = dir.path().join("clean.jsonl");
@@ -670,7 +622,24 @@ fn seed_crash_campaign() {
         ok(&["export", "--data-dir", path(&replayed)]).stdout,
     )
     .expect("documents");
-    let subject = Seed { base, documents };
+    let subject = OnCopy {
+        base,
+        args: [
+            "seed",
+            "--hub",
+            "contoso-hub",
+            "--as-of",
+            "2030-01-01T00:00:00Z",
+            "--grace",
+            "0",
+            "--batch-size",
+            "500",
+            path(&documents),
+        ]
+        .map(String::from)
+        .to_vec(),
+        spots: &[failpoint::SEED_BEFORE_EVALUATION],
+    };
     let clean = dir.path().join("clean");
     let clean_alerts = dir.path().join("clean.jsonl");
     let started = Instant::now();
