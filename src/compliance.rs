@@ -63,6 +63,27 @@ pub struct Transition {
     pub twin_version: Option<i64>,
 }
 
+/// Whether [`transitions`] would change nothing: the stored violations are exactly the
+/// failing rules (both in policy order), each with its rule's severity, title and deadline.
+/// The common case, checked without copying the set.
+pub fn unchanged(policy: &Policy, stored: &[Violation], failing: &[usize]) -> bool {
+    let rules = policy.rules();
+    stored.len() == failing.len()
+        && stored.iter().zip(failing).all(|(violation, &i)| {
+            let rule = &rules[i];
+            *violation.rule_id == *rule.id
+                && violation.severity == rule.severity
+                && *violation.title == *rule.title
+                && match (&violation.pending, rule.grace) {
+                    (None, None) => true,
+                    (Some(pending), Some(grace)) => {
+                        pending.deadline == Ticks(violation.since.0.saturating_add(grace.0))
+                    }
+                    _ => false,
+                }
+        })
+}
+
 /// Compares a twin's stored failing set with the rules failing now (`failing`: indices into
 /// `policy.rules()`, in policy order), updates the set, and appends the transitions, opened
 /// and resolved alike, in policy order; rules no longer in the policy resolve after them.

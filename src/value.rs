@@ -137,16 +137,16 @@ impl Map {
     /// JSON parsers.
     pub fn from_entries(mut entries: Vec<(Box<str>, Value)>) -> Self {
         if !entries.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
-            // A stable sort keeps duplicates in input order; keep the last of each run.
+            // A stable sort keeps duplicates in input order; keep the last of each run (the
+            // later entry moves into the earlier one's place, which stays).
             entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            let mut deduped: Vec<(Box<str>, Value)> = Vec::with_capacity(entries.len());
-            for entry in entries {
-                match deduped.last_mut() {
-                    Some(last) if last.0 == entry.0 => *last = entry,
-                    _ => deduped.push(entry),
+            entries.dedup_by(|later, kept| {
+                let same = later.0 == kept.0;
+                if same {
+                    std::mem::swap(later, kept);
                 }
-            }
-            entries = deduped;
+                same
+            });
         }
         Self { entries }
     }
@@ -384,7 +384,7 @@ pub fn tape_depth(nodes: &[Node<'_>]) -> usize {
 /// with one is refused rather than given a meaning IoT Hub may not share.
 pub fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
     let end = tape_span(nodes).min(nodes.len());
-    let mut keys: Vec<&str> = Vec::new();
+    let mut keys = Vec::new();
     (0..end).any(|i| {
         matches!(nodes[i], Node::Object { len, .. } if len > 1)
             && object_has_duplicate_key(&nodes[i..], &mut keys)
@@ -425,7 +425,11 @@ pub fn from_tape(nodes: &[Node<'_>]) -> Value {
 
 /// Converts an object on the tape into a [`Map`] (an empty map for anything else).
 pub fn map_from_tape(nodes: &[Node<'_>]) -> Map {
-    let mut entries = Vec::new();
+    let len = match nodes.first() {
+        Some(Node::Object { len, .. }) => *len,
+        _ => 0,
+    };
+    let mut entries = Vec::with_capacity(len);
     for (key, value) in object_entries(nodes) {
         if key != METADATA_KEY {
             entries.push((key.into(), from_tape(value)));

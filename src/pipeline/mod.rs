@@ -3,9 +3,10 @@
 //! An [`Engine`] is driven by one thread that hands it records in source order. It decodes
 //! each (parsing a JSON body once, into a reused tape), applies the event to the
 //! [`Snapshot`], and cuts batches by size and time. A batch (every changed twin and
-//! tombstone, the dead letters and each source's checkpoint) is handed to the writer thread
-//! as one `WriteBatch`, so the apply thread goes on while RocksDB writes; the bounded channel
-//! between them is the backpressure.
+//! tombstone, the dead letters and each source's checkpoint) is handed to the writer thread,
+//! which encodes its twins into one `WriteBatch` and writes it, so the apply thread goes on
+//! while the batch is encoded and written; the bounded channel between them is the
+//! backpressure.
 
 mod audit;
 mod seed;
@@ -35,6 +36,7 @@ use crate::twin::{apply, is_stale, Outcome};
 pub use audit::{plan as plan_audit, AuditPlan, ReauditReport, RulePlan};
 pub use seed::{PassEnd, SeedCounters, SeedPass};
 pub use snapshot::{Directory, Snapshot};
+use snapshot::{TwinWrites, Written};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -133,7 +135,12 @@ struct SourceState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceHandle(usize);
 
-type WriteResult = Result<u64, StoreError>;
+/// A batch for the writer thread: its number, the batch so far, and the twins it encodes
+/// into it.
+type ToWrite = (u64, Batch, TwinWrites);
+
+/// A written batch: its number and its encoded twins, for the document cache.
+type WriteResult = Result<(u64, Written), StoreError>;
 
 /// Each failing twin's violations: encoded twin key → its failing rules, in policy order.
 type ViolationSets = HashMap<Box<[u8]>, Vec<Violation>, foldhash::fast::RandomState>;
@@ -153,7 +160,7 @@ struct State {
     n_in_batch: usize,
     batch_started: Option<Instant>,
     batch_no: u64,
-    to_writer: Option<Sender<(u64, Batch)>>,
+    to_writer: Option<Sender<ToWrite>>,
     from_writer: Receiver<WriteResult>,
     writer: Option<JoinHandle<()>>,
     body_parser: Option<BodyParser>,
@@ -224,7 +231,7 @@ impl Engine {
         }
         // Two batches may wait for the writer: the apply thread builds the next one while
         // RocksDB writes the last, and is slowed down only when it gets further ahead.
-        let (to_writer, writer_input) = crossbeam_channel::bounded::<(u64, Batch)>(1);
+        let (to_writer, writer_input) = crossbeam_channel::bounded::<ToWrite>(1);
         let (writer_output, from_writer) = crossbeam_channel::bounded::<WriteResult>(4);
         let writer_store = store.clone();
         let commit_seconds = options.metrics.as_ref().map(|m| m.commit_seconds.clone());
@@ -232,7 +239,7 @@ impl Engine {
         let writer = std::thread::Builder::new()
             .name("twinwatch-writer".into())
             .spawn(move || {
-                for (batch_no, mut batch) in writer_input {
+                for (batch_no, mut batch, twins) in writer_input {
                     if let Some(min_free) = min_free {
                         if let Err(e) = writer_store.wait_for_space(min_free) {
                             let _ = writer_output.send(Err(e));
@@ -241,7 +248,12 @@ impl Engine {
                     }
                     crate::failpoint::hit(crate::failpoint::WRITER_BEFORE_WRITE);
                     let started = Instant::now();
-                    let result = writer_store.write(&mut batch).map(|()| batch_no);
+                    let result = twins
+                        .encode_into(&writer_store, &mut batch)
+                        .and_then(|written| {
+                            writer_store.write(&mut batch)?;
+                            Ok((batch_no, written))
+                        });
                     crate::failpoint::hit(crate::failpoint::WRITER_AFTER_WRITE);
                     if let Some(histogram) = &commit_seconds {
                         histogram.observe(started.elapsed().as_secs_f64());
@@ -716,8 +728,13 @@ impl State {
         let policy = self.options.policy.clone();
         let encoded = twin_key(key);
         let stored = self.violations.get_mut(&encoded[..]);
-        if stored.is_none() && self.failing.is_empty() {
-            return Ok(());
+        match &stored {
+            None if self.failing.is_empty() => return Ok(()),
+            Some(stored) if compliance::unchanged(&policy, stored, &self.failing) => {
+                self.twin_version = version;
+                return Ok(());
+            }
+            _ => {}
         }
         let mut current = stored.map(std::mem::take).unwrap_or_default();
         let before = current.clone();
@@ -1036,7 +1053,7 @@ impl State {
         self.batch_no += 1;
         let started = self.options.metrics.is_some().then(Instant::now);
         let mut batch = std::mem::take(&mut self.batch);
-        self.snapshot.drain_into(&mut batch, self.batch_no)?;
+        let twins = self.snapshot.take_writes(self.batch_no);
         if self.outbox_grew {
             self.store
                 .put_outbox_next(&mut batch, self.next_outbox_seq)?;
@@ -1068,7 +1085,7 @@ impl State {
         // A full channel blocks here: the backpressure that keeps the apply thread at most
         // two batches ahead of RocksDB.
         to_writer
-            .send((self.batch_no, batch))
+            .send((self.batch_no, batch, twins))
             .map_err(|_| PipelineError::WriterGone)?;
         self.counters.batches += 1;
         self.n_in_batch = 0;
@@ -1110,9 +1127,9 @@ impl State {
         }
     }
 
-    /// The writer wrote every batch up to `batch_no`.
-    fn acknowledged(&mut self, batch_no: u64) {
-        self.snapshot.committed(batch_no);
+    /// The writer wrote every batch up to `batch_no`, the last one's twins as `written`.
+    fn acknowledged(&mut self, (batch_no, written): (u64, Written)) {
+        self.snapshot.committed(batch_no, written);
         while self
             .uncommitted
             .front()

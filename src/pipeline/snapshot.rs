@@ -4,8 +4,9 @@
 //!
 //! The directory holds every key's [`Slot`] (version, `createdAt` or tombstone), so staleness,
 //! existence and a device's module list never need a read. Documents are read only for
-//! `updateTwin`, looked up in this order: the current batch, the cache (write-through, newest),
-//! the batches in flight, then RocksDB.
+//! `updateTwin`, looked up in this order: the current batch, the batches in flight (decoded,
+//! newest first: the writer thread encodes them), the cache (which takes a batch's encoded
+//! twins once it is written), then RocksDB.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -136,17 +137,87 @@ enum Pending {
     },
 }
 
-/// Encoded twin bytes as the cache and the in-flight batches share them.
-type Encoded = Arc<[u8]>;
+/// Encoded twin bytes as the cache holds them.
+pub type Encoded = Arc<[u8]>;
 
-/// The encoded documents of a batch being written: `None` for a removed twin.
-type InFlight = FastMap<Box<[u8]>, Option<Encoded>>;
+/// The documents of a batch being written: `None` for a removed twin. The writer thread
+/// encodes them; until it has, reads find them here, decoded.
+type InFlight = FastMap<Box<[u8]>, Option<Arc<Map>>>;
+
+/// One twin's write, as the writer thread encodes it into the batch.
+enum TwinWrite {
+    Live {
+        version: i64,
+        created_at: Option<Ticks>,
+        last_change: Ticks,
+        doc: Arc<Map>,
+        clear_tombstone: bool,
+    },
+    Dead {
+        version: i64,
+        deleted_at: Ticks,
+    },
+}
+
+/// The twins a batch writes, in key order. Encoding them is the writer thread's work, so that
+/// the apply thread (the pipeline's limit) does not spend its time on it.
+#[derive(Default)]
+pub struct TwinWrites(Vec<(Box<[u8]>, TwinWrite)>);
+
+/// What a written batch leaves for the document cache: each key's encoded twin (`None` for a
+/// removed one), and the documents it was encoded from, handed back so that the apply thread
+/// frees them (the allocator frees cheapest on the thread that allocated).
+pub struct Written {
+    encoded: Vec<(Box<[u8]>, Option<Encoded>)>,
+    documents: Vec<Arc<Map>>,
+}
+
+impl TwinWrites {
+    /// Puts the twins and tombstones into `batch`; returns the encoded twins for the cache.
+    pub fn encode_into(self, store: &Store, batch: &mut Batch) -> Result<Written, StoreError> {
+        let mut written = Written {
+            encoded: Vec::with_capacity(self.0.len()),
+            documents: Vec::with_capacity(self.0.len()),
+        };
+        let mut buf = Vec::with_capacity(1024);
+        for (key, write) in self.0 {
+            match write {
+                TwinWrite::Live {
+                    version,
+                    created_at,
+                    last_change,
+                    doc,
+                    clear_tombstone,
+                } => {
+                    buf.clear();
+                    encode_twin(version, created_at, last_change, &doc, &mut buf);
+                    store.put_twin(batch, &key, &buf)?;
+                    if clear_tombstone {
+                        store.delete_tombstone(batch, &key)?;
+                    }
+                    written.encoded.push((key, Some(Arc::from(&buf[..]))));
+                    written.documents.push(doc);
+                }
+                TwinWrite::Dead {
+                    version,
+                    deleted_at,
+                } => {
+                    store.delete_twin(batch, &key)?;
+                    store.put_tombstone(batch, &key, version, deleted_at)?;
+                    written.encoded.push((key, None));
+                }
+            }
+        }
+        Ok(written)
+    }
+}
 
 /// The [`Twins`] of the running pipeline.
 pub struct Snapshot {
     store: Arc<Store>,
     pub directory: Directory,
     pending: FastMap<Box<[u8]>, Pending>,
+    /// Recently used twins, encoded, as written (the batches in flight are newer).
     cache: LruCache<Box<[u8]>, Encoded, RandomState>,
     cache_bytes: usize,
     cache_limit: usize,
@@ -184,17 +255,18 @@ impl Snapshot {
         self.pending.len()
     }
 
-    /// Moves the current batch's twins into `batch`, the cache and the in-flight list.
-    pub fn drain_into(&mut self, batch: &mut Batch, batch_no: u64) -> Result<(), StoreError> {
+    /// Takes the current batch's twins, in key order, for the writer thread; until it
+    /// reports them written ([`Snapshot::committed`]), reads find them in flight.
+    pub fn take_writes(&mut self, batch_no: u64) -> TwinWrites {
         let mut in_flight =
             InFlight::with_capacity_and_hasher(self.pending.len(), RandomState::default());
         // Keys in order: RocksDB inserts sorted keys into its memtable skiplist much faster
         // (each insert starts from the last one's position).
         let mut pending: Vec<(Box<[u8]>, Pending)> = self.pending.drain().collect();
         pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut buf = Vec::with_capacity(1024);
+        let mut writes = Vec::with_capacity(pending.len());
         for (key, pending) in pending {
-            match pending {
+            let write = match pending {
                 Pending::Live {
                     version,
                     created_at,
@@ -202,29 +274,53 @@ impl Snapshot {
                     doc,
                     clear_tombstone,
                 } => {
-                    buf.clear();
-                    encode_twin(version, created_at, last_change, &doc, &mut buf);
-                    self.store.put_twin(batch, &key, &buf)?;
-                    if clear_tombstone {
-                        self.store.delete_tombstone(batch, &key)?;
+                    let doc = Arc::new(doc);
+                    in_flight.insert(key.clone(), Some(doc.clone()));
+                    TwinWrite::Live {
+                        version,
+                        created_at,
+                        last_change,
+                        doc,
+                        clear_tombstone,
                     }
-                    let encoded: Encoded = Arc::from(&buf[..]);
-                    if let Some(old) = self.cache.put(key.clone(), encoded.clone()) {
-                        self.cache_bytes -= old.len() + key.len();
-                    }
-                    self.cache_bytes += encoded.len() + key.len();
-                    in_flight.insert(key, Some(encoded));
                 }
                 Pending::Dead {
                     version,
                     deleted_at,
                 } => {
-                    self.store.delete_twin(batch, &key)?;
-                    self.store.put_tombstone(batch, &key, version, deleted_at)?;
+                    in_flight.insert(key.clone(), None);
+                    TwinWrite::Dead {
+                        version,
+                        deleted_at,
+                    }
+                }
+            };
+            writes.push((key, write));
+        }
+        self.in_flight.push_back((batch_no, in_flight));
+        TwinWrites(writes)
+    }
+
+    /// The writer committed batch `batch_no` (and every one before it), whose twins were
+    /// encoded as `written`: they move from the in-flight list to the cache.
+    pub fn committed(&mut self, batch_no: u64, written: Written) {
+        while self.in_flight.front().is_some_and(|(n, _)| *n <= batch_no) {
+            self.in_flight.pop_front();
+        }
+        drop(written.documents);
+        for (key, encoded) in written.encoded {
+            match encoded {
+                Some(encoded) => {
+                    let key_len = key.len();
+                    self.cache_bytes += encoded.len() + key_len;
+                    if let Some(old) = self.cache.put(key, encoded) {
+                        self.cache_bytes -= old.len() + key_len;
+                    }
+                }
+                None => {
                     if let Some(old) = self.cache.pop(&key) {
                         self.cache_bytes -= old.len() + key.len();
                     }
-                    in_flight.insert(key, None);
                 }
             }
         }
@@ -233,15 +329,6 @@ impl Snapshot {
                 Some((k, v)) => self.cache_bytes -= v.len() + k.len(),
                 None => break,
             }
-        }
-        self.in_flight.push_back((batch_no, in_flight));
-        Ok(())
-    }
-
-    /// The writer committed every batch up to `batch_no`.
-    pub fn committed(&mut self, batch_no: u64) {
-        while self.in_flight.front().is_some_and(|(n, _)| *n <= batch_no) {
-            self.in_flight.pop_front();
         }
     }
 
@@ -253,7 +340,7 @@ impl Snapshot {
 
 impl Snapshot {
     /// A live twin's version and document, for evaluation: borrowed from the current batch,
-    /// or read (and decoded) from the cache, the batches in flight or the store.
+    /// the cache or the batches in flight, or read from the store.
     pub fn live_doc(
         &mut self,
         key: TwinKey<'_>,
@@ -262,17 +349,28 @@ impl Snapshot {
             return Ok(None);
         };
         self.encode_key(key);
-        if matches!(
-            self.pending.get(&self.key_buf[..]),
-            Some(Pending::Live { .. })
-        ) {
-            return Ok(match self.pending.get(&self.key_buf[..]) {
+        let key_buf = &self.key_buf[..];
+        // Where it is first, then the borrow: a borrow returned from one branch would
+        // outlive the lookups of the others.
+        if matches!(self.pending.get(key_buf), Some(Pending::Live { .. })) {
+            return Ok(match self.pending.get(key_buf) {
                 Some(Pending::Live { doc, .. }) => Some((version, Cow::Borrowed(doc))),
                 _ => None,
             });
         }
-        let doc = self.take_doc(key)?;
-        Ok(Some((version, Cow::Owned(doc))))
+        Ok(Some((version, Cow::Owned(self.take_doc(key)?))))
+    }
+
+    /// A live twin's document from the store (a cache miss).
+    fn read_doc(&mut self, key: TwinKey<'_>) -> Result<Map, StoreError> {
+        self.n_store_reads += 1;
+        match self.store.twin_bytes(&self.key_buf)? {
+            Some(bytes) => decode_twin_doc(&bytes),
+            None => Err(StoreError::Corrupt {
+                what: "twin",
+                detail: format!("{key} is live in the directory but absent from the store"),
+            }),
+        }
     }
 }
 
@@ -288,27 +386,22 @@ impl Twins for Snapshot {
         if let Some(Pending::Live { doc, .. }) = self.pending.get_mut(&self.key_buf[..]) {
             return Ok(std::mem::take(doc));
         }
+        // The batches in flight are newer than the cache (it takes a batch's twins once the
+        // batch is written), the newest first.
+        for (_, batch) in self.in_flight.iter().rev() {
+            if let Some(entry) = batch.get(&self.key_buf[..]) {
+                return Ok(match entry {
+                    Some(doc) => Map::clone(doc),
+                    // The directory says live, so a later batch re-created it; that batch
+                    // would have been found first. Treat as empty rather than fail.
+                    None => Map::new(),
+                });
+            }
+        }
         if let Some(encoded) = self.cache.get(&self.key_buf[..]) {
             return decode_twin_doc(encoded);
         }
-        for (_, batch) in self.in_flight.iter().rev() {
-            if let Some(entry) = batch.get(&self.key_buf[..]) {
-                return match entry {
-                    Some(encoded) => decode_twin_doc(encoded),
-                    // The directory says live, so a later batch re-created it; that batch
-                    // would have been found first. Treat as empty rather than fail.
-                    None => Ok(Map::new()),
-                };
-            }
-        }
-        self.n_store_reads += 1;
-        match self.store.twin_bytes(&self.key_buf)? {
-            Some(bytes) => decode_twin_doc(&bytes),
-            None => Err(StoreError::Corrupt {
-                what: "twin",
-                detail: format!("{key} is live in the directory but absent from the store"),
-            }),
-        }
+        self.read_doc(key)
     }
 
     fn put_live(
