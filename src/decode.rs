@@ -9,7 +9,7 @@ use simd_json::{Node, StaticNode};
 
 use crate::model::{DeadLetterReason, Op, TwinDocument, TwinEvent, TwinKey};
 use crate::time::Ticks;
-use crate::value::{tape_depth, tape_get, tape_has_duplicate_key, tape_is_object};
+use crate::value::{tape_find, tape_is_object, tape_is_well_formed};
 
 /// IoT Hub's maximum message size, the default body limit.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 262_144;
@@ -80,6 +80,12 @@ pub trait Message<'a> {
     /// encoding.
     fn body_size(&self) -> usize;
     fn body(&self) -> Body<'a>;
+
+    /// Whether the body's tape ([`Body::Tape`]) passed [`body_is_well_formed`], when the
+    /// reader already checked it on its own thread (`None`: decoding checks it).
+    fn body_verdict(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// What a message turned out to be.
@@ -138,6 +144,8 @@ pub struct Header<'a> {
     pub op: Op,
     pub op_time: Ticks,
     pub body: Body<'a>,
+    /// [`Message::body_verdict`]: `body`'s tape already checked.
+    pub body_verdict: Option<bool>,
 }
 
 /// The first decoding step: classification and every header check, in the contract's order
@@ -202,6 +210,7 @@ pub fn decode_header<'a>(
         op,
         op_time,
         body: msg.body(),
+        body_verdict: msg.body_verdict(),
     })
 }
 
@@ -214,27 +223,39 @@ fn fallback_time<'a>(msg: &impl Message<'a>) -> Ticks {
         .unwrap_or_default()
 }
 
+/// Whether a parsed body is an object, nested at most [`MAX_BODY_DEPTH`] deep, with no key
+/// twice in any object (else `bad_body`). The costliest check of decoding, and one that
+/// needs nothing but the tape: the replay reader runs it as it parses.
+pub fn body_is_well_formed(body: &[Node<'_>]) -> bool {
+    tape_is_object(body) && tape_is_well_formed(body, MAX_BODY_DEPTH)
+}
+
 /// The second step: the parsed body's checks (`bad_body`, `bad_version`).
 pub fn decode_body<'a>(
     header: &Header<'a>,
     body: &'a [Node<'a>],
 ) -> Result<TwinEvent<'a>, DeadLetterReason> {
-    if !tape_is_object(body) || tape_depth(body) > MAX_BODY_DEPTH || tape_has_duplicate_key(body) {
+    // The reader's verdict holds for the header's own tape only (not a body parsed since).
+    let verdict = match header.body {
+        Body::Tape(nodes) if std::ptr::eq(nodes, body) => header.body_verdict,
+        _ => None,
+    };
+    if !verdict.unwrap_or_else(|| body_is_well_formed(body)) {
         return Err(DeadLetterReason::BadBody);
     }
     if header.op == Op::UpdateTwin {
         let must_be_object = |nodes: Option<&[Node<'_>]>| nodes.is_none_or(tape_is_object);
-        let properties = tape_get(body, "properties");
-        let sections_ok = must_be_object(tape_get(body, "tags"))
+        let properties = tape_find(body, "properties");
+        let sections_ok = must_be_object(tape_find(body, "tags"))
             && must_be_object(properties)
             && properties.is_none_or(|p| {
-                must_be_object(tape_get(p, "desired")) && must_be_object(tape_get(p, "reported"))
+                must_be_object(tape_find(p, "desired")) && must_be_object(tape_find(p, "reported"))
             });
         if !sections_ok {
             return Err(DeadLetterReason::BadBody);
         }
     }
-    let version = match tape_get(body, "version").and_then(|v| v.first()) {
+    let version = match tape_find(body, "version").and_then(|v| v.first()) {
         Some(Node::Static(StaticNode::I64(v))) => *v,
         Some(Node::Static(StaticNode::U64(v))) => {
             i64::try_from(*v).map_err(|_| DeadLetterReason::BadVersion)?
@@ -262,18 +283,18 @@ pub fn decode_document<'a>(
     let Some(body) = nodes else {
         return Err(DeadLetterReason::BadBody);
     };
-    if !tape_is_object(body) || tape_depth(body) > MAX_BODY_DEPTH || tape_has_duplicate_key(body) {
+    if !tape_is_object(body) || !tape_is_well_formed(body, MAX_BODY_DEPTH) {
         return Err(DeadLetterReason::BadBody);
     }
-    let device_id = match tape_get(body, "deviceId").and_then(|v| v.first()) {
+    let device_id = match tape_find(body, "deviceId").and_then(|v| v.first()) {
         Some(Node::String(id)) if !id.is_empty() => *id,
         _ => return Err(DeadLetterReason::MissingDeviceId),
     };
-    let module_id = match tape_get(body, "moduleId").and_then(|v| v.first()) {
+    let module_id = match tape_find(body, "moduleId").and_then(|v| v.first()) {
         Some(Node::String(id)) => *id,
         _ => "",
     };
-    let version = match tape_get(body, "version").and_then(|v| v.first()) {
+    let version = match tape_find(body, "version").and_then(|v| v.first()) {
         Some(Node::Static(StaticNode::I64(v))) => *v,
         Some(Node::Static(StaticNode::U64(v))) => {
             i64::try_from(*v).map_err(|_| DeadLetterReason::BadVersion)?

@@ -12,7 +12,7 @@ use simd_json::Node;
 pub use crate::model::Slot;
 use crate::model::{Op, OwnedTwinKey, TwinDocument, TwinEvent, TwinKey};
 use crate::time::Ticks;
-use crate::value::{map_from_tape, merge_map_from_tape, tape_get, Map, Value};
+use crate::value::{map_from_tape, merge_map_from_tape, tape_find, Map, Value};
 
 /// The snapshot as `apply` sees it.
 pub trait Twins {
@@ -214,12 +214,12 @@ pub fn apply_document<T: Twins>(
 /// `properties.reported`, each where present; the rest of the body is ignored. Decoding has
 /// checked that each present section is an object.
 fn merge_update(doc: &mut Map, body: &[Node<'_>]) {
-    if let Some(tags) = tape_get(body, "tags") {
+    if let Some(tags) = tape_find(body, "tags") {
         merge_map_from_tape(doc.object_mut("tags"), tags);
     }
-    if let Some(properties) = tape_get(body, "properties") {
+    if let Some(properties) = tape_find(body, "properties") {
         for section in ["desired", "reported"] {
-            if let Some(patch) = tape_get(properties, section) {
+            if let Some(patch) = tape_find(properties, section) {
                 merge_map_from_tape(doc.object_mut("properties").object_mut(section), patch);
             }
         }

@@ -10,6 +10,8 @@
 //! The binary codec ([`Map::encode`], [`Map::decode`]) is what the store keeps on disk and in
 //! its cache: tagged, length-prefixed, no escaping, about the size of the JSON text.
 
+use std::hash::BuildHasher;
+
 use std::fmt;
 
 use serde::ser::{SerializeMap, SerializeSeq};
@@ -383,24 +385,128 @@ pub fn tape_depth(nodes: &[Node<'_>]) -> usize {
 /// object's meaning to the reader, and readers differ (first wins, last wins, error): a body
 /// with one is refused rather than given a meaning IoT Hub may not share.
 pub fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
+    !tape_is_well_formed(nodes, usize::MAX)
+}
+
+/// Whether the value at `nodes[0]` nests containers at most `max_depth` deep ([`tape_depth`])
+/// and no object in it has a key twice ([`tape_has_duplicate_key`]): both checks of a body in
+/// one pass over its tape, stopping at the first fault. Iterative, so any depth is safe.
+pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
+    /// A container the walk is inside.
+    struct Open {
+        /// The index at which it ends.
+        until: usize,
+        /// Where it starts.
+        start: usize,
+        /// The index of its next key (objects; `usize::MAX` for arrays).
+        next_key: usize,
+        /// The buckets its keys so far took (see [`key_bucket`]).
+        taken: [u64; 4],
+        /// Its keys were checked at once (a large object, sorted).
+        checked: bool,
+    }
     let end = tape_span(nodes).min(nodes.len());
+    let mut open: Vec<Open> = Vec::with_capacity(8);
     let mut keys = Vec::new();
-    (0..end).any(|i| {
-        matches!(nodes[i], Node::Object { len, .. } if len > 1)
-            && object_has_duplicate_key(&nodes[i..], &mut keys)
-    })
+    for i in 0..end {
+        while open.last().is_some_and(|o| i >= o.until) {
+            open.pop();
+        }
+        if let Some(o) = open.last_mut() {
+            if i == o.next_key {
+                // A key: compared with the object's earlier keys only when its bucket is
+                // taken, which most keys' is not.
+                if let (false, Node::String(key)) = (o.checked, nodes[i]) {
+                    let bucket = key_bucket(key.as_bytes()) as usize & 255;
+                    let (word, bit) = (bucket / 64, 1u64 << (bucket % 64));
+                    if o.taken[word] & bit != 0 && has_earlier_key(nodes, o.start, i, key) {
+                        return false;
+                    }
+                    o.taken[word] |= bit;
+                }
+                o.next_key = i + 1 + tape_span(&nodes[i + 1..]);
+                continue;
+            }
+        }
+        let (count, is_object, checked) = match nodes[i] {
+            Node::Object { len, count } => {
+                // Large objects are sorted instead.
+                let large = len > 64;
+                if large && object_has_duplicate_key(&nodes[i..], &mut keys) {
+                    return false;
+                }
+                (count, true, large)
+            }
+            Node::Array { count, .. } => (count, false, false),
+            _ => continue,
+        };
+        if open.len() >= max_depth {
+            return false;
+        }
+        open.push(Open {
+            until: i + 1 + count,
+            start: i,
+            next_key: if is_object { i + 1 } else { usize::MAX },
+            taken: [0; 4],
+            checked,
+        });
+    }
+    true
+}
+
+/// Whether the object at `nodes[start]` has `key` among its keys before index `at`.
+fn has_earlier_key(nodes: &[Node<'_>], start: usize, at: usize, key: &str) -> bool {
+    let mut j = start + 1;
+    while j < at {
+        if matches!(nodes[j], Node::String(k) if k == key) {
+            return true;
+        }
+        j += 1 + tape_span(&nodes[j + 1..]);
+    }
+    false
 }
 
 /// Whether the object at `nodes[0]` itself (not those inside it) has a key twice; `keys` is
 /// scratch space.
-pub fn object_has_duplicate_key<'i>(nodes: &[Node<'i>], keys: &mut Vec<&'i str>) -> bool {
-    keys.clear();
-    keys.extend(object_entries(nodes).map(|(key, _)| key));
-    if keys.len() <= 16 {
-        return (1..keys.len()).any(|i| keys[..i].contains(&keys[i]));
+pub fn object_has_duplicate_key<'i>(nodes: &[Node<'i>], keys: &mut Vec<(u64, &'i str)>) -> bool {
+    let len = match nodes.first() {
+        Some(Node::Object { len, .. }) => *len,
+        _ => return false,
+    };
+    if len <= 64 {
+        // One pass; a key is compared with the earlier ones only when its cheap bucket
+        // (length, first and last byte; 256 of them) is already taken, which most keys'
+        // is not. Larger objects are sorted instead.
+        let mut taken = [0u64; 4];
+        return object_entries(nodes).enumerate().any(|(i, (key, _))| {
+            let bucket = key_bucket(key.as_bytes()) as usize & 255;
+            let (word, bit) = (bucket / 64, 1u64 << (bucket % 64));
+            let maybe = taken[word] & bit != 0;
+            taken[word] |= bit;
+            maybe
+                && object_entries(nodes)
+                    .take(i)
+                    .any(|(earlier, _)| earlier == key)
+        });
     }
+    // Sorted by a hash first: keys are compared as text only where two hashes agree.
+    let hasher = foldhash::fast::FixedState::default();
+    keys.clear();
+    keys.extend(object_entries(nodes).map(|(key, _)| (hasher.hash_one(key), key)));
     keys.sort_unstable();
     keys.windows(2).any(|pair| pair[0] == pair[1])
+}
+
+/// A key's bucket for [`object_has_duplicate_key`]: equal keys share it.
+fn key_bucket(key: &[u8]) -> u32 {
+    match key {
+        [] => 0,
+        [first, .., last] => (key.len() as u32)
+            .wrapping_mul(31)
+            .wrapping_add(u32::from(*first).wrapping_mul(7))
+            .wrapping_add(u32::from(*last)),
+        [only] => (key.len() as u32).wrapping_mul(31) ^ u32::from(*only),
+    }
 }
 
 /// Converts the value at `nodes[0]` into a [`Value`], dropping every `$metadata` key at any
@@ -489,6 +595,14 @@ impl<'t, 'i> Iterator for ObjectEntries<'t, 'i> {
         self.next += 1 + tape_span(value);
         Some((key, value))
     }
+}
+
+/// The value of `key` in an object at `nodes[0]` known to hold each key once (checked with
+/// [`tape_is_well_formed`] or [`object_has_duplicate_key`]): the scan stops at the match.
+pub fn tape_find<'t, 'i>(nodes: &'t [Node<'i>], key: &str) -> Option<&'t [Node<'i>]> {
+    object_entries(nodes)
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 /// The value of `key` in the object at `nodes[0]`; of duplicate keys the last wins.
@@ -768,10 +882,12 @@ mod tests {
         assert!(!has(r#"{"a":{"x":1},"b":{"x":1}}"#));
         assert!(has(r#"{"a":1,"a":1}"#));
         assert!(has(r#"{"a":1,"b":{"c":[1,{"k":1,"j":2,"k":3}]}}"#));
-        // Past the small-object path: 40 distinct keys, then one repeated at the end.
-        let keys: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
-        assert!(!has(&format!("{{{}}}", keys.join(","))));
-        assert!(has(&format!("{{{},\"k7\":0}}", keys.join(","))));
+        // Both paths: 40 and 100 distinct keys, then one repeated at the end.
+        for n in [40, 100] {
+            let keys: Vec<String> = (0..n).map(|i| format!(r#""k{i}":{i}"#)).collect();
+            assert!(!has(&format!("{{{}}}", keys.join(","))));
+            assert!(has(&format!("{{{},\"k7\":0}}", keys.join(","))));
+        }
         // A value equal to a key is not a key.
         assert!(!has(r#"{"a":"b","b":"a"}"#));
     }
@@ -834,6 +950,34 @@ mod tests {
     fn duplicate_keys_keep_the_last() {
         let v = tape_value(r#"{"a":1,"b":2,"a":3}"#);
         assert_eq!(json(&v), serde_json::json!({"a":3,"b":2}));
+    }
+
+    #[test]
+    fn the_one_pass_check_agrees_with_depth_and_duplicates() {
+        let keys: Vec<String> = (0..70).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let large = format!("{{{}}}", keys.join(","));
+        for json in [
+            "1",
+            "{}",
+            r#"{"a":[1,{"b":{}}],"c":{}}"#,
+            r#"{"a":1,"b":{"c":[1,{"k":1,"j":2,"k":3}]}}"#,
+            r#"{"ab":1,"ba":2,"aab":3,"abb":4,"a":{"x":{"y":{"z":{}}}}}"#,
+            r#"[[],[[]],{"q":{"q":{"q":1}}}]"#,
+            r#"{"a":{"b":1,"c":{"b":2}},"d":[{"e":1,"f":2,"e":3}]}"#,
+            &large,
+            &large.replace(r#""k69":69"#, r#""k3":69"#),
+            &format!(r#"{{"x":{{"y":[1,{large}]}}}}"#),
+        ] {
+            let mut bytes = json.as_bytes().to_vec();
+            let tape = simd_json::to_tape(&mut bytes).expect("valid json");
+            for max in 0..6 {
+                assert_eq!(
+                    tape_is_well_formed(&tape.0, max),
+                    tape_depth(&tape.0) <= max && !tape_has_duplicate_key(&tape.0),
+                    "{json} at most {max} deep"
+                );
+            }
+        }
     }
 
     #[test]

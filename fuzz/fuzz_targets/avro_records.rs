@@ -22,6 +22,7 @@ fn decode(record: &twinwatch::source::avro::OwnedMessage, bodies: &[u8]) {
         record,
         body_bytes,
         body_nodes: None,
+        body_verdict: None,
     };
     let _ = message.eventhubs_enqueued_time().and_then(Prop::time);
     let _ = decode_header(&message, MAX_BODY);

@@ -762,6 +762,7 @@ fn apply_loop(
                         record: &event.record,
                         body_bytes: &event.body,
                         body_nodes: None,
+                        body_verdict: None,
                     };
                     engine.ingest_event(
                         handles[p],

@@ -354,7 +354,7 @@ impl Engine {
         line: &[u8],
     ) -> Result<(), PipelineError> {
         self.with_parsed(line, |state, nodes| {
-            state.ingest_line(source, index, next_byte_offset, nodes, line)
+            state.ingest_line(source, index, next_byte_offset, nodes, None, line)
         })
     }
 
@@ -394,10 +394,11 @@ impl Engine {
         index: u64,
         next_byte_offset: u64,
         nodes: Option<&[Node<'_>]>,
+        body_verdict: Option<bool>,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
         self.state
-            .ingest_line(source, index, next_byte_offset, nodes, raw)
+            .ingest_line(source, index, next_byte_offset, nodes, body_verdict, raw)
     }
 
     /// One message of any other container (an Avro record): record `index` of `source`;
@@ -525,10 +526,14 @@ impl State {
         index: u64,
         next_byte_offset: u64,
         nodes: Option<&[Node<'_>]>,
+        body_verdict: Option<bool>,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
         match nodes.and_then(|nodes| StorageJsonMessage::new(nodes, raw.len())) {
-            Some(message) => self.handle(source, index, &message, &|| Cow::Borrowed(raw))?,
+            Some(message) => {
+                let message = message.with_body_verdict(body_verdict);
+                self.handle(source, index, &message, &|| Cow::Borrowed(raw))?
+            }
             None => {
                 self.counters.messages += 1;
                 self.dead_letter(source, index, DeadLetterReason::BadRecord, raw)?;

@@ -31,14 +31,22 @@ type DeviceTwins = Vec<(Box<str>, Slot)>;
 /// Every key's slot, by hub, then device, then module id.
 #[derive(Default)]
 pub struct Directory {
-    hubs: FastMap<Box<str>, FastMap<Box<str>, DeviceTwins>>,
+    /// A few hubs at most: found by a scan, which is cheaper than hashing the name.
+    hubs: Vec<(Box<str>, FastMap<Box<str>, DeviceTwins>)>,
     n_live: usize,
     n_dead: usize,
 }
 
 impl Directory {
+    fn devices(&self, hub: &str) -> Option<&FastMap<Box<str>, DeviceTwins>> {
+        self.hubs
+            .iter()
+            .find(|(name, _)| **name == *hub)
+            .map(|(_, devices)| devices)
+    }
+
     fn device(&self, hub: &str, device_id: &str) -> Option<&DeviceTwins> {
-        self.hubs.get(hub)?.get(device_id)
+        self.devices(hub)?.get(device_id)
     }
 
     pub fn slot(&self, key: TwinKey<'_>) -> Option<Slot> {
@@ -50,10 +58,14 @@ impl Directory {
     }
 
     pub fn set(&mut self, key: TwinKey<'_>, slot: Slot) {
-        let devices = match self.hubs.get_mut(key.hub) {
-            Some(devices) => devices,
-            None => self.hubs.entry(key.hub.into()).or_default(),
+        let i = match self.hubs.iter().position(|(name, _)| **name == *key.hub) {
+            Some(i) => i,
+            None => {
+                self.hubs.push((key.hub.into(), FastMap::default()));
+                self.hubs.len() - 1
+            }
         };
+        let devices = &mut self.hubs[i].1;
         let twins = match devices.get_mut(key.device_id) {
             Some(twins) => twins,
             None => devices.entry(key.device_id.into()).or_default(),
@@ -94,7 +106,7 @@ impl Directory {
         &'d self,
         hub: &str,
     ) -> impl Iterator<Item = (&'d str, &'d str, Slot)> + 'd {
-        self.hubs.get(hub).into_iter().flat_map(|devices| {
+        self.devices(hub).into_iter().flat_map(|devices| {
             devices.iter().flat_map(|(device_id, twins)| {
                 twins
                     .iter()

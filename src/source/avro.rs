@@ -328,6 +328,8 @@ pub struct RecordMessage<'a> {
     /// The body's bytes (empty when the record has none).
     pub body_bytes: &'a [u8],
     pub body_nodes: Option<&'a [Node<'a>]>,
+    /// `body_nodes` as the reader checked them, if it did.
+    pub body_verdict: Option<bool>,
 }
 
 impl OwnedMessage {
@@ -368,6 +370,10 @@ impl<'a> Message<'a> for RecordMessage<'a> {
 
     fn body_size(&self) -> usize {
         self.body_bytes.len()
+    }
+
+    fn body_verdict(&self) -> Option<bool> {
+        self.body_verdict
     }
 
     fn body(&self) -> Body<'a> {

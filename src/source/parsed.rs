@@ -8,12 +8,17 @@
 use crossbeam_channel::{Receiver, Sender};
 use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
 
+use crate::decode::body_is_well_formed;
+use crate::value::tape_get;
+
 /// Lines of one block, each parsed into a slice of a shared tape.
 pub struct ParsedLines {
     // Field order matters: `nodes` borrows from `buffer` and is dropped first.
     nodes: Vec<Node<'static>>,
     /// Per line, its nodes' range, or `None` where the line is not JSON.
     spans: Vec<Option<(u32, u32)>>,
+    /// Per line, [`crate::decode::body_is_well_formed`] of its body, where it has one.
+    verdicts: Vec<Option<bool>>,
     /// The parsed (partly unescaped) bytes: never read or written directly after parsing.
     #[allow(dead_code)]
     buffer: Vec<u8>,
@@ -26,6 +31,30 @@ impl Drop for ParsedLines {
         // Emptied first, so no node outlives the buffer it points into.
         self.nodes.clear();
         let _ = self.recycle.try_send(std::mem::take(&mut self.nodes));
+    }
+}
+
+/// Where a line's message body is, for the check made as it is parsed.
+#[derive(Clone, Copy, Debug)]
+pub enum BodyAt {
+    /// A storage-route JSON line: the value of its `Body` key, when not a string (a string
+    /// is a base64 body, parsed when decoded).
+    Envelope,
+    /// The line is the body (the JSON body of an Avro record).
+    Line,
+    /// Lines that are not messages.
+    Nowhere,
+}
+
+impl BodyAt {
+    fn verdict(self, nodes: &[Node<'_>]) -> Option<bool> {
+        let body = match self {
+            BodyAt::Envelope => tape_get(nodes, "Body")
+                .filter(|body| !matches!(body.first(), Some(Node::String(_))))?,
+            BodyAt::Line => nodes,
+            BodyAt::Nowhere => return None,
+        };
+        Some(body_is_well_formed(body))
     }
 }
 
@@ -49,14 +78,21 @@ impl Default for LineParser {
 }
 
 impl LineParser {
-    /// Parses each `(start, end)` line of `buffer`, in place.
-    pub fn parse(&mut self, mut buffer: Vec<u8>, lines: &[(u32, u32)]) -> ParsedLines {
+    /// Parses each `(start, end)` line of `buffer`, in place, and checks each line's body
+    /// (`body_at`), so that the apply thread need not.
+    pub fn parse(
+        &mut self,
+        mut buffer: Vec<u8>,
+        lines: &[(u32, u32)],
+        body_at: BodyAt,
+    ) -> ParsedLines {
         let len = buffer.len();
         buffer.resize(len + INPUT_PADDING, 0);
         let mut nodes = self.spare_nodes.1.try_recv().unwrap_or_default();
         debug_assert!(nodes.is_empty());
         nodes.reserve(lines.len() * 48);
         let mut spans = Vec::with_capacity(lines.len());
+        let mut verdicts = Vec::with_capacity(lines.len());
         let base = buffer.as_mut_ptr();
         let mut tape = self.tape.take().unwrap_or_else(Tape::null).reset();
         for &(start, end) in lines {
@@ -66,6 +102,7 @@ impl LineParser {
             // JSON, never a read or write out of bounds.
             if start > end || end > len {
                 spans.push(None);
+                verdicts.push(None);
                 continue;
             }
             // SAFETY: `start..end + INPUT_PADDING` lies inside `buffer` (`end <= len`, and
@@ -83,6 +120,7 @@ impl LineParser {
                     // owns, never moves (a Vec's heap block stays put when the Vec moves)
                     // and never changes again; `line_nodes` lends them out only with the
                     // lifetime of a borrow of the `ParsedLines`.
+                    verdicts.push(body_at.verdict(&tape.0));
                     nodes.extend(tape.0.drain(..).map(|node| unsafe {
                         std::mem::transmute::<Node<'_>, Node<'static>>(node)
                     }));
@@ -91,6 +129,7 @@ impl LineParser {
                 Err(_) => {
                     tape.0.clear();
                     spans.push(None);
+                    verdicts.push(None);
                 }
             }
         }
@@ -98,6 +137,7 @@ impl LineParser {
         ParsedLines {
             nodes,
             spans,
+            verdicts,
             buffer,
             recycle: self.spare_nodes.0.clone(),
         }
@@ -109,6 +149,11 @@ impl ParsedLines {
     pub fn line_nodes(&self, i: usize) -> Option<&[Node<'_>]> {
         let (from, to) = (*self.spans.get(i)?)?;
         Some(&self.nodes[from as usize..to as usize])
+    }
+
+    /// Whether line `i`'s body is well formed, when it has one ([`BodyAt`]).
+    pub fn body_verdict(&self, i: usize) -> Option<bool> {
+        self.verdicts.get(i).copied().flatten()
     }
 
     pub fn len(&self) -> usize {
@@ -138,7 +183,7 @@ not json
 {"b":[1,2,{"c":"\u00e9"}]}"#;
         let lines = [(0u32, 12u32), (13, 21), (22, text.len() as u32)];
         let mut parser = LineParser::default();
-        let parsed = parser.parse(text.to_vec(), &lines);
+        let parsed = parser.parse(text.to_vec(), &lines, BodyAt::Nowhere);
         // Moving the block to another thread moves the Vec, not its heap block.
         let parsed = std::thread::spawn(move || parsed).join().expect("thread");
         assert_eq!(parsed.len(), 3);
@@ -161,6 +206,7 @@ not json
         let parsed = parser.parse(
             text.to_vec(),
             &[(0, 7), (0, 8), (5, 3), (7, u32::MAX), (0, 0), (0, 7)],
+            BodyAt::Nowhere,
         );
         assert_eq!(parsed.len(), 6);
         let json: Vec<bool> = (0..6).map(|i| parsed.line_nodes(i).is_some()).collect();

@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::avro::{AvroError, AvroFile, OwnedMessage};
 use super::avro_fast::FastAvroFile;
-use super::parsed::{LineParser, ParsedLines};
+use super::parsed::{BodyAt, LineParser, ParsedLines};
 
 /// Bytes read from a file at a time.
 const BLOCK_BYTES: usize = 4 << 20;
@@ -277,7 +277,7 @@ fn read_file(
                     *parse = (line.0, line.0);
                 }
             }
-            let parsed = parse_copy(parser, recycled, &data, &to_parse);
+            let parsed = parse_copy(parser, recycled, &data, &to_parse, BodyAt::Envelope);
             let chunk = Chunk {
                 file,
                 first_record: next_record,
@@ -343,7 +343,7 @@ fn oversize_line(
         lines: vec![(0, prefix)],
         line_ends: vec![length],
         // Nothing parsed: the line is not a record.
-        parsed: parser.parse(Vec::new(), &[(0, 0)]),
+        parsed: parser.parse(Vec::new(), &[(0, 0)], BodyAt::Nowhere),
         data,
         records: Vec::new(),
     };
@@ -377,11 +377,12 @@ fn parse_copy(
     recycled: &Receiver<Vec<u8>>,
     data: &[u8],
     lines: &[(u32, u32)],
+    body_at: BodyAt,
 ) -> ParsedLines {
     let mut work = recycled.try_recv().unwrap_or_default();
     work.clear();
     work.extend_from_slice(data);
-    parser.parse(work, lines)
+    parser.parse(work, lines, body_at)
 }
 
 /// Records handed over at a time.
@@ -455,7 +456,7 @@ fn read_avro(
         let lines: Vec<(u32, u32)> = records.iter().map(|r| r.body.unwrap_or((0, 0))).collect();
         let n = records.len() as u64;
         if !records.is_empty() {
-            let parsed = parse_copy(parser, recycled, &data, &lines);
+            let parsed = parse_copy(parser, recycled, &data, &lines, BodyAt::Line);
             let chunk = Chunk {
                 file,
                 first_record: next_record,

@@ -7,7 +7,7 @@
 use simd_json::{Node, StaticNode};
 
 use crate::decode::{Body, Message, Prop};
-use crate::value::{object_has_duplicate_key, tape_get, tape_is_object};
+use crate::value::{object_has_duplicate_key, tape_find, tape_get, tape_is_object};
 
 /// A [`Message`] view over the tape of one storage-route JSON line.
 pub struct StorageJsonMessage<'t, 'i> {
@@ -16,6 +16,7 @@ pub struct StorageJsonMessage<'t, 'i> {
     enqueued_time_utc: Option<&'t [Node<'i>]>,
     body: Option<&'t [Node<'i>]>,
     line_len: usize,
+    body_verdict: Option<bool>,
 }
 
 impl<'t, 'i> StorageJsonMessage<'t, 'i> {
@@ -42,7 +43,16 @@ impl<'t, 'i> StorageJsonMessage<'t, 'i> {
             enqueued_time_utc: tape_get(nodes, "EnqueuedTimeUtc"),
             body: tape_get(nodes, "Body"),
             line_len,
+            body_verdict: None,
         })
+    }
+
+    /// The body as the reader checked it ([`crate::source::parsed::BodyAt::Envelope`]).
+    pub fn with_body_verdict(self, body_verdict: Option<bool>) -> Self {
+        Self {
+            body_verdict,
+            ..self
+        }
     }
 }
 
@@ -57,13 +67,13 @@ fn prop<'t>(nodes: &'t [Node<'_>]) -> Prop<'t> {
 
 impl<'t, 'i: 't> Message<'t> for StorageJsonMessage<'t, 'i> {
     fn app_property(&self, name: &str) -> Option<Prop<'t>> {
-        self.properties.and_then(|p| tape_get(p, name)).map(prop)
+        self.properties.and_then(|p| tape_find(p, name)).map(prop)
     }
 
     fn system_property(&self, name: &str, storage_name: &str) -> Option<Prop<'t>> {
         let system = self.system_properties?;
-        tape_get(system, storage_name)
-            .or_else(|| tape_get(system, name))
+        tape_find(system, storage_name)
+            .or_else(|| tape_find(system, name))
             .map(prop)
     }
 
@@ -73,6 +83,10 @@ impl<'t, 'i: 't> Message<'t> for StorageJsonMessage<'t, 'i> {
 
     fn body_size(&self) -> usize {
         self.line_len
+    }
+
+    fn body_verdict(&self) -> Option<bool> {
+        self.body_verdict
     }
 
     fn body(&self) -> Body<'t> {

@@ -86,11 +86,14 @@ pub fn alert_dead_letter_key(seq: u64, sink: &str) -> Vec<u8> {
 }
 
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
-    for &b in component {
-        out.push(b);
-        if b == 0 {
-            out.push(0xFF);
-        }
+    // Each 0x00 becomes 0x00 0xFF; the runs between are copied whole.
+    let mut runs = component.split(|&b| b == 0);
+    if let Some(first) = runs.next() {
+        out.extend_from_slice(first);
+    }
+    for run in runs {
+        out.extend_from_slice(&[0x00, 0xFF]);
+        out.extend_from_slice(run);
     }
     out.extend_from_slice(&[0x00, 0x01]);
 }
@@ -221,6 +224,14 @@ mod tests {
             .collect();
         let expected: Vec<OwnedTwinKey> = keys.iter().map(|k| k.to_owned_key()).collect();
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn a_zero_byte_is_escaped_and_components_end_in_zero_one() {
+        assert_eq!(
+            twin_key(key("a\0b\0", "", "m")),
+            b"a\x00\xFFb\x00\xFF\x00\x01\x00\x01m\x00\x01".to_vec()
+        );
     }
 
     #[test]
