@@ -28,17 +28,20 @@ type FastMap<K, V> = HashMap<K, V, RandomState>;
 /// A device's twins: module id (`""` for the device twin) and slot, sorted by module id.
 type DeviceTwins = Vec<(Box<str>, Slot)>;
 
+/// A hub's devices by id.
+type Devices = FastMap<Box<str>, DeviceTwins>;
+
 /// Every key's slot, by hub, then device, then module id.
 #[derive(Default)]
 pub struct Directory {
     /// A few hubs at most: found by a scan, which is cheaper than hashing the name.
-    hubs: Vec<(Box<str>, FastMap<Box<str>, DeviceTwins>)>,
+    hubs: Vec<(Box<str>, Devices)>,
     n_live: usize,
     n_dead: usize,
 }
 
 impl Directory {
-    fn devices(&self, hub: &str) -> Option<&FastMap<Box<str>, DeviceTwins>> {
+    fn devices(&self, hub: &str) -> Option<&Devices> {
         self.hubs
             .iter()
             .find(|(name, _)| **name == *hub)
@@ -61,7 +64,7 @@ impl Directory {
         let i = match self.hubs.iter().position(|(name, _)| **name == *key.hub) {
             Some(i) => i,
             None => {
-                self.hubs.push((key.hub.into(), FastMap::default()));
+                self.hubs.push((key.hub.into(), Devices::default()));
                 self.hubs.len() - 1
             }
         };
