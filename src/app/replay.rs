@@ -236,7 +236,7 @@ pub fn replay(
                             chunk.first_record + i as u64,
                             next_offset,
                             chunk.parsed.line_nodes(i),
-                            chunk.parsed.body_verdict(i),
+                            chunk.parsed.verdict(i),
                             raw,
                         )?;
                     }
@@ -247,7 +247,7 @@ pub fn replay(
                             record,
                             body_bytes: &chunk.data[start as usize..end as usize],
                             body_nodes: chunk.parsed.line_nodes(i),
-                            body_verdict: chunk.parsed.body_verdict(i),
+                            body_verdict: chunk.parsed.verdict(i).body,
                         };
                         engine.ingest_message(
                             handle,

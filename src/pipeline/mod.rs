@@ -25,6 +25,7 @@ use crate::compliance::{self, decode_violation, Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
 use crate::model::{DeadLetterReason, Slot, SourceId, TwinKey};
 use crate::policy::{Policy, Severity, TwinView};
+use crate::source::parsed::LineVerdict;
 use crate::source::storage_json::StorageJsonMessage;
 use crate::store::keys::{
     decode_twin_key, encode_twin_key, twin_key, META_HIGH_WATER, META_SEEDED_PREFIX,
@@ -354,7 +355,14 @@ impl Engine {
         line: &[u8],
     ) -> Result<(), PipelineError> {
         self.with_parsed(line, |state, nodes| {
-            state.ingest_line(source, index, next_byte_offset, nodes, None, line)
+            state.ingest_line(
+                source,
+                index,
+                next_byte_offset,
+                nodes,
+                LineVerdict::default(),
+                line,
+            )
         })
     }
 
@@ -394,11 +402,11 @@ impl Engine {
         index: u64,
         next_byte_offset: u64,
         nodes: Option<&[Node<'_>]>,
-        body_verdict: Option<bool>,
+        verdict: LineVerdict,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
         self.state
-            .ingest_line(source, index, next_byte_offset, nodes, body_verdict, raw)
+            .ingest_line(source, index, next_byte_offset, nodes, verdict, raw)
     }
 
     /// One message of any other container (an Avro record): record `index` of `source`;
@@ -526,12 +534,14 @@ impl State {
         index: u64,
         next_byte_offset: u64,
         nodes: Option<&[Node<'_>]>,
-        body_verdict: Option<bool>,
+        verdict: LineVerdict,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
-        match nodes.and_then(|nodes| StorageJsonMessage::new(nodes, raw.len())) {
+        let message = nodes
+            .and_then(|nodes| StorageJsonMessage::checked(nodes, raw.len(), verdict.unambiguous));
+        match message {
             Some(message) => {
-                let message = message.with_body_verdict(body_verdict);
+                let message = message.with_body_verdict(verdict.body);
                 self.handle(source, index, &message, &|| Cow::Borrowed(raw))?
             }
             None => {

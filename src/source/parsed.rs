@@ -9,7 +9,8 @@ use crossbeam_channel::{Receiver, Sender};
 use simd_json::{Buffers, Node, Tape, INPUT_PADDING};
 
 use crate::decode::body_is_well_formed;
-use crate::value::tape_get;
+use crate::source::storage_json::StorageJsonMessage;
+use crate::value::tape_find;
 
 /// Lines of one block, each parsed into a slice of a shared tape.
 pub struct ParsedLines {
@@ -17,8 +18,8 @@ pub struct ParsedLines {
     nodes: Vec<Node<'static>>,
     /// Per line, its nodes' range, or `None` where the line is not JSON.
     spans: Vec<Option<(u32, u32)>>,
-    /// Per line, [`crate::decode::body_is_well_formed`] of its body, where it has one.
-    verdicts: Vec<Option<bool>>,
+    /// Per line, what the reader checked of it.
+    verdicts: Vec<LineVerdict>,
     /// The parsed (partly unescaped) bytes: never read or written directly after parsing.
     #[allow(dead_code)]
     buffer: Vec<u8>,
@@ -46,15 +47,35 @@ pub enum BodyAt {
     Nowhere,
 }
 
+/// What the reader checked of a line as it parsed it (`None`: not checked).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LineVerdict {
+    /// [`StorageJsonMessage::is_unambiguous`] of the envelope ([`BodyAt::Envelope`]).
+    pub unambiguous: Option<bool>,
+    /// [`crate::decode::body_is_well_formed`] of its body, where it has one.
+    pub body: Option<bool>,
+}
+
 impl BodyAt {
-    fn verdict(self, nodes: &[Node<'_>]) -> Option<bool> {
-        let body = match self {
-            BodyAt::Envelope => tape_get(nodes, "Body")
-                .filter(|body| !matches!(body.first(), Some(Node::String(_))))?,
-            BodyAt::Line => nodes,
-            BodyAt::Nowhere => return None,
-        };
-        Some(body_is_well_formed(body))
+    fn verdict(self, nodes: &[Node<'_>]) -> LineVerdict {
+        match self {
+            BodyAt::Envelope => {
+                let unambiguous = StorageJsonMessage::is_unambiguous(nodes);
+                // Of an unambiguous envelope, the one `Body`.
+                let body = tape_find(nodes, "Body")
+                    .filter(|body| unambiguous && !matches!(body.first(), Some(Node::String(_))))
+                    .map(body_is_well_formed);
+                LineVerdict {
+                    unambiguous: Some(unambiguous),
+                    body,
+                }
+            }
+            BodyAt::Line => LineVerdict {
+                unambiguous: None,
+                body: Some(body_is_well_formed(nodes)),
+            },
+            BodyAt::Nowhere => LineVerdict::default(),
+        }
     }
 }
 
@@ -102,7 +123,7 @@ impl LineParser {
             // JSON, never a read or write out of bounds.
             if start > end || end > len {
                 spans.push(None);
-                verdicts.push(None);
+                verdicts.push(LineVerdict::default());
                 continue;
             }
             // SAFETY: `start..end + INPUT_PADDING` lies inside `buffer` (`end <= len`, and
@@ -129,7 +150,7 @@ impl LineParser {
                 Err(_) => {
                     tape.0.clear();
                     spans.push(None);
-                    verdicts.push(None);
+                    verdicts.push(LineVerdict::default());
                 }
             }
         }
@@ -151,9 +172,9 @@ impl ParsedLines {
         Some(&self.nodes[from as usize..to as usize])
     }
 
-    /// Whether line `i`'s body is well formed, when it has one ([`BodyAt`]).
-    pub fn body_verdict(&self, i: usize) -> Option<bool> {
-        self.verdicts.get(i).copied().flatten()
+    /// What the reader checked of line `i` ([`BodyAt`]).
+    pub fn verdict(&self, i: usize) -> LineVerdict {
+        self.verdicts.get(i).copied().unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {

@@ -24,27 +24,44 @@ impl<'t, 'i> StorageJsonMessage<'t, 'i> {
     /// `Properties` or its `SystemProperties` has a key twice (which one would count is the
     /// reader's guess; the body's own objects are checked with the body).
     pub fn new(nodes: &'t [Node<'i>], line_len: usize) -> Option<Self> {
-        if !tape_is_object(nodes) {
+        Self::checked(nodes, line_len, None)
+    }
+
+    /// [`StorageJsonMessage::new`] with the verdict of [`StorageJsonMessage::is_unambiguous`]
+    /// when the reader already reached it on its own thread.
+    pub fn checked(
+        nodes: &'t [Node<'i>],
+        line_len: usize,
+        unambiguous: Option<bool>,
+    ) -> Option<Self> {
+        if !unambiguous.unwrap_or_else(|| Self::is_unambiguous(nodes)) {
             return None;
+        }
+        let properties = tape_find(nodes, "Properties").filter(|p| tape_is_object(p));
+        let system_properties = tape_find(nodes, "SystemProperties").filter(|p| tape_is_object(p));
+        Some(Self {
+            properties,
+            system_properties,
+            enqueued_time_utc: tape_find(nodes, "EnqueuedTimeUtc"),
+            body: tape_find(nodes, "Body"),
+            line_len,
+            body_verdict: None,
+        })
+    }
+
+    /// Whether the line is a JSON object and neither it, its `Properties` nor its
+    /// `SystemProperties` has a key twice.
+    pub fn is_unambiguous(nodes: &[Node<'_>]) -> bool {
+        if !tape_is_object(nodes) {
+            return false;
         }
         let properties = tape_get(nodes, "Properties").filter(|p| tape_is_object(p));
         let system_properties = tape_get(nodes, "SystemProperties").filter(|p| tape_is_object(p));
         let mut keys = Vec::new();
-        let ambiguous = [Some(nodes), properties, system_properties]
+        ![Some(nodes), properties, system_properties]
             .into_iter()
             .flatten()
-            .any(|object| object_has_duplicate_key(object, &mut keys));
-        if ambiguous {
-            return None;
-        }
-        Some(Self {
-            properties,
-            system_properties,
-            enqueued_time_utc: tape_get(nodes, "EnqueuedTimeUtc"),
-            body: tape_get(nodes, "Body"),
-            line_len,
-            body_verdict: None,
-        })
+            .any(|object| object_has_duplicate_key(object, &mut keys))
     }
 
     /// The body as the reader checked it ([`crate::source::parsed::BodyAt::Envelope`]).

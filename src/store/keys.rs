@@ -86,7 +86,12 @@ pub fn alert_dead_letter_key(seq: u64, sink: &str) -> Vec<u8> {
 }
 
 fn put_component(out: &mut Vec<u8>, component: &[u8]) {
-    // Each 0x00 becomes 0x00 0xFF; the runs between are copied whole.
+    // Each 0x00 becomes 0x00 0xFF; the runs between are copied whole (ids rarely hold one).
+    if !component.contains(&0) {
+        out.extend_from_slice(component);
+        out.extend_from_slice(&[0x00, 0x01]);
+        return;
+    }
     let mut runs = component.split(|&b| b == 0);
     if let Some(first) = runs.next() {
         out.extend_from_slice(first);
