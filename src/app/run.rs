@@ -77,6 +77,8 @@ pub struct ServiceState {
     /// (`twinwatch_failing_twins`, counted by the engine from the stored violations on): from
     /// then on `/v1/stats` reads its violation counts there instead of scanning the store.
     pub violations_counted: AtomicBool,
+    /// The seed passes' progress and last outcome (`None`: no `[seed]`), for /readyz.
+    pub seed: Option<Arc<super::seed::SeedStatus>>,
 }
 
 impl ServiceState {
@@ -403,6 +405,42 @@ async fn serve(
             }
         }
     }
+    // The seed thread: it waits for the apply thread's plan, then runs the passes and
+    // hands their pages over (`SEMANTICS.md` §7).
+    let seed = config.seed.clone().map(|seed_config| {
+        let status = Arc::new(super::seed::SeedStatus::new(seed_config.hub()));
+        let (plan_tx, plan_rx) = std::sync::mpsc::channel();
+        let (to_apply, from_seed) = mpsc::channel(super::seed::SEED_PAGES);
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (stop, cancel) = (stop.clone(), cancel.clone());
+            tracker.spawn(async move {
+                cancel.cancelled().await;
+                stop.store(true, Ordering::SeqCst);
+            });
+        }
+        let thread = super::seed::SeedThread {
+            config: seed_config.clone(),
+            plan: plan_rx,
+            to_apply,
+            status: status.clone(),
+            metrics: metrics.seed.clone(),
+            stop,
+        };
+        // Not joined: a request under way may take its timeout; the process does not wait.
+        if let Err(e) = std::thread::Builder::new()
+            .name("twinwatch-seed".into())
+            .spawn(move || thread.run())
+        {
+            tracing::error!(error = %e, "cannot start the seed thread: no seed passes");
+        }
+        ApplySeed {
+            seed: super::seed::ServiceSeed::new(seed_config, status.clone(), metrics.seed.clone()),
+            plan: plan_tx,
+            inputs: from_seed,
+            status,
+        }
+    });
     // HTTP first: /healthz and /readyz answer while the service connects, and say why it
     // cannot (bad credentials, the hub unreachable).
     let state = Arc::new(ServiceState {
@@ -413,6 +451,7 @@ async fn serve(
         failed: std::sync::Mutex::new(None),
         delivery: delivery.map(|d| d.health()),
         violations_counted: AtomicBool::new(false),
+        seed: seed.as_ref().map(|s| s.status.clone()),
     });
     if let Some(health) = delivery.map(|d| d.health()) {
         // Alerts can no longer leave the outbox: stop, and exit 1, rather than run on
@@ -539,6 +578,7 @@ async fn serve(
                         wake,
                         &live,
                         &cancel,
+                        seed,
                     )
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the apply thread panicked")));
@@ -654,6 +694,83 @@ fn caught_up(state: &ServiceState, expected: &[u64]) -> bool {
         })
 }
 
+/// The apply thread's part of the service's seed passes.
+struct ApplySeed {
+    seed: super::seed::ServiceSeed,
+    /// Where the apply thread tells the seed thread what to run first.
+    plan: std::sync::mpsc::Sender<super::seed::SeedPlan>,
+    inputs: mpsc::Receiver<super::seed::SeedInput>,
+    status: Arc<super::seed::SeedStatus>,
+}
+
+/// What the apply thread takes next.
+enum Next {
+    Events(Vec<LiveEvent>),
+    Seed(super::seed::SeedInput),
+    /// Nothing came within the batch interval (or the service is stopping).
+    Idle,
+    /// Every receiver is gone and everything they sent is applied.
+    Closed,
+}
+
+/// The apply thread's inputs, in turn: a chunk of events, then a page of a seed pass (when
+/// one is waiting), so that neither waits for more than one of the other. Waits up to `tick`
+/// when both are empty.
+fn next_input(
+    rx: &mut mpsc::Receiver<Vec<LiveEvent>>,
+    seed: &mut Option<mpsc::Receiver<super::seed::SeedInput>>,
+    seed_turn: &mut bool,
+    handle: &tokio::runtime::Handle,
+    tick: Duration,
+    cancel: &CancellationToken,
+    closed: bool,
+) -> Next {
+    *seed_turn = !*seed_turn;
+    for seed_now in [*seed_turn, !*seed_turn] {
+        if seed_now {
+            if let Some(inputs) = seed {
+                match inputs.try_recv() {
+                    Ok(input) => return Next::Seed(input),
+                    Err(mpsc::error::TryRecvError::Disconnected) => *seed = None,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(chunk) => return Next::Events(chunk),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Next::Closed,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
+    }
+    // The timer must be made inside the runtime: build it in the async block. A stop ends
+    // the wait at once (the batch interval may be up to a minute).
+    let (next, seed_gone) = handle.block_on(async {
+        let seed_input = async {
+            match seed.as_mut() {
+                Some(inputs) => inputs.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = tokio::time::timeout(tick, rx.recv()) => match received {
+                Ok(Some(chunk)) => (Next::Events(chunk), false),
+                Ok(None) => (Next::Closed, false),
+                Err(_) => (Next::Idle, false),
+            },
+            input = seed_input => match input {
+                Some(input) => (Next::Seed(input), false),
+                None => (Next::Idle, true),
+            },
+            _ = cancel.cancelled(), if !closed => (Next::Idle, false),
+        }
+    });
+    if seed_gone {
+        *seed = None;
+    }
+    next
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_loop(
     store: Arc<Store>,
@@ -667,9 +784,27 @@ fn apply_loop(
     wake: Option<crate::alert::DeliveryWaker>,
     live: &LiveSettings,
     cancel: &CancellationToken,
+    seed: Option<ApplySeed>,
 ) -> anyhow::Result<Counters> {
     let tick = options.batch_interval;
+    let mut options = options;
+    // A seed pass left open by the last run goes on (`EngineOptions::continue_seed`).
+    let continuing = match &seed {
+        Some(seed) => seed.seed.continuing(&store)?,
+        None => None,
+    };
+    options.continue_seed = continuing.clone();
     let mut engine = Engine::new(store, options)?;
+    let (mut seed, mut seed_inputs) = match seed {
+        Some(ApplySeed {
+            seed, plan, inputs, ..
+        }) => {
+            let _ = plan.send(seed.plan(&engine, continuing.map(|(_, as_of)| as_of)));
+            (Some(seed), Some(inputs))
+        }
+        None => (None, None),
+    };
+    let mut seed_turn = false;
     state
         .metrics
         .policy
@@ -716,27 +851,26 @@ fn apply_loop(
             rx.close();
             closed = true;
         }
-        let chunk = match rx.try_recv() {
-            Ok(chunk) => Some(chunk),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                // The timer must be made inside the runtime: build it in the async block. A
-                // stop ends the wait at once (the batch interval may be up to a minute).
-                let received = handle.block_on(async {
-                    tokio::select! {
-                        received = tokio::time::timeout(tick, rx.recv()) => received.ok(),
-                        _ = cancel.cancelled(), if !closed => None,
-                    }
-                });
-                match received {
-                    Some(Some(chunk)) => Some(chunk),
-                    Some(None) => break,
-                    None => None,
+        if closed {
+            // A pass under way stays open; its pages are read again at the next start.
+            seed_inputs = None;
+        }
+        match next_input(
+            &mut rx,
+            &mut seed_inputs,
+            &mut seed_turn,
+            handle,
+            tick,
+            cancel,
+            closed,
+        ) {
+            Next::Closed => break,
+            Next::Seed(input) => {
+                if let Some(seed) = &mut seed {
+                    seed.handle(&mut engine, input)?;
                 }
             }
-        };
-        match chunk {
-            Some(chunk) => {
+            Next::Events(chunk) => {
                 let mut newest = None;
                 for event in &chunk {
                     let p = event.partition;
@@ -784,7 +918,7 @@ fn apply_loop(
                         .set((now.0 - t.0) as f64 / 1e7);
                 }
             }
-            None => {
+            Next::Idle => {
                 engine.tick()?;
                 // A quiet feed must not freeze the clock of `for` rules (`SEMANTICS.md` §9).
                 if engine.has_pending() && caught_up(state, &expected) {
@@ -817,6 +951,9 @@ fn apply_loop(
             );
             last_export = Instant::now();
         }
+    }
+    if let Some(seed) = &mut seed {
+        seed.interrupted();
     }
     let counters = engine.finish()?;
     export_metrics_final(&counters, &mut exported, state);

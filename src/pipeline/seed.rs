@@ -68,6 +68,21 @@ impl SeedPass {
     pub fn counters(&self) -> &SeedCounters {
         &self.counters
     }
+
+    /// The pass (hub, as-of time) a data directory holds open: one that was interrupted
+    /// before its end (a crash, or a service stopped mid-pass). Read before [`Engine::new`]
+    /// so that the caller can continue it (`EngineOptions::continue_seed`) rather than have
+    /// it evaluated as an incomplete pass.
+    pub fn stored(store: &crate::store::Store) -> Result<Option<(String, Ticks)>, PipelineError> {
+        let Some(raw) = store.meta(META_SEED_PASS)? else {
+            return Ok(None);
+        };
+        let pass: StoredPass = serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt {
+            what: "seed pass",
+            detail: e.to_string(),
+        })?;
+        Ok(Some((pass.hub, Ticks(pass.as_of))))
+    }
 }
 
 /// How a pass ended.
