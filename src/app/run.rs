@@ -855,12 +855,14 @@ fn apply_loop(
             // A pass under way stays open; its pages are read again at the next start.
             seed_inputs = None;
         }
+        // An ending pass evaluates a batch of its twins at each turn: no wait for input then.
+        let seed_busy = seed.as_ref().is_some_and(|s| s.busy()) && !closed;
         match next_input(
             &mut rx,
             &mut seed_inputs,
             &mut seed_turn,
             handle,
-            tick,
+            if seed_busy { Duration::ZERO } else { tick },
             cancel,
             closed,
         ) {
@@ -927,6 +929,11 @@ fn apply_loop(
                     engine
                         .advance_clock(crate::time::Ticks(now_ticks().0.saturating_sub(delay)))?;
                 }
+            }
+        }
+        if seed_busy {
+            if let Some(seed) = &mut seed {
+                seed.step(&mut engine)?;
             }
         }
         if live.reload.swap(false, Ordering::SeqCst) {

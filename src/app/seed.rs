@@ -439,6 +439,8 @@ struct SeedState {
     hub: String,
     /// The pass under way: its as-of time and documents read so far.
     running: Option<(Ticks, u64)>,
+    /// Its touched twins left to evaluate, once its documents are all in.
+    to_evaluate: Option<usize>,
     throttled: u64,
     /// The last pass that ended: outcome, as-of time, documents, removed, why not complete.
     last: Option<(PassOutcome, Ticks, u64, u64, Option<String>)>,
@@ -465,7 +467,12 @@ impl SeedStatus {
     pub fn details(&self) -> serde_json::Value {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let running = state.running.map(|(as_of, documents)| {
-            json!({"asOf": as_of.to_string(), "documents": documents, "throttled": state.throttled})
+            json!({
+                "asOf": as_of.to_string(),
+                "documents": documents,
+                "throttled": state.throttled,
+                "toEvaluate": state.to_evaluate,
+            })
         });
         let last = state
             .last
@@ -578,6 +585,7 @@ impl SeedThread {
     /// One pass: both queries, page by page, to the apply thread; then its outcome.
     fn one_pass(&self, client: &QueryClient, as_of: Ticks) -> Result<PassOutcome, Gone> {
         let send = |input: SeedInput| self.to_apply.blocking_send(input).map_err(|_| Gone);
+        self.status.update(|s| s.throttled = 0);
         send(SeedInput::Begin { as_of })?;
         let problem = self.read(client, &send)?;
         let (done, outcome) = std::sync::mpsc::sync_channel(1);
@@ -633,6 +641,15 @@ pub(super) struct ServiceSeed {
     status: Arc<SeedStatus>,
     metrics: crate::telemetry::SeedMetrics,
     pass: Option<OpenPass>,
+    /// The pass whose documents are all in, its touched twins being evaluated.
+    ending: Option<Ending>,
+}
+
+struct Ending {
+    open: OpenPass,
+    outcome: PassOutcome,
+    reason: Option<String>,
+    done: std::sync::mpsc::SyncSender<PassOutcome>,
 }
 
 struct OpenPass {
@@ -654,6 +671,7 @@ impl ServiceSeed {
             status,
             metrics,
             pass: None,
+            ending: None,
         }
     }
 
@@ -736,7 +754,6 @@ impl ServiceSeed {
                     return Ok(());
                 };
                 export_documents(&mut open, &self.metrics, &self.status);
-                let as_of = open.pass.as_of();
                 let (reason, failed) = match (&open.bad_page, problem) {
                     (Some(bad), _) => (Some(bad.clone()), false),
                     (None, Some(p)) => (Some(p.reason), p.failed),
@@ -753,51 +770,95 @@ impl ServiceSeed {
                 let grace = i64::try_from(self.config.grace.as_secs())
                     .unwrap_or(i64::MAX)
                     .saturating_mul(TICKS_PER_SECOND);
-                let counters = engine.end_seed(
-                    open.pass,
+                engine.begin_end_seed(
+                    &mut open.pass,
                     PassEnd {
                         complete: outcome == PassOutcome::Complete,
                         reconcile_grace: self.config.reconcile_every.map(|_| Ticks(grace)),
                     },
                 )?;
-                let m = &self.metrics;
-                m.passes.with_label_values(&[outcome.as_str()]).inc();
-                m.removed.inc_by(counters.removed);
-                m.running.set(0);
-                if outcome == PassOutcome::Complete {
-                    m.last_complete.set(as_of.unix_millis() as f64 / 1000.0);
-                }
-                tracing::info!(
-                    hub = %self.config.hub(),
-                    as_of = %as_of,
-                    outcome = outcome.as_str(),
-                    documents = counters.documents,
-                    applied = counters.applied,
-                    stale = counters.stale,
-                    dead_lettered = counters.n_dead_lettered(),
-                    removed = counters.removed,
-                    evaluated = counters.evaluated,
-                    alerts_opened = counters.alerts_opened,
-                    alerts_resolved = counters.alerts_resolved,
-                    "seed pass ended"
-                );
-                self.status.update(|s| {
-                    s.running = None;
-                    if outcome == PassOutcome::Complete {
-                        s.last_complete = Some(as_of);
-                    }
-                    s.last = Some((outcome, as_of, counters.documents, counters.removed, reason));
+                self.ending = Some(Ending {
+                    open,
+                    outcome,
+                    reason,
+                    done,
                 });
-                let _ = done.send(outcome);
+                self.step(engine)?;
             }
         }
+        Ok(())
+    }
+
+    /// Whether an ending pass has twins left to evaluate ([`ServiceSeed::step`]).
+    pub(super) fn busy(&self) -> bool {
+        self.ending.is_some()
+    }
+
+    /// Evaluates the next batch of an ending pass's touched twins; after the last, the pass
+    /// is over: counted, reported, and the seed thread told.
+    pub(super) fn step(
+        &mut self,
+        engine: &mut Engine,
+    ) -> Result<(), crate::pipeline::PipelineError> {
+        let Some(ending) = &mut self.ending else {
+            return Ok(());
+        };
+        let Some(counters) = engine.evaluate_seed_step(&mut ending.open.pass)? else {
+            let left = ending.open.pass.ending().unwrap_or(0);
+            self.status.update(|s| s.to_evaluate = Some(left));
+            return Ok(());
+        };
+        let Some(Ending {
+            open,
+            outcome,
+            reason,
+            done,
+        }) = self.ending.take()
+        else {
+            return Ok(());
+        };
+        let as_of = open.pass.as_of();
+        let m = &self.metrics;
+        m.passes.with_label_values(&[outcome.as_str()]).inc();
+        m.removed.inc_by(counters.removed);
+        m.running.set(0);
+        if outcome == PassOutcome::Complete {
+            m.last_complete.set(as_of.unix_millis() as f64 / 1000.0);
+        }
+        tracing::info!(
+            hub = %self.config.hub(),
+            as_of = %as_of,
+            outcome = outcome.as_str(),
+            documents = counters.documents,
+            applied = counters.applied,
+            stale = counters.stale,
+            dead_lettered = counters.n_dead_lettered(),
+            removed = counters.removed,
+            evaluated = counters.evaluated,
+            alerts_opened = counters.alerts_opened,
+            alerts_resolved = counters.alerts_resolved,
+            "seed pass ended"
+        );
+        self.status.update(|s| {
+            s.running = None;
+            s.to_evaluate = None;
+            if outcome == PassOutcome::Complete {
+                s.last_complete = Some(as_of);
+            }
+            s.last = Some((outcome, as_of, counters.documents, counters.removed, reason));
+        });
+        let _ = done.send(outcome);
         Ok(())
     }
 
     /// The service stops with a pass under way: it stays open in the data directory (its
     /// applied twins are durable and await evaluation) and goes on at the next start.
     pub(super) fn interrupted(&mut self) {
-        let Some(mut open) = self.pass.take() else {
+        let Some(mut open) = self
+            .pass
+            .take()
+            .or_else(|| self.ending.take().map(|e| e.open))
+        else {
             return;
         };
         export_documents(&mut open, &self.metrics, &self.status);
@@ -808,6 +869,7 @@ impl ServiceSeed {
         let as_of = open.pass.as_of();
         self.status.update(|s| {
             s.running = None;
+            s.to_evaluate = None;
             s.last = Some((
                 PassOutcome::Incomplete,
                 as_of,

@@ -215,9 +215,17 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
         1.0,
         Duration::from_secs(60),
     );
-    let (status, body) = readyz(port).expect("/readyz");
-    let body: Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(status, 200, "{body}");
+    // The receivers may attach after the pass (readiness never waits for it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = readyz(port).expect("/readyz");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        if status == 200 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "not ready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(body["seed"]["last"]["outcome"], "complete", "{body}");
     assert_eq!(body["seed"]["lastComplete"], as_of.to_string(), "{body}");
     let n_documents = TwinDocuments::read(&documents).expect("documents");
