@@ -101,6 +101,9 @@ pub struct SeedMetrics {
     pub throttled: prometheus::IntCounter,
     /// `twinwatch_seed_throttled_seconds_total`: the time those waits took.
     pub throttled_seconds: prometheus::Counter,
+    /// `twinwatch_seed_step_duration_seconds`: the apply thread's time on one step of a pass
+    /// (a page's documents, or a batch of its evaluation): the longest the feed waits for it.
+    pub step_seconds: prometheus::Histogram,
 }
 
 /// The service's Prometheus metrics, declared once; registered on their own registry so that
@@ -408,6 +411,11 @@ impl Metrics {
                     "twinwatch_seed_throttled_seconds_total",
                     "Seconds spent waiting out the hub's throttling (its Retry-After)",
                 )?,
+            )?,
+            step_seconds: histogram(
+                "twinwatch_seed_step_duration_seconds",
+                "The apply thread's time on one step of a seed pass (a page's documents, or a batch of its evaluation), between two chunks of events",
+                SECONDS_BUCKETS.to_vec(),
             )?,
         };
         for outcome in ["complete", "incomplete", "failed"] {

@@ -869,7 +869,13 @@ fn apply_loop(
             Next::Closed => break,
             Next::Seed(input) => {
                 if let Some(seed) = &mut seed {
+                    let started = Instant::now();
                     seed.handle(&mut engine, input)?;
+                    state
+                        .metrics
+                        .seed
+                        .step_seconds
+                        .observe(started.elapsed().as_secs_f64());
                 }
             }
             Next::Events(chunk) => {
@@ -933,7 +939,13 @@ fn apply_loop(
         }
         if seed_busy {
             if let Some(seed) = &mut seed {
+                let started = Instant::now();
                 seed.step(&mut engine)?;
+                state
+                    .metrics
+                    .seed
+                    .step_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
         }
         if live.reload.swap(false, Ordering::SeqCst) {

@@ -552,7 +552,11 @@ impl SeedThread {
         let mut fixed_as_of = if plan.start_now { plan.as_of } else { None };
         let mut retry = RETRY_FIRST;
         if let Some(t) = plan.seeded_as_of {
+            // The schedule, the gauge and /readyz carry on from the last run's complete pass.
             self.status.update(|s| s.last_complete = Some(t));
+            self.metrics
+                .last_complete
+                .set(t.unix_millis() as f64 / 1000.0);
         }
         while let Some(at) = due {
             while Instant::now() < at {
