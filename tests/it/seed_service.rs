@@ -506,3 +506,73 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
     assert_eq!(export(&data).len(), total);
     hub.runtime.block_on(query.shutdown());
 }
+
+/// A service killed (SIGKILL) in the middle of a pass and started again goes on with that
+/// pass and ends where a run never killed ends: the same snapshot, the same alerts with the
+/// same ids, none twice.
+#[test]
+fn a_service_killed_mid_pass_ends_as_one_never_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, seed) = (90, 2_500, 29);
+    let documents = documents_file(dir.path(), devices, events, seed, events);
+    let hub = Hub::empty("iothub-ehub-kill");
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    // A fixed as-of time, so that both runs' alert ids are comparable.
+    let config = config_file(
+        dir.path(),
+        "kill.toml",
+        &query.http_endpoint().expect("http"),
+        "as_of = \"2026-06-01T00:00:00Z\"\nreconcile_every_hours = 0",
+    );
+    let run = |name: &str, kill_after_pages: Option<u32>| {
+        let (data, alerts) = (
+            dir.path().join(format!("data-{name}")),
+            dir.path().join(format!("alerts-{name}.jsonl")),
+        );
+        if let Some(pages) = kill_after_pages {
+            query.inject_after(
+                pages,
+                QueryFault::Throttle {
+                    retry_after_secs: 60,
+                },
+                1,
+            );
+            let port = free_port();
+            let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+            wait_metric(
+                port,
+                "twinwatch_seed_throttled_total",
+                "",
+                1.0,
+                Duration::from_secs(60),
+            );
+            let mut child = service.0.take().expect("running");
+            child.kill().expect("SIGKILL");
+            child.wait().expect("killed");
+        }
+        let port = free_port();
+        let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+        wait_metric(
+            port,
+            "twinwatch_seed_passes_total",
+            "outcome=\"complete\"",
+            1.0,
+            Duration::from_secs(60),
+        );
+        service.stop();
+        let bytes = std::fs::read(&alerts).expect("alerts");
+        (export(&data), alerts_by_id(&bytes), bytes)
+    };
+    let (clean_twins, (clean_alerts, _), _) = run("clean", None);
+    let (killed_twins, (killed_alerts, lines), bytes) = run("killed", Some(2));
+    assert!(!clean_alerts.is_empty(), "the pass raised alerts");
+    assert!(clean_twins == killed_twins, "the snapshots differ");
+    assert_eq!(clean_alerts, killed_alerts);
+    assert_eq!(
+        lines,
+        killed_alerts.len(),
+        "an alert delivered twice: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    hub.runtime.block_on(query.shutdown());
+}
