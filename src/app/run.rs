@@ -252,6 +252,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         custom_endpoint = ?config.eventhub.custom_endpoint.as_deref().map(crate::config::redact_url),
         rules = policy.rules().len(),
         alerts = ?config.alerts,
+        seed = ?config.seed,
         "starting"
     );
     std::fs::create_dir_all(&config.data_dir)
