@@ -1105,3 +1105,73 @@ fn export_metrics(
         .set(engine.snapshot().directory.n_dead() as i64);
     state.violations_counted.store(true, Ordering::Release);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::seed::SeedInput;
+    use super::*;
+
+    fn kind(next: &Next) -> &'static str {
+        match next {
+            Next::Events(_) => "events",
+            Next::Seed(_) => "seed",
+            Next::Idle => "idle",
+            Next::Closed => "closed",
+        }
+    }
+
+    /// The apply thread takes a chunk of events and a seed input in turn while both wait, so
+    /// that a pass never holds the feed up for more than one page; it waits for whichever
+    /// comes first when both are empty; a seed thread that is gone leaves the events alone.
+    #[test]
+    fn the_apply_thread_takes_events_and_seed_inputs_in_turn() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, mut rx) = mpsc::channel::<Vec<LiveEvent>>(8);
+        let (seed_tx, seed_rx) = mpsc::channel::<SeedInput>(8);
+        for _ in 0..3 {
+            tx.try_send(Vec::new()).expect("a chunk");
+            seed_tx
+                .try_send(SeedInput::Page(Vec::new()))
+                .expect("a page");
+        }
+        tx.try_send(Vec::new()).expect("a chunk");
+        let mut seed = Some(seed_rx);
+        let mut turn = false;
+        let cancel = CancellationToken::new();
+        let handle = runtime.handle().clone();
+        let mut next = |seed: &mut Option<mpsc::Receiver<SeedInput>>, tick: Duration| {
+            kind(&next_input(
+                &mut rx, seed, &mut turn, &handle, tick, &cancel, false,
+            ))
+        };
+        let taken: Vec<&str> = (0..8)
+            .map(|_| next(&mut seed, Duration::from_millis(10)))
+            .collect();
+        assert_eq!(
+            taken,
+            ["seed", "events", "seed", "events", "seed", "events", "events", "idle"]
+        );
+
+        // Both empty: a page sent meanwhile ends the wait at once.
+        let sender = seed_tx.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            sender.blocking_send(SeedInput::Page(Vec::new()))
+        });
+        let started = Instant::now();
+        assert_eq!(next(&mut seed, Duration::from_secs(20)), "seed");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(late.join().expect("sender").is_ok());
+
+        // The seed thread gone: its input is dropped, the events go on.
+        drop(seed_tx);
+        assert_eq!(next(&mut seed, Duration::from_millis(10)), "idle");
+        assert!(seed.is_none());
+        drop(tx);
+        assert_eq!(next(&mut seed, Duration::from_millis(10)), "closed");
+    }
+}
