@@ -182,6 +182,7 @@ for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")
 for var, (secret, key, optional) in {
     "TWINWATCH_EVENTHUB_CONNECTION_STRING": ("twinwatch-eventhub", "connection-string", None),
     "TWINWATCH_API_TOKEN": ("twinwatch-api", "token", None),
+    "TWINWATCH_IOTHUB_CONNECTION_STRING": ("twinwatch-iothub", "connection-string", True),
 }.items():
     ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
     if (ref.get("name"), ref.get("key"), ref.get("optional")) != (secret, key, optional):
