@@ -576,3 +576,91 @@ fn a_service_killed_mid_pass_ends_as_one_never_killed() {
     );
     hub.runtime.block_on(query.shutdown());
 }
+
+/// `twinwatch demo` seeds from its embedded twin query before the live feed goes on, and says
+/// so: the banner names the query and the fleet's twins; the pass completes as of the
+/// fleet's own clock (just after the preloaded events), so the events published after it
+/// still apply.
+#[test]
+fn the_demo_seeds_from_its_twin_query_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = std::process::Command::new(crate::support::binary())
+        .args([
+            "demo",
+            "--devices",
+            "150",
+            "--events",
+            "3000",
+            "--rate",
+            "200",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+            path(dir.path()),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn twinwatch demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            lines.push(line);
+        }
+        lines
+    });
+    let mut demo = KillOnDrop(Some(child));
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"complete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    let (_, body) = readyz(port).expect("/readyz");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    let as_of = body["seed"]["last"]["asOf"]
+        .as_str()
+        .expect("asOf")
+        .to_owned();
+    let as_of = Ticks::parse_strict(&as_of).expect("a time");
+    assert!(
+        as_of < Ticks::now(),
+        "the fleet's clock, not the wall clock: {body}"
+    );
+    let documents = body["seed"]["last"]["documents"]
+        .as_u64()
+        .expect("documents");
+    assert!(documents > 150, "{body}");
+    // The feed published after the preloaded events is newer than the pass: it applies.
+    let applied = |port| metric(port, "twinwatch_messages_total", "outcome=\"applied\"");
+    let before = applied(port).unwrap_or(0.0);
+    wait_metric(
+        port,
+        "twinwatch_messages_total",
+        "outcome=\"applied\"",
+        before + 100.0,
+        Duration::from_secs(30),
+    );
+    demo.stop();
+    let lines = banner.join().expect("stdout");
+    let seeding = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("seeding:"))
+        .unwrap_or_else(|| panic!("no seeding line in {lines:#?}"));
+    let twins = format!(
+        "{} device twins",
+        documents - seeding_modules(seeding).expect("module twins in the line")
+    );
+    assert!(seeding.contains(&twins), "{seeding} / {twins}");
+}
+
+/// The number before "module twins" in the demo's seeding line.
+fn seeding_modules(line: &str) -> Option<u64> {
+    let before = line.split(" module twins").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
