@@ -182,6 +182,7 @@ for probe, path in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")
 for var, (secret, key, optional) in {
     "TWINWATCH_EVENTHUB_CONNECTION_STRING": ("twinwatch-eventhub", "connection-string", None),
     "TWINWATCH_API_TOKEN": ("twinwatch-api", "token", None),
+    "TWINWATCH_IOTHUB_CONNECTION_STRING": ("twinwatch-iothub", "connection-string", True),
 }.items():
     ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {})
     if (ref.get("name"), ref.get("key"), ref.get("optional")) != (secret, key, optional):
@@ -298,9 +299,14 @@ exposed = {
     "twinwatch_event_age_seconds", "twinwatch_rocksdb_memtable_bytes",
     "twinwatch_rocksdb_pending_compaction_bytes", "twinwatch_rocksdb_block_cache_usage_bytes",
     "twinwatch_rocksdb_live_sst_bytes", "twinwatch_ready", "twinwatch_build_info",
+    "twinwatch_seed_passes_total", "twinwatch_seed_documents_total",
+    "twinwatch_seed_twins_removed_total", "twinwatch_seed_last_complete_timestamp_seconds",
+    "twinwatch_seed_running", "twinwatch_seed_throttled_total",
+    "twinwatch_seed_throttled_seconds_total",
 }
 for histogram in ["twinwatch_batch_size_messages", "twinwatch_apply_duration_seconds",
-                  "twinwatch_commit_duration_seconds", "twinwatch_enqueue_to_alert_seconds"]:
+                  "twinwatch_commit_duration_seconds", "twinwatch_enqueue_to_alert_seconds",
+                  "twinwatch_seed_step_duration_seconds"]:
     exposed |= {histogram + suffix for suffix in ("_bucket", "_sum", "_count")}
 KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
             "group_left", "group_right", "inf", "nan", "Inf", "NaN"}

@@ -30,9 +30,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The service: consume an IoT Hub's Event Hub-compatible endpoint into the snapshot,
-    /// raise alerts, serve /metrics, /healthz and /readyz; SIGHUP reloads the policy files
-    /// (a changed policy re-audits every twin) and reopens the alert file; stops cleanly on
-    /// SIGTERM or Ctrl-C
+    /// raise alerts, serve /metrics, /healthz and /readyz; with an IoT Hub connection string
+    /// (TWINWATCH_IOTHUB_CONNECTION_STRING, [seed]) also seed the snapshot from the hub's twin
+    /// query when it holds none of its twins and reconcile it on a schedule, beside the feed;
+    /// SIGHUP reloads the policy files (a changed policy re-audits every twin) and reopens the
+    /// alert file; stops cleanly on SIGTERM or Ctrl-C
     Run(RunArgs),
     /// Replay captured files (storage-route JSON lines, Capture or storage-route Avro) into a data directory
     Replay(ReplayArgs),
@@ -57,8 +59,9 @@ pub enum Command {
     Policy(PolicyArgs),
     /// Write a deterministic synthetic fleet's notifications (JSON lines or Avro)
     Generate(GenerateArgs),
-    /// A first look: a generated fleet in the embedded emulator, the service consuming it with
-    /// the baseline policy, alerts on the terminal, metrics on localhost, until Ctrl-C
+    /// A first look: a generated fleet in the embedded emulator and its twin query, the service
+    /// seeding from the query then consuming the feed with the baseline policy, alerts on the
+    /// terminal, metrics on localhost, until Ctrl-C
     Demo(DemoArgs),
     /// A local Event Hubs endpoint (AMQP 1.0, plain TCP) for development and tests, preloaded
     /// with captured files, and IoT Hub's twin query (HTTPS and HTTP) over twin documents;
@@ -304,7 +307,8 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 5_000)]
     pub devices: u64,
 
-    /// Events preloaded into the emulator before the service starts
+    /// Events preloaded into the emulator before the service starts; the twin query serves
+    /// the fleet as of them, and the service seeds from it
     #[arg(long, default_value_t = 50_000)]
     pub events: u64,
 
@@ -423,8 +427,9 @@ impl SinkArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Configuration file (TOML; see deploy/twinwatch.toml). The connection string may come
-    /// from TWINWATCH_EVENTHUB_CONNECTION_STRING instead
+    /// Configuration file (TOML; see deploy/twinwatch.toml). The connection strings may come
+    /// from TWINWATCH_EVENTHUB_CONNECTION_STRING and (seed passes, [seed])
+    /// TWINWATCH_IOTHUB_CONNECTION_STRING instead
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 

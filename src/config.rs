@@ -68,6 +68,9 @@ pub struct RawConfig {
     pub alerts: RawAlerts,
     #[serde(default)]
     pub batching: RawBatching,
+    /// Seeding and reconciling from the hub's twin query (`SEMANTICS.md` §7).
+    #[serde(default)]
+    pub seed: RawSeed,
     /// How long a stop (SIGTERM, Ctrl-C) may take, seconds (default 30).
     pub shutdown_deadline_secs: Option<u64>,
     /// Bearer token required by the query API (`/v1/*`); better from the environment
@@ -158,6 +161,34 @@ pub struct RawBatching {
     pub cache_mib: Option<u64>,
     /// Bodies larger than this are dead letters (default 262144).
     pub max_body_bytes: Option<u64>,
+}
+
+/// The `[seed]` table: seed passes of the service from IoT Hub's twin query.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSeed {
+    /// The IoT Hub connection string of a shared access policy with registry read
+    /// (`HostName=...;SharedAccessKeyName=...;SharedAccessKey=...`); better from the
+    /// environment: `TWINWATCH_IOTHUB_CONNECTION_STRING`. Without one, the service never seeds.
+    pub connection_string: Option<String>,
+    /// Seed when the snapshot holds no twin of the hub (default true with a connection
+    /// string).
+    pub on_empty: Option<bool>,
+    /// Reconcile every this many hours (default 24; 0 turns it off; fractions allowed).
+    pub reconcile_every_hours: Option<f64>,
+    /// Twins that changed within this many seconds before a pass began are never removed by
+    /// it (default 3600: the twin query's results may lag).
+    pub grace_secs: Option<u64>,
+    /// Twins asked for per page (`x-ms-max-item-count`, default 1000, at most 10000).
+    pub page_size: Option<u32>,
+    /// Replaces `https://<HostName>`: a private endpoint or an emulator (`http://` to loopback
+    /// only).
+    pub endpoint: Option<String>,
+    /// A PEM file of CA certificates trusted for the hub besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// For demos and tests of a synthetic fleet whose clock is not the wall clock: the as-of
+    /// time of the pass run at start (RFC 3339); later passes use the moment they begin.
+    pub as_of: Option<String>,
 }
 
 /// Which partitions an instance owns.
@@ -337,6 +368,7 @@ impl fmt::Debug for RawConfig {
             .field("api_token", &format_args!("{}", redacted(&self.api_token)))
             .field("api_token_file", &self.api_token_file)
             .field("min_free_disk_mib", &self.min_free_disk_mib)
+            .field("seed", &self.seed)
             .finish()
     }
 }
@@ -394,6 +426,158 @@ impl fmt::Debug for EventHubConfig {
     }
 }
 
+/// The validated `[seed]` settings. `Debug` never shows the key (see
+/// [`crate::iothub::ConnectionString`]) nor the endpoint's user-info or query.
+#[derive(Clone)]
+pub struct SeedConfig {
+    pub connection: crate::iothub::ConnectionString,
+    pub on_empty: bool,
+    /// `None`: reconciling is off.
+    pub reconcile_every: Option<Duration>,
+    pub grace: Duration,
+    pub page_size: u32,
+    pub endpoint: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// See [`RawSeed::as_of`].
+    pub as_of: Option<crate::time::Ticks>,
+}
+
+impl SeedConfig {
+    /// The hub's name: the first label of the connection string's `HostName`.
+    pub fn hub(&self) -> &str {
+        self.connection.hub_name()
+    }
+}
+
+impl fmt::Debug for SeedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeedConfig")
+            .field("hub", &self.connection.host_name())
+            .field("on_empty", &self.on_empty)
+            .field("reconcile_every", &self.reconcile_every)
+            .field("grace", &self.grace)
+            .field("page_size", &self.page_size)
+            .field("endpoint", &redacted_url_opt(&self.endpoint))
+            .field("ca_file", &self.ca_file)
+            .field("as_of", &self.as_of.map(|t| t.to_string()))
+            .finish()
+    }
+}
+
+impl fmt::Debug for RawSeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawSeed")
+            .field(
+                "connection_string",
+                &format_args!("{}", redacted(&self.connection_string)),
+            )
+            .field("on_empty", &self.on_empty)
+            .field("reconcile_every_hours", &self.reconcile_every_hours)
+            .field("grace_secs", &self.grace_secs)
+            .field("page_size", &self.page_size)
+            .field("endpoint", &redacted_url_opt(&self.endpoint))
+            .field("ca_file", &self.ca_file)
+            .field("as_of", &self.as_of)
+            .finish()
+    }
+}
+
+/// The `[seed]` table validated: `None` without an IoT Hub connection string (then no other
+/// seed setting may be given).
+fn validate_seed(raw: RawSeed, problems: &mut Vec<String>) -> Option<SeedConfig> {
+    let Some(text) = raw.connection_string.filter(|s| !s.trim().is_empty()) else {
+        let given = [
+            ("on_empty", raw.on_empty.is_some()),
+            ("reconcile_every_hours", raw.reconcile_every_hours.is_some()),
+            ("grace_secs", raw.grace_secs.is_some()),
+            ("page_size", raw.page_size.is_some()),
+            ("endpoint", raw.endpoint.is_some()),
+            ("ca_file", raw.ca_file.is_some()),
+            ("as_of", raw.as_of.is_some()),
+        ];
+        let given: Vec<&str> = given.iter().filter(|g| g.1).map(|g| g.0).collect();
+        if !given.is_empty() {
+            problems.push(format!(
+                "seed.{}: seeding needs seed.connection_string (or TWINWATCH_IOTHUB_CONNECTION_STRING)",
+                given.join(", seed.")
+            ));
+        }
+        return None;
+    };
+    // The parser's errors never quote the string.
+    let connection = match crate::iothub::ConnectionString::parse(&text) {
+        Ok(connection) => connection,
+        Err(e) => {
+            problems.push(format!("seed.connection_string: {e}"));
+            return None;
+        }
+    };
+    let hours = raw.reconcile_every_hours.unwrap_or(24.0);
+    let reconcile_every = if !(0.0..=8760.0).contains(&hours) || hours.is_nan() {
+        problems.push(format!(
+            "seed.reconcile_every_hours must be between 0 (off) and 8760, not {hours}"
+        ));
+        None
+    } else if hours == 0.0 {
+        None
+    } else {
+        // At least a second: a shorter interval is a typo, not a schedule.
+        Some(Duration::from_secs_f64(hours * 3600.0).max(Duration::from_secs(1)))
+    };
+    let grace_secs = raw.grace_secs.unwrap_or(3600);
+    if grace_secs > 30 * 86_400 {
+        problems.push(format!(
+            "seed.grace_secs must be at most 2592000 (30 days), not {grace_secs}"
+        ));
+    }
+    let page_size = raw.page_size.unwrap_or(1000);
+    if !(1..=10_000).contains(&page_size) {
+        problems.push(format!(
+            "seed.page_size must be between 1 and 10000, not {page_size}"
+        ));
+    }
+    if let Some(endpoint) = &raw.endpoint {
+        let shown = redact_url(endpoint);
+        match endpoint.split_once("://") {
+            Some(("https", _)) => {}
+            Some(("http", rest)) if is_loopback_authority(rest) => {}
+            Some(("http", _)) => problems.push(format!(
+                "seed.endpoint {shown}: plain http only to a loopback address (the signature would cross the network in the clear)"
+            )),
+            _ => problems.push(format!(
+                "seed.endpoint {shown}: an https:// (or loopback http://) URL"
+            )),
+        }
+    }
+    if let Some(path) = &raw.ca_file {
+        if !path.is_file() {
+            problems.push(format!("seed.ca_file: {} is not a file", path.display()));
+        }
+    }
+    let as_of = match raw.as_of.as_deref() {
+        None => None,
+        Some(text) => {
+            let parsed = crate::time::Ticks::parse_strict(text);
+            if parsed.is_none() {
+                problems.push(format!(
+                    "seed.as_of: {text:?} is not a time like 2026-12-01T00:00:00Z"
+                ));
+            }
+            parsed
+        }
+    };
+    Some(SeedConfig {
+        connection,
+        on_empty: raw.on_empty.unwrap_or(true),
+        reconcile_every,
+        grace: Duration::from_secs(grace_secs),
+        page_size,
+        endpoint: raw.endpoint,
+        ca_file: raw.ca_file,
+        as_of,
+    })
+}
+
 /// The configuration the service runs with.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -411,6 +595,8 @@ pub struct Config {
     pub min_free_bytes: u64,
     /// See [`RawConfig::allowed_event_delay_secs`].
     pub allowed_event_delay: Duration,
+    /// Seed passes from the hub's twin query; `None` without an IoT Hub connection string.
+    pub seed: Option<SeedConfig>,
 }
 
 impl Config {
@@ -436,7 +622,8 @@ impl RawConfig {
     }
 
     /// Fills what the file leaves out from the environment (`TWINWATCH_DATA_DIR`,
-    /// `TWINWATCH_EVENTHUB_CONNECTION_STRING`, `TWINWATCH_WEBHOOK_TOKEN`,
+    /// `TWINWATCH_EVENTHUB_CONNECTION_STRING`, `TWINWATCH_IOTHUB_CONNECTION_STRING`,
+    /// `TWINWATCH_WEBHOOK_TOKEN`,
     /// `TWINWATCH_API_TOKEN`, and for `partitions = "ordinal"` `TWINWATCH_REPLICA_ORDINAL` or
     /// the ordinal in `HOSTNAME`).
     pub fn with_environment(mut self, env: impl Fn(&str) -> Option<String>) -> RawConfig {
@@ -448,6 +635,9 @@ impl RawConfig {
         }
         if self.alerts.webhook_token.is_none() {
             self.alerts.webhook_token = env("TWINWATCH_WEBHOOK_TOKEN");
+        }
+        if self.seed.connection_string.is_none() {
+            self.seed.connection_string = env("TWINWATCH_IOTHUB_CONNECTION_STRING");
         }
         if self.api_token.is_none() && self.api_token_file.is_none() {
             self.api_token = env("TWINWATCH_API_TOKEN");
@@ -476,6 +666,7 @@ impl RawConfig {
         });
         let eventhub = validate_eventhub(self.eventhub, &mut problems);
         let alerts = validate_alerts(self.alerts, &mut problems);
+        let seed = validate_seed(self.seed, &mut problems);
         let positive =
             |name: &str, value: Option<u64>, default: u64, max: u64, problems: &mut Vec<String>| {
                 let v = value.unwrap_or(default);
@@ -556,6 +747,7 @@ impl RawConfig {
             api_token: api_token.map(Secret::new),
             min_free_bytes: self.min_free_disk_mib.unwrap_or(256) << 20,
             allowed_event_delay: Duration::from_secs(allowed_event_delay),
+            seed,
         })
     }
 }
@@ -1217,5 +1409,93 @@ alertmanager_url = "http://auser:AM-PASS-8@127.0.0.1:9093/?t=AM-QUERY-9"
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(config.data_dir, std::path::Path::new("/data"), "{name}");
         }
+    }
+
+    const IOTHUB: &str = "HostName=contoso-hub.azure-devices.net;SharedAccessKeyName=registryRead;SharedAccessKey=SU9USFVCLUtFWS1TRUNSRVQ=";
+
+    /// `[seed]`: on with an IoT Hub connection string (from the environment or the file),
+    /// with its defaults; off without one, and then its other settings are refused; bad
+    /// values reported together; the key never shown.
+    #[test]
+    fn the_seed_section_is_validated() {
+        let base = format!("data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\n");
+        let parse = |extra: &str, vars: &[(&str, &str)]| {
+            let raw: RawConfig = toml::from_str(&format!("{base}{extra}")).expect("parses");
+            raw.with_environment(env(vars)).validate()
+        };
+        assert!(parse("", &[]).expect("valid").seed.is_none());
+        let seed = parse("", &[("TWINWATCH_IOTHUB_CONNECTION_STRING", IOTHUB)])
+            .expect("valid")
+            .seed
+            .expect("seeding on");
+        assert_eq!(seed.hub(), "contoso-hub");
+        assert!(seed.on_empty);
+        assert_eq!(seed.reconcile_every, Some(Duration::from_secs(86_400)));
+        assert_eq!(seed.grace, Duration::from_secs(3600));
+        assert_eq!((seed.page_size, seed.as_of), (1000, None));
+        assert!(!format!("{seed:?}").contains("SU9USFVCLUtFWS1TRUNSRVQ="));
+
+        let seed = parse(
+            &format!(
+                "[seed]\nconnection_string = \"{IOTHUB}\"\non_empty = false\nreconcile_every_hours = 0.5\ngrace_secs = 0\npage_size = 50\nendpoint = \"http://127.0.0.1:9000\"\nas_of = \"2026-01-02T00:00:00Z\"\n"
+            ),
+            &[],
+        )
+        .expect("valid")
+        .seed
+        .expect("seeding on");
+        assert!(!seed.on_empty);
+        assert_eq!(seed.reconcile_every, Some(Duration::from_secs(1800)));
+        assert_eq!(seed.grace, Duration::ZERO);
+        assert_eq!(seed.page_size, 50);
+        assert_eq!(
+            seed.as_of.map(|t| t.to_string()).as_deref(),
+            Some("2026-01-02T00:00:00.0000000Z")
+        );
+        let off = parse(
+            &format!("[seed]\nconnection_string = \"{IOTHUB}\"\nreconcile_every_hours = 0\n"),
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(off.seed.expect("seeding on").reconcile_every, None);
+
+        let error = parse(
+            &format!(
+                "[seed]\nconnection_string = \"{IOTHUB}\"\nreconcile_every_hours = -1\npage_size = 0\nendpoint = \"http://hub.example.com\"\nas_of = \"yesterday\"\n"
+            ),
+            &[],
+        )
+        .expect_err("invalid")
+        .to_string();
+        for expected in [
+            "reconcile_every_hours",
+            "page_size",
+            "seed.endpoint",
+            "seed.as_of",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
+        assert!(!error.contains("SU9USFVCLUtFWS1TRUNSRVQ="), "{error}");
+        let error = parse("[seed]\non_empty = true\n", &[])
+            .expect_err("no connection string")
+            .to_string();
+        assert!(
+            error.contains("seed.on_empty") && error.contains("TWINWATCH_IOTHUB_CONNECTION_STRING"),
+            "{error}"
+        );
+        let error = parse(
+            "[seed]\nconnection_string = \"HostName=h;SharedAccessKey=SECRETKEY\"\n",
+            &[],
+        )
+        .expect_err("no key name")
+        .to_string();
+        assert!(
+            error.contains("seed.connection_string") && !error.contains("SECRETKEY"),
+            "{error}"
+        );
+        let raw: RawConfig =
+            toml::from_str(&format!("{base}[seed]\nconnection_string = \"{IOTHUB}\"\n"))
+                .expect("parses");
+        assert!(!format!("{raw:?}").contains("SU9USFVCLUtFWS1TRUNSRVQ="));
     }
 }

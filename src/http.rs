@@ -1,6 +1,7 @@
 //! The service's HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
 //! alive) and `/readyz` (connected to the Event Hub, every owned partition's receiver attached,
-//! the pipeline running; the store was opened before the listener started).
+//! the pipeline running; the store was opened before the listener started; seed passes are
+//! reported in its body, never waited for).
 //!
 //! [`serve`] runs the listener with hyper's own limits rather than `axum::serve`'s none: a
 //! client must send its request's headers within [`Limits::header_read_timeout`] (idle
@@ -137,17 +138,24 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, "ok\n")
 }
 
+/// Readiness never waits for a seed pass (the snapshot is usable while one runs); with a
+/// `[seed]` section, the body reports the pass under way and the last one in `seed`.
 async fn readyz(State(state): State<Arc<ServiceState>>) -> impl IntoResponse {
     let problems = state.problems();
-    if problems.is_empty() {
-        (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response()
+    let mut body = if problems.is_empty() {
+        json!({"ready": true})
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"ready": false, "problems": problems})),
-        )
-            .into_response()
+        json!({"ready": false, "problems": problems})
+    };
+    if let (Some(seed), Some(out)) = (&state.seed, body.as_object_mut()) {
+        out.insert("seed".to_owned(), seed.details());
     }
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 #[cfg(test)]
@@ -169,6 +177,7 @@ mod tests {
             failed: std::sync::Mutex::new(None),
             violations_counted: std::sync::atomic::AtomicBool::new(false),
             delivery: None,
+            seed: None,
         })
     }
 

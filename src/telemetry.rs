@@ -83,6 +83,29 @@ pub struct PolicyMetrics {
     pub pending_outcomes: prometheus::IntCounterVec,
 }
 
+/// Seed passes of the service (`SEMANTICS.md` §7), set by the seed and apply threads.
+#[derive(Clone)]
+pub struct SeedMetrics {
+    /// `twinwatch_seed_passes_total{outcome}`: complete, incomplete, failed.
+    pub passes: prometheus::IntCounterVec,
+    /// `twinwatch_seed_documents_total{outcome}`: applied, stale, dead_lettered.
+    pub documents: prometheus::IntCounterVec,
+    /// `twinwatch_seed_twins_removed_total`: twins reconciling removed.
+    pub removed: prometheus::IntCounter,
+    /// `twinwatch_seed_last_complete_timestamp_seconds`: the as-of time of the last complete
+    /// pass (Unix seconds; 0 before the first).
+    pub last_complete: prometheus::Gauge,
+    /// `twinwatch_seed_running`: 1 while a pass is under way.
+    pub running: prometheus::IntGauge,
+    /// `twinwatch_seed_throttled_total`: 429 answers waited out.
+    pub throttled: prometheus::IntCounter,
+    /// `twinwatch_seed_throttled_seconds_total`: the time those waits took.
+    pub throttled_seconds: prometheus::Counter,
+    /// `twinwatch_seed_step_duration_seconds`: the apply thread's time on one step of a pass
+    /// (a page's documents, or a batch of its evaluation): the longest the feed waits for it.
+    pub step_seconds: prometheus::Histogram,
+}
+
 /// The service's Prometheus metrics, declared once; registered on their own registry so that
 /// /metrics shows exactly these and the process collector. Each is documented in the README.
 pub struct Metrics {
@@ -131,6 +154,7 @@ pub struct Metrics {
     /// `twinwatch_ready`: 1 when /readyz answers 200.
     pub ready: prometheus::IntGauge,
     pub policy: PolicyMetrics,
+    pub seed: SeedMetrics,
 }
 
 /// Registers `metric` and hands it back.
@@ -345,6 +369,61 @@ impl Metrics {
         for outcome in ["applied", "unchanged", "rejected"] {
             policy.reloads.with_label_values(&[outcome]);
         }
+        let seed = SeedMetrics {
+            passes: counter_vec(
+                "twinwatch_seed_passes_total",
+                "Seed passes from the hub's twin query, by outcome (complete, incomplete: interrupted or a page failed, nothing removed; failed: the hub refused or could not be used)",
+                "outcome",
+            )?,
+            documents: counter_vec(
+                "twinwatch_seed_documents_total",
+                "Twin documents read by seed passes, by outcome (applied, stale, dead_lettered)",
+                "outcome",
+            )?,
+            removed: registered(
+                &r,
+                IntCounter::new(
+                    "twinwatch_seed_twins_removed_total",
+                    "Twins removed by reconciling: absent from a complete pass and unchanged for longer than the grace",
+                )?,
+            )?,
+            last_complete: registered(
+                &r,
+                Gauge::new(
+                    "twinwatch_seed_last_complete_timestamp_seconds",
+                    "The as-of time of the last complete seed pass, Unix seconds (0: none yet)",
+                )?,
+            )?,
+            running: gauge(
+                "twinwatch_seed_running",
+                "1 while a seed pass is under way",
+            )?,
+            throttled: registered(
+                &r,
+                IntCounter::new(
+                    "twinwatch_seed_throttled_total",
+                    "Answers 429 (throttled) from the hub's twin query, waited out",
+                )?,
+            )?,
+            throttled_seconds: registered(
+                &r,
+                prometheus::Counter::new(
+                    "twinwatch_seed_throttled_seconds_total",
+                    "Seconds spent waiting out the hub's throttling (its Retry-After)",
+                )?,
+            )?,
+            step_seconds: histogram(
+                "twinwatch_seed_step_duration_seconds",
+                "The apply thread's time on one step of a seed pass (a page's documents, or a batch of its evaluation), between two chunks of events",
+                SECONDS_BUCKETS.to_vec(),
+            )?,
+        };
+        for outcome in ["complete", "incomplete", "failed"] {
+            seed.passes.with_label_values(&[outcome]);
+        }
+        for outcome in ["applied", "stale", "dead_lettered"] {
+            seed.documents.with_label_values(&[outcome]);
+        }
         for outcome in ["opened", "dropped"] {
             policy.pending_outcomes.with_label_values(&[outcome]);
         }
@@ -396,6 +475,7 @@ impl Metrics {
             disk_free_bytes,
             ready,
             policy,
+            seed,
         })
     }
 

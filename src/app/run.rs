@@ -77,6 +77,8 @@ pub struct ServiceState {
     /// (`twinwatch_failing_twins`, counted by the engine from the stored violations on): from
     /// then on `/v1/stats` reads its violation counts there instead of scanning the store.
     pub violations_counted: AtomicBool,
+    /// The seed passes' progress and last outcome (`None`: no `[seed]`), for /readyz.
+    pub seed: Option<Arc<super::seed::SeedStatus>>,
 }
 
 impl ServiceState {
@@ -250,6 +252,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         custom_endpoint = ?config.eventhub.custom_endpoint.as_deref().map(crate::config::redact_url),
         rules = policy.rules().len(),
         alerts = ?config.alerts,
+        seed = ?config.seed,
         "starting"
     );
     std::fs::create_dir_all(&config.data_dir)
@@ -403,6 +406,42 @@ async fn serve(
             }
         }
     }
+    // The seed thread: it waits for the apply thread's plan, then runs the passes and
+    // hands their pages over (`SEMANTICS.md` §7).
+    let seed = config.seed.clone().map(|seed_config| {
+        let status = Arc::new(super::seed::SeedStatus::new(seed_config.hub()));
+        let (plan_tx, plan_rx) = std::sync::mpsc::channel();
+        let (to_apply, from_seed) = mpsc::channel(super::seed::SEED_PAGES);
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (stop, cancel) = (stop.clone(), cancel.clone());
+            tracker.spawn(async move {
+                cancel.cancelled().await;
+                stop.store(true, Ordering::SeqCst);
+            });
+        }
+        let thread = super::seed::SeedThread {
+            config: seed_config.clone(),
+            plan: plan_rx,
+            to_apply,
+            status: status.clone(),
+            metrics: metrics.seed.clone(),
+            stop,
+        };
+        // Not joined: a request under way may take its timeout; the process does not wait.
+        if let Err(e) = std::thread::Builder::new()
+            .name("twinwatch-seed".into())
+            .spawn(move || thread.run())
+        {
+            tracing::error!(error = %e, "cannot start the seed thread: no seed passes");
+        }
+        ApplySeed {
+            seed: super::seed::ServiceSeed::new(seed_config, status.clone(), metrics.seed.clone()),
+            plan: plan_tx,
+            inputs: from_seed,
+            status,
+        }
+    });
     // HTTP first: /healthz and /readyz answer while the service connects, and say why it
     // cannot (bad credentials, the hub unreachable).
     let state = Arc::new(ServiceState {
@@ -413,6 +452,7 @@ async fn serve(
         failed: std::sync::Mutex::new(None),
         delivery: delivery.map(|d| d.health()),
         violations_counted: AtomicBool::new(false),
+        seed: seed.as_ref().map(|s| s.status.clone()),
     });
     if let Some(health) = delivery.map(|d| d.health()) {
         // Alerts can no longer leave the outbox: stop, and exit 1, rather than run on
@@ -539,6 +579,7 @@ async fn serve(
                         wake,
                         &live,
                         &cancel,
+                        seed,
                     )
                 }))
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("the apply thread panicked")));
@@ -654,6 +695,83 @@ fn caught_up(state: &ServiceState, expected: &[u64]) -> bool {
         })
 }
 
+/// The apply thread's part of the service's seed passes.
+struct ApplySeed {
+    seed: super::seed::ServiceSeed,
+    /// Where the apply thread tells the seed thread what to run first.
+    plan: std::sync::mpsc::Sender<super::seed::SeedPlan>,
+    inputs: mpsc::Receiver<super::seed::SeedInput>,
+    status: Arc<super::seed::SeedStatus>,
+}
+
+/// What the apply thread takes next.
+enum Next {
+    Events(Vec<LiveEvent>),
+    Seed(super::seed::SeedInput),
+    /// Nothing came within the batch interval (or the service is stopping).
+    Idle,
+    /// Every receiver is gone and everything they sent is applied.
+    Closed,
+}
+
+/// The apply thread's inputs, in turn: a chunk of events, then a page of a seed pass (when
+/// one is waiting), so that neither waits for more than one of the other. Waits up to `tick`
+/// when both are empty.
+fn next_input(
+    rx: &mut mpsc::Receiver<Vec<LiveEvent>>,
+    seed: &mut Option<mpsc::Receiver<super::seed::SeedInput>>,
+    seed_turn: &mut bool,
+    handle: &tokio::runtime::Handle,
+    tick: Duration,
+    cancel: &CancellationToken,
+    closed: bool,
+) -> Next {
+    *seed_turn = !*seed_turn;
+    for seed_now in [*seed_turn, !*seed_turn] {
+        if seed_now {
+            if let Some(inputs) = seed {
+                match inputs.try_recv() {
+                    Ok(input) => return Next::Seed(input),
+                    Err(mpsc::error::TryRecvError::Disconnected) => *seed = None,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
+        } else {
+            match rx.try_recv() {
+                Ok(chunk) => return Next::Events(chunk),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Next::Closed,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        }
+    }
+    // The timer must be made inside the runtime: build it in the async block. A stop ends
+    // the wait at once (the batch interval may be up to a minute).
+    let (next, seed_gone) = handle.block_on(async {
+        let seed_input = async {
+            match seed.as_mut() {
+                Some(inputs) => inputs.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            received = tokio::time::timeout(tick, rx.recv()) => match received {
+                Ok(Some(chunk)) => (Next::Events(chunk), false),
+                Ok(None) => (Next::Closed, false),
+                Err(_) => (Next::Idle, false),
+            },
+            input = seed_input => match input {
+                Some(input) => (Next::Seed(input), false),
+                None => (Next::Idle, true),
+            },
+            _ = cancel.cancelled(), if !closed => (Next::Idle, false),
+        }
+    });
+    if seed_gone {
+        *seed = None;
+    }
+    next
+}
+
 #[allow(clippy::too_many_arguments)]
 fn apply_loop(
     store: Arc<Store>,
@@ -667,9 +785,27 @@ fn apply_loop(
     wake: Option<crate::alert::DeliveryWaker>,
     live: &LiveSettings,
     cancel: &CancellationToken,
+    seed: Option<ApplySeed>,
 ) -> anyhow::Result<Counters> {
     let tick = options.batch_interval;
+    let mut options = options;
+    // A seed pass left open by the last run goes on (`EngineOptions::continue_seed`).
+    let continuing = match &seed {
+        Some(seed) => seed.seed.continuing(&store)?,
+        None => None,
+    };
+    options.continue_seed = continuing.clone();
     let mut engine = Engine::new(store, options)?;
+    let (mut seed, mut seed_inputs) = match seed {
+        Some(ApplySeed {
+            seed, plan, inputs, ..
+        }) => {
+            let _ = plan.send(seed.plan(&engine, continuing.map(|(_, as_of)| as_of)));
+            (Some(seed), Some(inputs))
+        }
+        None => (None, None),
+    };
+    let mut seed_turn = false;
     state
         .metrics
         .policy
@@ -716,27 +852,34 @@ fn apply_loop(
             rx.close();
             closed = true;
         }
-        let chunk = match rx.try_recv() {
-            Ok(chunk) => Some(chunk),
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                // The timer must be made inside the runtime: build it in the async block. A
-                // stop ends the wait at once (the batch interval may be up to a minute).
-                let received = handle.block_on(async {
-                    tokio::select! {
-                        received = tokio::time::timeout(tick, rx.recv()) => received.ok(),
-                        _ = cancel.cancelled(), if !closed => None,
-                    }
-                });
-                match received {
-                    Some(Some(chunk)) => Some(chunk),
-                    Some(None) => break,
-                    None => None,
+        if closed {
+            // A pass under way stays open; its pages are read again at the next start.
+            seed_inputs = None;
+        }
+        // An ending pass evaluates a batch of its twins at each turn: no wait for input then.
+        let seed_busy = seed.as_ref().is_some_and(|s| s.busy()) && !closed;
+        match next_input(
+            &mut rx,
+            &mut seed_inputs,
+            &mut seed_turn,
+            handle,
+            if seed_busy { Duration::ZERO } else { tick },
+            cancel,
+            closed,
+        ) {
+            Next::Closed => break,
+            Next::Seed(input) => {
+                if let Some(seed) = &mut seed {
+                    let started = Instant::now();
+                    seed.handle(&mut engine, input)?;
+                    state
+                        .metrics
+                        .seed
+                        .step_seconds
+                        .observe(started.elapsed().as_secs_f64());
                 }
             }
-        };
-        match chunk {
-            Some(chunk) => {
+            Next::Events(chunk) => {
                 let mut newest = None;
                 for event in &chunk {
                     let p = event.partition;
@@ -785,7 +928,7 @@ fn apply_loop(
                         .set((now.0 - t.0) as f64 / 1e7);
                 }
             }
-            None => {
+            Next::Idle => {
                 engine.tick()?;
                 // A quiet feed must not freeze the clock of `for` rules (`SEMANTICS.md` §9).
                 if engine.has_pending() && caught_up(state, &expected) {
@@ -794,6 +937,17 @@ fn apply_loop(
                     engine
                         .advance_clock(crate::time::Ticks(now_ticks().0.saturating_sub(delay)))?;
                 }
+            }
+        }
+        if seed_busy {
+            if let Some(seed) = &mut seed {
+                let started = Instant::now();
+                seed.step(&mut engine)?;
+                state
+                    .metrics
+                    .seed
+                    .step_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
         }
         if live.reload.swap(false, Ordering::SeqCst) {
@@ -818,6 +972,9 @@ fn apply_loop(
             );
             last_export = Instant::now();
         }
+    }
+    if let Some(seed) = &mut seed {
+        seed.interrupted();
     }
     let counters = engine.finish()?;
     export_metrics_final(&counters, &mut exported, state);
@@ -948,4 +1105,74 @@ fn export_metrics(
     m.tombstones
         .set(engine.snapshot().directory.n_dead() as i64);
     state.violations_counted.store(true, Ordering::Release);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::seed::SeedInput;
+    use super::*;
+
+    fn kind(next: &Next) -> &'static str {
+        match next {
+            Next::Events(_) => "events",
+            Next::Seed(_) => "seed",
+            Next::Idle => "idle",
+            Next::Closed => "closed",
+        }
+    }
+
+    /// The apply thread takes a chunk of events and a seed input in turn while both wait, so
+    /// that a pass never holds the feed up for more than one page; it waits for whichever
+    /// comes first when both are empty; a seed thread that is gone leaves the events alone.
+    #[test]
+    fn the_apply_thread_takes_events_and_seed_inputs_in_turn() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tx, mut rx) = mpsc::channel::<Vec<LiveEvent>>(8);
+        let (seed_tx, seed_rx) = mpsc::channel::<SeedInput>(8);
+        for _ in 0..3 {
+            tx.try_send(Vec::new()).expect("a chunk");
+            seed_tx
+                .try_send(SeedInput::Page(Vec::new()))
+                .expect("a page");
+        }
+        tx.try_send(Vec::new()).expect("a chunk");
+        let mut seed = Some(seed_rx);
+        let mut turn = false;
+        let cancel = CancellationToken::new();
+        let handle = runtime.handle().clone();
+        let mut next = |seed: &mut Option<mpsc::Receiver<SeedInput>>, tick: Duration| {
+            kind(&next_input(
+                &mut rx, seed, &mut turn, &handle, tick, &cancel, false,
+            ))
+        };
+        let taken: Vec<&str> = (0..8)
+            .map(|_| next(&mut seed, Duration::from_millis(10)))
+            .collect();
+        assert_eq!(
+            taken,
+            ["seed", "events", "seed", "events", "seed", "events", "events", "idle"]
+        );
+
+        // Both empty: a page sent meanwhile ends the wait at once.
+        let sender = seed_tx.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            sender.blocking_send(SeedInput::Page(Vec::new()))
+        });
+        let started = Instant::now();
+        assert_eq!(next(&mut seed, Duration::from_secs(20)), "seed");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(late.join().expect("sender").is_ok());
+
+        // The seed thread gone: its input is dropped, the events go on.
+        drop(seed_tx);
+        assert_eq!(next(&mut seed, Duration::from_millis(10)), "idle");
+        assert!(seed.is_none());
+        drop(tx);
+        assert_eq!(next(&mut seed, Duration::from_millis(10)), "closed");
+    }
 }

@@ -54,6 +54,9 @@ pub struct SeedPass {
     seen: HashSet<(Box<str>, Box<str>), RandomState>,
     next_index: u64,
     counters: SeedCounters,
+    /// Once the pass is ending ([`Engine::begin_end_seed`]): the touched twins' encoded keys
+    /// not yet evaluated, in key order.
+    touched: Option<std::vec::IntoIter<Vec<u8>>>,
 }
 
 impl SeedPass {
@@ -67,6 +70,27 @@ impl SeedPass {
 
     pub fn counters(&self) -> &SeedCounters {
         &self.counters
+    }
+
+    /// Whether the pass is ending: its documents are all in ([`Engine::begin_end_seed`]),
+    /// and this many touched twins are left to evaluate.
+    pub fn ending(&self) -> Option<usize> {
+        self.touched.as_ref().map(ExactSizeIterator::len)
+    }
+
+    /// The pass (hub, as-of time) a data directory holds open: one that was interrupted
+    /// before its end (a crash, or a service stopped mid-pass). Read before [`Engine::new`]
+    /// so that the caller can continue it (`EngineOptions::continue_seed`) rather than have
+    /// it evaluated as an incomplete pass.
+    pub fn stored(store: &crate::store::Store) -> Result<Option<(String, Ticks)>, PipelineError> {
+        let Some(raw) = store.meta(META_SEED_PASS)? else {
+            return Ok(None);
+        };
+        let pass: StoredPass = serde_json::from_slice(&raw).map_err(|e| StoreError::Corrupt {
+            what: "seed pass",
+            detail: e.to_string(),
+        })?;
+        Ok(Some((pass.hub, Ticks(pass.as_of))))
     }
 }
 
@@ -116,6 +140,7 @@ impl Engine {
             seen: HashSet::default(),
             next_index: 0,
             counters: SeedCounters::default(),
+            touched: None,
         })
     }
 
@@ -135,12 +160,36 @@ impl Engine {
         mut pass: SeedPass,
         end: PassEnd,
     ) -> Result<SeedCounters, PipelineError> {
+        self.begin_end_seed(&mut pass, end)?;
+        loop {
+            if let Some(counters) = self.evaluate_seed_step(&mut pass)? {
+                return Ok(counters);
+            }
+        }
+    }
+
+    /// The first half of [`Engine::end_seed`]: reconciles and records the hub as seeded, and
+    /// lists the touched twins. Their evaluation then goes a batch at a time
+    /// ([`Engine::evaluate_seed_step`]), so that the service applies events in between and
+    /// ingestion never waits for more than one batch of a large pass. An event applied
+    /// between two steps is evaluated as any event is; the twin is evaluated again at the
+    /// pass's time when its turn comes, which changes nothing unless the event did not (its
+    /// failing set is already stored); a twin an event removed is not evaluated (there is
+    /// nothing to evaluate).
+    pub fn begin_end_seed(
+        &mut self,
+        pass: &mut SeedPass,
+        end: PassEnd,
+    ) -> Result<(), PipelineError> {
         let state = &mut self.state;
+        if pass.touched.is_some() {
+            return Ok(());
+        }
         let (opened_before, resolved_before) =
             (state.counters.alerts_opened, state.counters.alerts_resolved);
         if end.complete {
             if let Some(grace) = end.reconcile_grace {
-                state.reconcile(&mut pass, grace)?;
+                state.reconcile(pass, grace)?;
             }
             let hub = pass.hub.clone();
             if state
@@ -159,10 +208,37 @@ impl Engine {
         }
         state.flush()?;
         crate::failpoint::hit(crate::failpoint::SEED_BEFORE_EVALUATION);
-        pass.counters.evaluated = state.evaluate_touched(&pass.hub, pass.as_of)?;
-        pass.counters.alerts_opened = state.counters.alerts_opened - opened_before;
-        pass.counters.alerts_resolved = state.counters.alerts_resolved - resolved_before;
-        Ok(pass.counters)
+        pass.counters.alerts_opened += state.counters.alerts_opened - opened_before;
+        pass.counters.alerts_resolved += state.counters.alerts_resolved - resolved_before;
+        // Read after the flush: every touched key is in the store.
+        pass.touched = Some(state.store.seed_touched()?.into_iter());
+        Ok(())
+    }
+
+    /// Evaluates the next batch of the pass's touched twins, in key order, and commits it;
+    /// after the last, forgets the pass and returns its counters.
+    /// A pass not yet ended ([`Engine::begin_end_seed`]) has nothing to evaluate: `None`.
+    pub fn evaluate_seed_step(
+        &mut self,
+        pass: &mut SeedPass,
+    ) -> Result<Option<SeedCounters>, PipelineError> {
+        let state = &mut self.state;
+        let Some(touched) = &mut pass.touched else {
+            return Ok(None);
+        };
+        let (opened_before, resolved_before) =
+            (state.counters.alerts_opened, state.counters.alerts_resolved);
+        if touched.len() > 0 {
+            pass.counters.evaluated +=
+                state.evaluate_touched_step(&pass.hub, pass.as_of, touched)?;
+        }
+        let done = touched.len() == 0;
+        if done {
+            state.forget_seed_pass()?;
+        }
+        pass.counters.alerts_opened += state.counters.alerts_opened - opened_before;
+        pass.counters.alerts_resolved += state.counters.alerts_resolved - resolved_before;
+        Ok(done.then(|| pass.counters.clone()))
     }
 }
 
@@ -270,10 +346,27 @@ impl State {
     /// Evaluates, in key order, every twin a pass touched, at the pass's time, and forgets the
     /// pass. Returns how many twins were evaluated.
     fn evaluate_touched(&mut self, hub: &str, as_of: Ticks) -> Result<u64, PipelineError> {
+        let mut keys = self.store.seed_touched()?.into_iter();
+        let mut n = 0u64;
+        while keys.len() > 0 {
+            n += self.evaluate_touched_step(hub, as_of, &mut keys)?;
+        }
+        self.forget_seed_pass()?;
+        Ok(n)
+    }
+
+    /// Evaluates the next `batch_messages` twins of `keys` at the pass's time, deletes their
+    /// `seed_touched` entries and commits them together.
+    fn evaluate_touched_step(
+        &mut self,
+        hub: &str,
+        as_of: Ticks,
+        keys: &mut std::vec::IntoIter<Vec<u8>>,
+    ) -> Result<u64, PipelineError> {
         let prefix = alert_prefix(hub, as_of);
         let origin = Origin::Seed { prefix: &prefix };
         let mut n = 0u64;
-        for encoded in self.store.seed_touched()? {
+        for encoded in keys.by_ref().take(self.options.batch_messages.max(1)) {
             let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
                 what: "key",
                 detail: format!("{encoded:?}"),
@@ -283,13 +376,15 @@ impl State {
             self.emit(&origin, key, as_of, 0)?;
             self.store.delete_seed_touched(&mut self.batch, &encoded)?;
             n += 1;
-            if n.is_multiple_of(self.options.batch_messages as u64) {
-                self.commit()?;
-            }
         }
-        self.store.delete_meta(&mut self.batch, META_SEED_PASS)?;
-        self.flush()?;
+        self.commit()?;
         Ok(n)
+    }
+
+    /// The pass is over: nothing awaits evaluation any more.
+    fn forget_seed_pass(&mut self) -> Result<(), PipelineError> {
+        self.store.delete_meta(&mut self.batch, META_SEED_PASS)?;
+        self.flush()
     }
 
     /// Evaluates what a pass interrupted by a crash left unevaluated (`SEMANTICS.md` §7: an

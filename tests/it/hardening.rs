@@ -8,6 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use twinwatch::app::emulator::events_of_file;
+use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocuments};
+
+/// The IoT Hub key given to the service (base64 of `IOTHUB-KEY-SECRET-9`): never shown.
+const IOTHUB_KEY: &str = "SU9USFVCLUtFWS1TRUNSRVQtOQ==";
 
 use crate::service::{consumed, free_port, readyz, wait_consumed, Hub, Receiver};
 use crate::support::{binary, generate_fleet, ok, path};
@@ -191,11 +195,24 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
     assert!(connection_string.contains("SAS_KEY_VALUE"));
     let webhook_port = free_port();
     let webhook = Receiver::start(webhook_port);
+    // Seed passes: the IoT Hub connection string's key is not the twin query's, so the pass
+    // fails (401), is logged and reported in /readyz, all without the key.
+    let query = hub
+        .runtime
+        .block_on(QueryEmulator::start(
+            QueryEmulatorConfig::new("contoso-hub", None, Some(([127, 0, 0, 1], 0).into())),
+            TwinDocuments::new(),
+        ))
+        .expect("twin query");
+    let iothub_connection_string = format!(
+        "HostName=contoso-hub.azure-devices.net;SharedAccessKeyName=registryRead;SharedAccessKey={IOTHUB_KEY}"
+    );
     let config = dir.path().join("twinwatch.toml");
     std::fs::write(
         &config,
         format!(
-            "[alerts]\nwebhook_url = \"http://hookuser:FILE-URL-PASSWORD@127.0.0.1:{webhook_port}/hook?token=FILE-URL-QUERY\"\nwebhook_token = \"FILE-WEBHOOK-TOKEN\"\n"
+            "[alerts]\nwebhook_url = \"http://hookuser:FILE-URL-PASSWORD@127.0.0.1:{webhook_port}/hook?token=FILE-URL-QUERY\"\nwebhook_token = \"FILE-WEBHOOK-TOKEN\"\n[seed]\nendpoint = \"{}\"\nreconcile_every_hours = 0\n",
+            query.http_endpoint().expect("http")
         ),
     )
     .expect("config");
@@ -208,6 +225,7 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         "FLAG-URL-PASSWORD",
         "FLAG-URL-QUERY",
         "FLAG-WEBHOOK-TOKEN",
+        IOTHUB_KEY,
     ];
     let assert_clean = |what: &str, text: &str| {
         for secret in secrets {
@@ -235,6 +253,10 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         &[
             ("TWINWATCH_EVENTHUB_CONNECTION_STRING", &connection_string),
             ("TWINWATCH_API_TOKEN", "ENV-API-TOKEN"),
+            (
+                "TWINWATCH_IOTHUB_CONNECTION_STRING",
+                &iothub_connection_string,
+            ),
         ],
         &log,
     );
@@ -254,6 +276,24 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
     }
     emulator.refuse_tokens(false);
     wait_consumed(port, hub.published, Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = readyz(port).map(|(_, body)| body).unwrap_or_default();
+        if body.contains("\"outcome\":\"failed\"") {
+            assert!(
+                body.contains("contoso-hub"),
+                "the refusal names the hub: {body}"
+            );
+            assert_clean("/readyz's seed details", &body);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the seed pass never failed: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(query.refused() > 0, "the twin query was never asked");
     let (_, success) = stop(&mut child, Duration::from_secs(40));
     assert!(success);
     let logged = std::fs::read_to_string(&log).expect("log");
@@ -262,6 +302,10 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         "the startup log is missing: {logged}"
     );
     assert_clean("the service's log", &logged);
+    assert!(
+        logged.contains("seed pass is not complete"),
+        "the failed pass is not in the log: {logged}"
+    );
     assert!(!webhook.stop().is_empty(), "the webhook got no alert");
 
     // Errors: an invalid configuration (the key in the file this time).
@@ -269,7 +313,7 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
     std::fs::write(
         &bad,
         format!(
-            "listen = \"nowhere\"\napi_token = \"ENV-API-TOKEN\"\n[eventhub]\nconnection_string = \"{connection_string}\"\n[alerts]\nwebhook_url = \"https://u:FILE-URL-PASSWORD@h/?t=FILE-URL-QUERY\"\n"
+            "listen = \"nowhere\"\napi_token = \"ENV-API-TOKEN\"\n[eventhub]\nconnection_string = \"{connection_string}\"\n[alerts]\nwebhook_url = \"https://u:FILE-URL-PASSWORD@h/?t=FILE-URL-QUERY\"\n[seed]\nconnection_string = \"{iothub_connection_string}\"\npage_size = 0\n"
         ),
     )
     .expect("bad config");
@@ -279,10 +323,9 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2), "an invalid configuration");
-    assert_clean(
-        "a configuration error",
-        &String::from_utf8_lossy(&out.stderr),
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("seed.page_size"), "{stderr}");
+    assert_clean("a configuration error", &stderr);
 
     // Flags: replay with a webhook given on the command line, refusing at first (so that
     // its failures are logged, naming the sink), then accepting.
@@ -319,4 +362,5 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
     );
     assert_clean("replay's log", &logged);
     assert!(!flag_webhook.stop().is_empty(), "the webhook got no alert");
+    hub.runtime.block_on(query.shutdown());
 }

@@ -13,6 +13,7 @@ mod operations;
 mod policy_changes;
 mod properties;
 mod scenarios;
+mod seed_service;
 // Shared with the reliability suite, which uses parts the integration tests do not.
 #[allow(dead_code)]
 mod service;

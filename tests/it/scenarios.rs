@@ -7,8 +7,12 @@
 //!
 //! A case: `{"description", "policy"?: YAML, "steps": [step, ...], "expect": {...}}`, where a
 //! step is `{"events": [message, ...]}` (the notation of `support::expand`),
-//! `{"seed": {"hub", "as_of", "documents": [document | {"text": raw}], "grace"?: seconds,
-//! "reconcile"?: bool, "complete"?: bool}}` or `{"policy": YAML}`. Expected alerts are
+//! `{"seed": {"hub", "as_of", "documents": [document | {"text": raw} | {"events": [message,
+//! ...]}], "grace"?: seconds, "reconcile"?: bool, "complete"?: bool, "events_while_evaluating"?:
+//! [message, ...]}}` or `{"policy": YAML}`. Events inside a pass are applied through the same
+//! engine between its documents (source `live`), as the service applies its feed while a pass
+//! is open; `events_while_evaluating` between the first and the next batch of the pass's
+//! evaluation. Expected alerts are
 //! compared on the fields each expected object gives, from `id`, `type` (`opened` or
 //! `resolved`), `subject`, `time`, `ruleId`, `severity`, `twinVersion`, `reason`.
 
@@ -16,7 +20,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use twinwatch::pipeline::{Engine, EngineOptions, PassEnd};
+use twinwatch::model::SourceId;
+use twinwatch::pipeline::{Engine, EngineOptions, PassEnd, SourceHandle};
 use twinwatch::policy::Policy;
 use twinwatch::store::{Store, StoreOptions};
 use twinwatch::time::Ticks;
@@ -56,7 +61,12 @@ fn run_step(data_dir: &Path, n: usize, step: &Value, policy: &Arc<Policy>) -> Re
         let as_of = Ticks::parse_strict(seed["as_of"].as_str().ok_or("seed.as_of")?)
             .ok_or("seed.as_of is not a time")?;
         let mut pass = engine.begin_seed(hub, as_of).map_err(|e| e.to_string())?;
+        let mut live = None;
         for document in seed["documents"].as_array().ok_or("seed.documents")? {
+            if let Some(events) = document.get("events").and_then(Value::as_array) {
+                live_events(&mut engine, &mut live, events)?;
+                continue;
+            }
             let raw = match document.get("text").and_then(Value::as_str) {
                 Some(text) => text.to_owned(),
                 None => document.to_string(),
@@ -67,17 +77,58 @@ fn run_step(data_dir: &Path, n: usize, step: &Value, policy: &Arc<Policy>) -> Re
         }
         let grace = seed["grace"].as_i64().unwrap_or(3600);
         let reconcile = seed["reconcile"].as_bool().unwrap_or(true);
-        engine
-            .end_seed(
-                pass,
-                PassEnd {
-                    complete: seed["complete"].as_bool().unwrap_or(true),
-                    reconcile_grace: reconcile.then_some(Ticks(grace * 10_000_000)),
-                },
-            )
-            .map_err(|e| e.to_string())?;
+        let end = PassEnd {
+            complete: seed["complete"].as_bool().unwrap_or(true),
+            reconcile_grace: reconcile.then_some(Ticks(grace * 10_000_000)),
+        };
+        match seed["events_while_evaluating"].as_array() {
+            None => {
+                engine.end_seed(pass, end).map_err(|e| e.to_string())?;
+            }
+            Some(events) => {
+                engine
+                    .begin_end_seed(&mut pass, end)
+                    .map_err(|e| e.to_string())?;
+                let mut done = engine
+                    .evaluate_seed_step(&mut pass)
+                    .map_err(|e| e.to_string())?
+                    .is_some();
+                live_events(&mut engine, &mut live, events)?;
+                while !done {
+                    done = engine
+                        .evaluate_seed_step(&mut pass)
+                        .map_err(|e| e.to_string())?
+                        .is_some();
+                }
+            }
+        }
     }
     engine.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Applies `events` through `engine` from the source `live` (registered at first use).
+fn live_events(
+    engine: &mut Engine,
+    live: &mut Option<(SourceHandle, u64)>,
+    events: &[Value],
+) -> Result<(), String> {
+    if live.is_none() {
+        let (handle, checkpoint) = engine
+            .add_source(SourceId::Partition("live".into()), "live".into())
+            .map_err(|e| e.to_string())?;
+        *live = Some((handle, checkpoint.next_index));
+    }
+    let Some((handle, next)) = live else {
+        return Err("no live source".into());
+    };
+    for event in events {
+        let line = expand(event);
+        engine
+            .ingest_json_line(*handle, *next, 0, line.as_bytes())
+            .map_err(|e| e.to_string())?;
+        *next += 1;
+    }
     Ok(())
 }
 

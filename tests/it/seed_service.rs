@@ -1,0 +1,666 @@
+//! The service's seed passes (`twinwatch run` with `[seed]`, `SEMANTICS.md` §7) through the
+//! real binary, the Event Hubs emulator and the twin query emulator over real HTTP: seeding
+//! an empty snapshot then consuming equals `twinwatch seed` then `twinwatch replay` of the
+//! same inputs; a reconcile by interval removes a ghost twin with a `deleted` alert, after an
+//! incomplete pass (a page failed) that removed nothing; a stop during a pass exits in time,
+//! and the next start goes on with that same pass.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use twinwatch::app::emulator::events_of_file;
+use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, QueryFault, TwinDocuments};
+use twinwatch::time::Ticks;
+
+use crate::service::{free_port, metric, metric_plain, readyz, sigterm_and_wait, Hub};
+use crate::support::{alerts_by_id, export, generate_fleet, ok, path};
+
+/// The generator's default hub: the change notifications' `hubName`.
+const HUB: &str = "contoso-hub";
+
+/// The twin query emulator on the hub's runtime, plain HTTP on loopback.
+fn start_query(hub: &Hub, documents: TwinDocuments) -> QueryEmulator {
+    hub.runtime
+        .block_on(QueryEmulator::start(
+            QueryEmulatorConfig::new(HUB, None, Some(SocketAddr::from(([127, 0, 0, 1], 0)))),
+            documents,
+        ))
+        .expect("the twin query emulator")
+}
+
+/// `generate --format twin-documents` of the fleet as of its first `as_of_event` messages.
+fn documents_file(dir: &Path, devices: u64, events: u64, seed: u64, as_of_event: u64) -> PathBuf {
+    let out = dir.join(format!("twins-{as_of_event}.json"));
+    ok(&[
+        "generate",
+        "--format",
+        "twin-documents",
+        "--devices",
+        &devices.to_string(),
+        "--events",
+        &events.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--as-of-event",
+        &as_of_event.to_string(),
+        "--out",
+        path(&out),
+    ]);
+    out
+}
+
+/// Just after the latest operation time of the fleet file's first `n` messages: the as-of
+/// time of documents as of that point (the generator's clock is not the wall clock).
+fn as_of_after(fleet: &Path, n: usize) -> Ticks {
+    let file = std::fs::File::open(fleet).expect("fleet");
+    let latest = std::io::BufReader::new(file)
+        .lines()
+        .take(n)
+        .filter_map(|line| {
+            let line: Value = serde_json::from_str(&line.expect("line")).ok()?;
+            Ticks::parse_lenient(line["Properties"]["operationTimestamp"].as_str()?)
+        })
+        .max()
+        .expect("operation times");
+    Ticks(latest.0 + 1)
+}
+
+/// The `[seed]` configuration file for the emulator at `endpoint`.
+fn config_file(dir: &Path, name: &str, endpoint: &str, settings: &str) -> PathBuf {
+    let file = dir.join(name);
+    std::fs::write(
+        &file,
+        format!("[seed]\nendpoint = \"{endpoint}\"\npage_size = 40\n{settings}\n"),
+    )
+    .expect("config");
+    file
+}
+
+/// `twinwatch run` with `[seed]` from `config`, the query emulator's connection string in the
+/// environment.
+fn spawn_seeding(
+    hub: &Hub,
+    query: &QueryEmulator,
+    config: &Path,
+    data: &Path,
+    alerts: &Path,
+    port: u16,
+) -> KillOnDrop {
+    // `spawn_run` sets the Event Hub's; the IoT Hub's goes through the process environment
+    // of the child only.
+    let mut command = std::process::Command::new(crate::support::binary());
+    command
+        .args([
+            "run",
+            "--config",
+            path(config),
+            "--data-dir",
+            path(data),
+            "--alerts-file",
+            path(alerts),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env(
+            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
+            hub.connection_string(),
+        )
+        .env(
+            "TWINWATCH_IOTHUB_CONNECTION_STRING",
+            query.connection_string().to_secret_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        });
+    KillOnDrop(Some(command.spawn().expect("spawn twinwatch run")))
+}
+
+/// A child process killed if the test fails before it stops it.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl KillOnDrop {
+    fn stop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            sigterm_and_wait(&mut child);
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `name{labels}` reaches `at_least`; returns it.
+fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64, limit: Duration) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = if labels.is_empty() {
+            metric_plain(port, name)
+        } else {
+            metric(port, name, labels)
+        }
+        .unwrap_or(0.0);
+        if value >= at_least {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{labels}}} stayed at {value}, below {at_least}: /readyz {:?}",
+            readyz(port)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn publish_file(hub: &Hub, fleet: &Path) -> u64 {
+    let events = events_of_file(fleet).expect("events");
+    let n = events.len() as u64;
+    for event in events {
+        hub.emulator.as_ref().expect("running").publish(event);
+    }
+    n
+}
+
+/// The (twin, rule) pairs of `violations` output.
+fn violations(data: &Path) -> Vec<Value> {
+    String::from_utf8_lossy(&ok(&["violations", "--data-dir", path(data)]).stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
+}
+
+/// The service seeds an empty snapshot as it starts (the hub's feed still empty), then
+/// consumes the feed: the snapshot and violations are what `twinwatch seed` of the same
+/// documents as of the same time, then `twinwatch replay` of the same feed, give.
+#[test]
+fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, seed, as_of_event) = (150, 4_000, 11, 2_000);
+    let fleet = generate_fleet(dir.path(), devices, events, seed, 0.0);
+    let documents = documents_file(dir.path(), devices, events, seed, as_of_event);
+    let as_of = as_of_after(&fleet, as_of_event as usize);
+
+    let hub = Hub::empty("iothub-ehub-seed");
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    let endpoint = query.http_endpoint().expect("http");
+    let config = config_file(
+        dir.path(),
+        "seed.toml",
+        &endpoint,
+        &format!("as_of = \"{as_of}\"\nreconcile_every_hours = 0"),
+    );
+    let (data, alerts, port) = (
+        dir.path().join("data"),
+        dir.path().join("alerts.jsonl"),
+        free_port(),
+    );
+    let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"complete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    // The receivers may attach after the pass (readiness never waits for it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let (status, body) = readyz(port).expect("/readyz");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        if status == 200 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "not ready: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(body["seed"]["last"]["outcome"], "complete", "{body}");
+    assert_eq!(body["seed"]["lastComplete"], as_of.to_string(), "{body}");
+    let n_documents = TwinDocuments::read(&documents).expect("documents");
+    let n_documents = (n_documents.device_count() + n_documents.module_count()) as f64;
+    assert_eq!(
+        metric(port, "twinwatch_seed_documents_total", "").unwrap_or(0.0),
+        n_documents
+    );
+    assert_eq!(
+        metric_plain(port, "twinwatch_seed_last_complete_timestamp_seconds"),
+        Some(as_of.unix_millis() as f64 / 1000.0)
+    );
+
+    // Then the feed, the old part of it included (stale now, as the contract says).
+    let published = publish_file(&hub, &fleet);
+    crate::service::wait_consumed(port, published, Duration::from_secs(120));
+    // The feed after the seed's time changed twins: not everything was stale.
+    assert!(metric(port, "twinwatch_messages_total", "outcome=\"applied\"").unwrap_or(0.0) > 0.0);
+    assert!(metric(port, "twinwatch_messages_total", "outcome=\"stale\"").unwrap_or(0.0) > 0.0);
+    service.stop();
+
+    let expected = dir.path().join("expected");
+    ok(&[
+        "seed",
+        "--data-dir",
+        path(&expected),
+        "--hub",
+        HUB,
+        "--as-of",
+        &as_of.to_string(),
+        path(&documents),
+    ]);
+    ok(&["replay", "--data-dir", path(&expected), path(&fleet)]);
+    let (got, want) = (export(&data), export(&expected));
+    assert!(!want.is_empty());
+    assert_eq!(got.len(), want.len());
+    assert!(
+        got == want,
+        "the service's snapshot differs from seed + replay"
+    );
+    assert_eq!(violations(&data), violations(&expected));
+    hub.runtime.block_on(query.shutdown());
+}
+
+/// The state `(version, tags, desired, reported)` of each twin, `$metadata` removed.
+fn state_of(twins: &[Value]) -> BTreeMap<(String, String), Value> {
+    fn strip(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .filter(|(k, _)| k.as_str() != "$metadata" && k.as_str() != "$version")
+                    .map(|(k, v)| (k.clone(), strip(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    twins
+        .iter()
+        .map(|twin| {
+            let key = (
+                twin["deviceId"].as_str().expect("deviceId").to_owned(),
+                twin.get("moduleId")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            );
+            let state = serde_json::json!([
+                twin["version"],
+                strip(&twin["tags"]),
+                strip(&twin["properties"]["desired"]),
+                strip(&twin["properties"]["reported"]),
+            ]);
+            (key, state)
+        })
+        .collect()
+}
+
+/// A snapshot fed by the feed alone holds a twin the hub no longer has (its delete was lost).
+/// The service reconciling by interval: first a pass whose page fails (incomplete: nothing
+/// removed, counted), then a complete one that removes the ghost with a `deleted` alert and
+/// leaves the snapshot equal to the hub's twins.
+#[test]
+fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, seed) = (120, 3_000, 17);
+    let fleet = generate_fleet(dir.path(), devices, events, seed, 0.0);
+    let documents = documents_file(dir.path(), devices, events, seed, events);
+
+    // The feed alone, into the data directory (no [seed]).
+    let hub = Hub::start(&fleet);
+    let (data, alerts, port) = (
+        dir.path().join("data"),
+        dir.path().join("alerts.jsonl"),
+        free_port(),
+    );
+    let mut feed_only = KillOnDrop(Some(crate::service::spawn_service(
+        &hub, &data, &alerts, port,
+    )));
+    crate::service::wait_consumed(port, hub.published, Duration::from_secs(120));
+    feed_only.stop();
+    let fed = export(&data);
+
+    // The ghost: a device twin failing a rule, which the hub's query no longer returns.
+    let failing = violations(&data);
+    let ghost = failing
+        .iter()
+        .find(|v| v["moduleId"].as_str().unwrap_or("").is_empty())
+        .expect("a device twin failing a rule")["deviceId"]
+        .as_str()
+        .expect("deviceId")
+        .to_owned();
+    let all: Vec<Value> = serde_json::from_slice(&std::fs::read(&documents).expect("documents"))
+        .expect("one JSON array");
+    assert_eq!(
+        state_of(&all),
+        state_of(&fed),
+        "the documents are the fed twins"
+    );
+    let mut served = TwinDocuments::new();
+    let mut kept = Vec::new();
+    for document in &all {
+        let is_ghost = document["deviceId"] == ghost.as_str() && document.get("moduleId").is_none();
+        if !is_ghost {
+            served.push(document);
+            kept.push(document.clone());
+        }
+    }
+    assert_eq!(kept.len() + 1, all.len());
+
+    // The first pass fails after its first page; the next one, an interval later, is whole.
+    let query = start_query(&hub, served);
+    query.inject_after(1, QueryFault::Status(500), 1);
+    let config = config_file(
+        dir.path(),
+        "reconcile.toml",
+        &query.http_endpoint().expect("http"),
+        "on_empty = false\nreconcile_every_hours = 0.001\ngrace_secs = 0",
+    );
+    let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"incomplete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        metric_plain(port, "twinwatch_seed_twins_removed_total"),
+        Some(0.0),
+        "an incomplete pass removes nothing"
+    );
+    let (_, body) = readyz(port).expect("/readyz");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["seed"]["last"]["outcome"], "incomplete", "{body}");
+    assert!(
+        body["seed"]["last"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("500")),
+        "{body}"
+    );
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"complete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        metric_plain(port, "twinwatch_seed_twins_removed_total"),
+        Some(1.0)
+    );
+    service.stop();
+
+    assert_eq!(
+        state_of(&export(&data)),
+        state_of(&kept),
+        "the snapshot is the hub's twins"
+    );
+    let (alerts, _) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
+    // The feed's own deletes raised `deleted` alerts too: the pass's ids start with `seed:`.
+    let deleted: Vec<&Value> = alerts
+        .iter()
+        .filter(|(id, a)| id.starts_with("seed:") && a["data"]["reason"] == "deleted")
+        .map(|(_, a)| a)
+        .collect();
+    let rules_failing = failing
+        .iter()
+        .filter(|v| {
+            v["deviceId"] == ghost.as_str() && v["moduleId"].as_str().unwrap_or("").is_empty()
+        })
+        .count();
+    assert_eq!(deleted.len(), rules_failing, "{deleted:?}");
+    for alert in deleted {
+        assert_eq!(alert["data"]["deviceId"], ghost.as_str());
+        assert_eq!(alert["type"], "io.twinwatch.violation.resolved");
+    }
+    hub.runtime.block_on(query.shutdown());
+}
+
+/// A stop while a pass waits out the hub's throttling exits in time (0); the next start goes
+/// on with that same pass (its as-of time) and completes it.
+#[test]
+fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, seed) = (60, 1_500, 23);
+    let documents = documents_file(dir.path(), devices, events, seed, events);
+    let hub = Hub::empty("iothub-ehub-stop");
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    // After two pages, the hub throttles for longer than the stop may take.
+    query.inject_after(
+        2,
+        QueryFault::Throttle {
+            retry_after_secs: 60,
+        },
+        1,
+    );
+    let config = config_file(
+        dir.path(),
+        "stop.toml",
+        &query.http_endpoint().expect("http"),
+        "reconcile_every_hours = 0",
+    );
+    let (data, alerts, port) = (
+        dir.path().join("data"),
+        dir.path().join("alerts.jsonl"),
+        free_port(),
+    );
+    let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+    wait_metric(
+        port,
+        "twinwatch_seed_throttled_total",
+        "",
+        1.0,
+        Duration::from_secs(60),
+    );
+    let all = TwinDocuments::read(&documents).expect("documents");
+    let total = all.device_count() + all.module_count();
+    // The apply thread reports the pages it has applied.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = readyz(port).expect("/readyz");
+        let body: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(status, 200, "readiness does not wait for the pass: {body}");
+        if body["seed"]["running"]["documents"].as_u64().unwrap_or(0) > 0 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let running = &body["seed"]["running"];
+    let read = running["documents"].as_u64().expect("documents") as usize;
+    assert!(read < total, "{read} of {total} read before the throttling");
+    assert_eq!(running["throttled"], 1, "{body}");
+    let as_of = running["asOf"].as_str().expect("asOf").to_owned();
+    let stopping = Instant::now();
+    service.stop();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}",
+        stopping.elapsed()
+    );
+
+    // The next start: the faults are used up; the same pass goes on and completes.
+    let port = free_port();
+    let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"complete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    let (_, body) = readyz(port).expect("/readyz");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["seed"]["last"]["asOf"], as_of.as_str(), "{body}");
+    service.stop();
+    assert_eq!(export(&data).len(), total);
+    hub.runtime.block_on(query.shutdown());
+}
+
+/// A service killed (SIGKILL) in the middle of a pass and started again goes on with that
+/// pass and ends where a run never killed ends: the same snapshot, the same alerts with the
+/// same ids, none twice.
+#[test]
+fn a_service_killed_mid_pass_ends_as_one_never_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (devices, events, seed) = (90, 2_500, 29);
+    let documents = documents_file(dir.path(), devices, events, seed, events);
+    let hub = Hub::empty("iothub-ehub-kill");
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    // A fixed as-of time, so that both runs' alert ids are comparable.
+    let config = config_file(
+        dir.path(),
+        "kill.toml",
+        &query.http_endpoint().expect("http"),
+        "as_of = \"2026-06-01T00:00:00Z\"\nreconcile_every_hours = 0",
+    );
+    let run = |name: &str, kill_after_pages: Option<u32>| {
+        let (data, alerts) = (
+            dir.path().join(format!("data-{name}")),
+            dir.path().join(format!("alerts-{name}.jsonl")),
+        );
+        if let Some(pages) = kill_after_pages {
+            query.inject_after(
+                pages,
+                QueryFault::Throttle {
+                    retry_after_secs: 60,
+                },
+                1,
+            );
+            let port = free_port();
+            let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+            wait_metric(
+                port,
+                "twinwatch_seed_throttled_total",
+                "",
+                1.0,
+                Duration::from_secs(60),
+            );
+            let mut child = service.0.take().expect("running");
+            child.kill().expect("SIGKILL");
+            child.wait().expect("killed");
+        }
+        let port = free_port();
+        let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
+        wait_metric(
+            port,
+            "twinwatch_seed_passes_total",
+            "outcome=\"complete\"",
+            1.0,
+            Duration::from_secs(60),
+        );
+        service.stop();
+        let bytes = std::fs::read(&alerts).expect("alerts");
+        (export(&data), alerts_by_id(&bytes), bytes)
+    };
+    let (clean_twins, (clean_alerts, _), _) = run("clean", None);
+    let (killed_twins, (killed_alerts, lines), bytes) = run("killed", Some(2));
+    assert!(!clean_alerts.is_empty(), "the pass raised alerts");
+    assert!(clean_twins == killed_twins, "the snapshots differ");
+    assert_eq!(clean_alerts, killed_alerts);
+    assert_eq!(
+        lines,
+        killed_alerts.len(),
+        "an alert delivered twice: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    hub.runtime.block_on(query.shutdown());
+}
+
+/// `twinwatch demo` seeds from its embedded twin query before the live feed goes on, and says
+/// so: the banner names the query and the fleet's twins; the pass completes as of the
+/// fleet's own clock (just after the preloaded events), so the events published after it
+/// still apply.
+#[test]
+fn the_demo_seeds_from_its_twin_query_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = std::process::Command::new(crate::support::binary())
+        .args([
+            "demo",
+            "--devices",
+            "150",
+            "--events",
+            "3000",
+            "--rate",
+            "200",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dir",
+            path(dir.path()),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn twinwatch demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let banner = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            lines.push(line);
+        }
+        lines
+    });
+    let mut demo = KillOnDrop(Some(child));
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        "outcome=\"complete\"",
+        1.0,
+        Duration::from_secs(60),
+    );
+    let (_, body) = readyz(port).expect("/readyz");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    let as_of = body["seed"]["last"]["asOf"]
+        .as_str()
+        .expect("asOf")
+        .to_owned();
+    let as_of = Ticks::parse_strict(&as_of).expect("a time");
+    assert!(
+        as_of < Ticks::now(),
+        "the fleet's clock, not the wall clock: {body}"
+    );
+    let documents = body["seed"]["last"]["documents"]
+        .as_u64()
+        .expect("documents");
+    assert!(documents > 150, "{body}");
+    // The feed published after the preloaded events is newer than the pass: it applies.
+    let applied = |port| metric(port, "twinwatch_messages_total", "outcome=\"applied\"");
+    let before = applied(port).unwrap_or(0.0);
+    wait_metric(
+        port,
+        "twinwatch_messages_total",
+        "outcome=\"applied\"",
+        before + 100.0,
+        Duration::from_secs(30),
+    );
+    demo.stop();
+    let lines = banner.join().expect("stdout");
+    let seeding = lines
+        .iter()
+        .find(|l| l.trim_start().starts_with("seeding:"))
+        .unwrap_or_else(|| panic!("no seeding line in {lines:#?}"));
+    let twins = format!(
+        "{} device twins",
+        documents - seeding_modules(seeding).expect("module twins in the line")
+    );
+    assert!(seeding.contains(&twins), "{seeding} / {twins}");
+}
+
+/// The number before "module twins" in the demo's seeding line.
+fn seeding_modules(line: &str) -> Option<u64> {
+    let before = line.split(" module twins").next()?;
+    before.rsplit(' ').next()?.parse().ok()
+}
