@@ -15,7 +15,7 @@ use super::{
 use crate::store::keys::{
     decode_twin_key, META_POLICY_FINGERPRINT, META_REAUDITS_DONE, META_REAUDIT_PROGRESS,
 };
-use crate::store::StoreError;
+use crate::store::{Store, StoreError, TwinRecord};
 
 /// What a re-audit did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -87,41 +87,49 @@ impl State {
         let store = self.store.clone();
         let from = resume_after.clone().unwrap_or_default();
         let mut n_in_batch = 0usize;
-        let mut last: Option<Vec<u8>>;
-        for item in store.twins_from(&from)? {
-            let (encoded, record) = item?;
-            if resume_after.as_deref() == Some(&encoded[..]) {
-                continue;
+        // A second thread reads and decodes the twins in key order, a chunk at a time, while
+        // this one evaluates them: the two halves of the work on both cores.
+        std::thread::scope(|scope| -> Result<(), PipelineError> {
+            let (chunks, from_reader) = crossbeam_channel::bounded::<Vec<TwinItem>>(4);
+            std::thread::Builder::new()
+                .name("twinwatch-audit-read".into())
+                .spawn_scoped(scope, move || read_twins(&store, &from, &chunks))
+                .map_err(PipelineError::Thread)?;
+            for item in from_reader.into_iter().flatten() {
+                let (encoded, record) = item?;
+                if resume_after.as_deref() == Some(&encoded[..]) {
+                    continue;
+                }
+                let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
+                    what: "key",
+                    detail: format!("{encoded:?}"),
+                })?;
+                let key = owned.as_key();
+                self.transitions.clear();
+                self.failing.clear();
+                let modules = device_modules(&self.snapshot.directory, key);
+                failing_rules(
+                    &policy,
+                    &modules,
+                    key,
+                    record.version,
+                    &record.doc,
+                    &mut self.failing,
+                );
+                self.update_violations(key, record.version, time, &origin)?;
+                self.emit(&origin, key, time, 0)?;
+                report.twins += 1;
+                n_in_batch += 1;
+                if n_in_batch >= self.options.batch_messages {
+                    self.put_progress(&fingerprint, Some(&encoded))?;
+                    crate::failpoint::hit(crate::failpoint::REAUDIT_BEFORE_COMMIT);
+                    self.commit()?;
+                    n_in_batch = 0;
+                    progress(report.twins);
+                }
             }
-            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
-                what: "key",
-                detail: format!("{encoded:?}"),
-            })?;
-            let key = owned.as_key();
-            self.transitions.clear();
-            self.failing.clear();
-            let modules = device_modules(&self.snapshot.directory, key);
-            failing_rules(
-                &policy,
-                &modules,
-                key,
-                record.version,
-                &record.doc,
-                &mut self.failing,
-            );
-            self.update_violations(key, record.version, time, &origin)?;
-            self.emit(&origin, key, time, 0)?;
-            report.twins += 1;
-            n_in_batch += 1;
-            last = Some(encoded);
-            if n_in_batch >= self.options.batch_messages {
-                self.put_progress(&fingerprint, last.as_deref())?;
-                crate::failpoint::hit(crate::failpoint::REAUDIT_BEFORE_COMMIT);
-                self.commit()?;
-                n_in_batch = 0;
-                progress(report.twins);
-            }
-        }
+            Ok(())
+        })?;
         self.store.put_meta(
             &mut self.batch,
             META_POLICY_FINGERPRINT,
@@ -181,6 +189,38 @@ impl State {
         self.store
             .put_meta(&mut self.batch, META_REAUDIT_PROGRESS, &value)?;
         Ok(())
+    }
+}
+
+/// A twin as the re-audit's reader hands it over: its encoded key and record.
+type TwinItem = Result<(Vec<u8>, TwinRecord), StoreError>;
+
+/// Twins read at a time by the re-audit's reader.
+const READ_CHUNK: usize = 512;
+
+/// The re-audit's reader: every twin from `from` on, in key order, in chunks; an error ends
+/// its chunk and the reading. Stops when the evaluating side hangs up.
+fn read_twins(store: &Store, from: &[u8], chunks: &crossbeam_channel::Sender<Vec<TwinItem>>) {
+    let twins = match store.twins_from(from) {
+        Ok(twins) => twins,
+        Err(e) => {
+            let _ = chunks.send(vec![Err(e)]);
+            return;
+        }
+    };
+    let mut chunk = Vec::with_capacity(READ_CHUNK);
+    for item in twins {
+        let failed = item.is_err();
+        chunk.push(item);
+        if failed || chunk.len() == READ_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
+            if chunks.send(full).is_err() || failed {
+                return;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = chunks.send(chunk);
     }
 }
 

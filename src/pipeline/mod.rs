@@ -45,6 +45,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("the store writer stopped")]
     WriterGone,
+    #[error("could not start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl PipelineError {
@@ -52,6 +54,7 @@ impl PipelineError {
         match self {
             PipelineError::Store(e) => e.kind(),
             PipelineError::WriterGone => "writer_gone",
+            PipelineError::Thread(_) => "thread",
         }
     }
 }
@@ -265,7 +268,7 @@ impl Engine {
                     }
                 }
             })
-            .map_err(|_| PipelineError::WriterGone)?;
+            .map_err(PipelineError::Thread)?;
         let mut engine = Engine {
             line_buf: Vec::new(),
             buffers: simd_json::Buffers::with_max_depth(4096, usize::MAX >> 8),
