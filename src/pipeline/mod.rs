@@ -914,6 +914,7 @@ impl State {
                 id: &pending.alert_id,
             };
             self.emit_with_version(&origin, owned.as_key(), deadline, opened.twin_version, 0)?;
+            crate::failpoint::hit(crate::failpoint::TIMER_AFTER_FIRE);
         }
         Ok(())
     }
