@@ -466,6 +466,11 @@ impl Engine {
         state.enqueued_time = None;
         state.fire_until(to)?;
         state.move_high_water(to);
+        // What fired is in the open batch: start its interval, so that `tick` commits it
+        // (and delivery sees its alerts) even if no message follows.
+        if !state.batch.is_empty() {
+            state.batch_started.get_or_insert_with(Instant::now);
+        }
         Ok(())
     }
 

@@ -12,6 +12,7 @@ mod live;
 mod operations;
 mod policy_changes;
 mod properties;
+mod quiet_clock;
 mod scenarios;
 // Shared with the reliability suite, which uses parts the integration tests do not.
 #[allow(dead_code)]
