@@ -1018,11 +1018,35 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
         max_scan: usize,
+        keep: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
+        self.page_of(CF_VIOLATIONS, prefix, after, limit, max_scan, keep)
+    }
+
+    /// [`Store::violations_page`] of the pending violations (`SEMANTICS.md` §9).
+    pub fn pending_violations_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
+        keep: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
+        self.page_of(CF_PENDING, prefix, after, limit, max_scan, keep)
+    }
+
+    fn page_of(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
         mut keep: impl FnMut(&str, &[u8]) -> bool,
     ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
         let start = after.unwrap_or(prefix);
         let iter = self.db.iterator_cf(
-            self.cf(CF_VIOLATIONS)?,
+            self.cf(cf)?,
             IteratorMode::From(start, rocksdb::Direction::Forward),
         );
         let mut out = Vec::new();
