@@ -474,6 +474,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that the events `first..=last` of a partition expired from the hub's retention
+    /// before they were read: a dead letter of reason `expired` at `first`, in the open batch,
+    /// so that it is committed with the checkpoint that moves past the gap (a crash before the
+    /// commit finds the same gap again, under the same key).
+    pub fn record_expired(
+        &mut self,
+        source: SourceHandle,
+        first: u64,
+        last: u64,
+    ) -> Result<(), PipelineError> {
+        let state = &mut self.state;
+        let text = &state.sources[source.0].text;
+        state
+            .store
+            .put_expired(&mut state.batch, text, first, last)?;
+        Ok(())
+    }
+
     /// Whether any violation is pending (a rule with `for` whose deadline is still to come).
     pub fn has_pending(&self) -> bool {
         !self.state.deadlines.is_empty()

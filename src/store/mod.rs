@@ -194,6 +194,10 @@ pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
 /// A twin and its violations: `(rule id, encoded violation)` by rule id.
 pub type TwinAndViolations = (TwinRecord, Vec<(String, Vec<u8>)>);
 
+/// The dead-letter reason of events that expired from a partition's retention before they
+/// were read (see [`Store::put_expired`]).
+pub const EXPIRED_REASON: &str = "expired";
+
 /// A dead letter as stored.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetterRecord {
@@ -679,6 +683,38 @@ impl Store {
         batch
             .inner
             .put_cf(self.cf(CF_CHECKPOINTS)?, source.to_text().as_bytes(), value);
+        Ok(())
+    }
+
+    /// Records events a partition's retention dropped before they were read (sequence
+    /// numbers `first..=last`) as a dead letter of reason [`EXPIRED_REASON`] at `first`: not a
+    /// message, a gap, which `twinwatch deadletters` shows beside the messages that could not
+    /// be applied. Its raw record is `{"firstSequenceNumber", "lastSequenceNumber", "events"}`.
+    pub fn put_expired(
+        &self,
+        batch: &mut Batch,
+        source: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(), StoreError> {
+        let raw = serde_json::json!({
+            "firstSequenceNumber": first,
+            "lastSequenceNumber": last,
+            "events": last.saturating_sub(first).saturating_add(1),
+        });
+        let record = DeadLetterRecord {
+            reason: EXPIRED_REASON.to_owned(),
+            raw: raw.to_string().into_bytes(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            what: "dead letter",
+            detail: e.to_string(),
+        })?;
+        batch.inner.put_cf(
+            self.cf(CF_DEAD_LETTERS)?,
+            dead_letter_key(source, first),
+            value,
+        );
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 mod alerts;
 mod avro;
 mod cases;
+mod expired;
 mod faults;
 mod hardening;
 mod iothub;
