@@ -5,8 +5,11 @@
 //!
 //! - `GET /v1/twins/{hub}/{device}` and `GET /v1/twins/{hub}/{device}/modules/{module}`:
 //!   `{"twin": <its export line>, "violations": [<its violation lines>]}`;
-//! - `GET /v1/violations?rule=&severity=&hub=&limit=&cursor=`: `{"violations": [...],
-//!   "next": <cursor> | null}`, in `twinwatch violations` order;
+//! - `GET /v1/violations?state=&rule=&severity=&hub=&limit=&cursor=`: `{"violations": [...],
+//!   "next": <cursor> | null}`, in `twinwatch violations` order; `state` is `open` (the
+//!   default: the violations that alerted) or `pending` (failures of rules with `for` that have
+//!   not lasted long enough yet, `SEMANTICS.md` §9, each line with its `deadline`), as
+//!   `twinwatch violations [--pending]` prints them;
 //! - `GET /v1/stats`: the service's counts, violations by severity and rule, checkpoints.
 
 use std::sync::Arc;
@@ -226,6 +229,7 @@ async fn twin(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ViolationQuery {
+    state: Option<String>,
     rule: Option<String>,
     severity: Option<String>,
     hub: Option<String>,
@@ -247,6 +251,15 @@ async fn violations(
             .ok_or_else(|| {
                 ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}"))
             })?,
+    };
+    let pending = match query.state.as_deref() {
+        None | Some("open") => false,
+        Some("pending") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "unknown state {other:?}: open or pending"
+            )))
+        }
     };
     let severity = match &query.severity {
         None => None,
@@ -292,18 +305,19 @@ async fn violations(
     }
     blocking(move || {
         let rule = query.rule.as_deref();
-        let (page, next) = api.store.violations_page(
-            &prefix,
-            after.as_deref(),
-            limit,
-            MAX_SCAN,
-            |rule_id, value| {
-                rule.is_none_or(|r| r == rule_id)
-                    && severity.is_none_or(|s| {
-                        decode_violation(rule_id, value).is_some_and(|v| v.severity == s)
-                    })
-            },
-        )?;
+        let keep = |rule_id: &str, value: &[u8]| {
+            rule.is_none_or(|r| r == rule_id)
+                && severity.is_none_or(|s| {
+                    decode_violation(rule_id, value).is_some_and(|v| v.severity == s)
+                })
+        };
+        let (page, next) = if pending {
+            api.store
+                .pending_violations_page(&prefix, after.as_deref(), limit, MAX_SCAN, keep)?
+        } else {
+            api.store
+                .violations_page(&prefix, after.as_deref(), limit, MAX_SCAN, keep)?
+        };
         let lines: Vec<Value> = page
             .iter()
             .map(|(key, rule_id, value)| {
@@ -313,7 +327,11 @@ async fn violations(
                         detail: rule_id.clone(),
                     })
                 })?;
-                Ok(violation_line(key.as_key(), rule_id, &v))
+                let mut line = violation_line(key.as_key(), rule_id, &v);
+                if let Some(pending) = &v.pending {
+                    line["deadline"] = json!(pending.deadline.to_string());
+                }
+                Ok(line)
             })
             .collect::<Result<_, ApiError>>()?;
         let next = next.map(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k));
@@ -397,7 +415,30 @@ mod tests {
 
     /// A snapshot of a generated fleet (baseline policy: violations), plus the history of its
     /// first device again under the id [`ODD`].
+    /// (Under the baseline without its grace periods: the fleet's minutes are shorter than
+    /// most, and the paging tests want many open violations.)
     fn fleet() -> (tempfile::TempDir, Arc<Store>) {
+        let policy = crate::policy::Policy::from_sources(&[(
+            "baseline.yaml".into(),
+            baseline_without_for(),
+        )])
+        .expect("the policy loads");
+        fleet_with(EngineOptions {
+            policy: Arc::new(policy),
+            ..EngineOptions::default()
+        })
+    }
+
+    /// The built-in pack's text without its `for` lines.
+    fn baseline_without_for() -> String {
+        include_str!("../policies/security-twin-baseline.yaml")
+            .lines()
+            .filter(|line| !line.starts_with("    for:"))
+            .fold(String::new(), |text, line| text + line + "\n")
+    }
+
+    /// [`fleet`] evaluated with `options` (a policy with grace periods, say).
+    fn fleet_with(options: EngineOptions) -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut text = Vec::new();
         let opts = GenerateOptions {
@@ -426,7 +467,7 @@ mod tests {
             .map(|l| l.replace(&format!("\"{kept}\""), &format!("{ODD:?}")))
             .collect();
         let store = Arc::new(Store::open(dir.path(), &StoreOptions::default()).expect("store"));
-        let mut engine = Engine::new(store.clone(), EngineOptions::default()).expect("engine");
+        let mut engine = Engine::new(store.clone(), options).expect("engine");
         let (source, _) = engine
             .add_source(SourceId::File("fleet.json".into()), "fleet.json".into())
             .expect("source");
@@ -487,6 +528,22 @@ mod tests {
                 let v = decode_violation(&rule_id, &value).expect("decodes");
                 let line = violation_line(key.as_key(), &rule_id, &v);
                 (key, line)
+            })
+            .collect()
+    }
+
+    /// Every pending violation line, as `twinwatch violations --pending` prints them.
+    fn all_pending(store: &Store) -> Vec<Value> {
+        store
+            .pending_violations()
+            .expect("pending violations")
+            .map(|item| {
+                let (key, rule_id, value) = item.expect("violation");
+                let v = decode_violation(&rule_id, &value).expect("decodes");
+                let mut line = violation_line(key.as_key(), &rule_id, &v);
+                let pending = v.pending.expect("a pending violation has a deadline");
+                line["deadline"] = json!(pending.deadline.to_string());
+                line
             })
             .collect()
     }
@@ -619,6 +676,66 @@ mod tests {
         let (_, body) = get_json(&app, "/v1/violations?limit=1000", None).await;
         assert_eq!(body["violations"].as_array().map(Vec::len), Some(all.len()));
         assert_eq!(body["next"], Value::Null);
+    }
+
+    /// `state=pending` pages the pending violations with their deadlines, `state=open` (and
+    /// no state) the open ones; the filters apply to both.
+    #[tokio::test]
+    async fn violations_are_filtered_by_state_and_pending_ones_carry_their_deadline() {
+        // The baseline with its own grace periods replaced by a day on high-severity rules
+        // (no failure lasts that long in the fleet's minutes) and two minutes on medium ones
+        // (some do).
+        let text = baseline_without_for()
+            .replace("    severity: high\n", "    severity: high\n    for: P1D\n")
+            .replace(
+                "    severity: medium\n",
+                "    severity: medium\n    for: PT2M\n",
+            );
+        let policy = crate::policy::Policy::from_sources(&[("grace.yaml".into(), text)])
+            .expect("the policy loads");
+        let (_dir, store) = fleet_with(EngineOptions {
+            policy: Arc::new(policy),
+            ..EngineOptions::default()
+        });
+        let app = app(&store, None);
+        let open: Vec<Value> = all_violations(&store).into_iter().map(|(_, l)| l).collect();
+        let pending = all_pending(&store);
+        assert!(pending.len() > 10, "only {} pending", pending.len());
+        assert!(
+            open.iter().any(|l| l["severity"] == "medium"),
+            "no medium rule outlasted its grace period"
+        );
+        assert!(open.iter().all(|l| l["severity"] != "high"));
+        assert_eq!(walk(&app, "").await, open);
+        assert_eq!(walk(&app, "&state=open").await, open);
+        assert_eq!(walk(&app, "&state=pending").await, pending);
+        for severity in ["medium", "high"] {
+            let expected: Vec<Value> = pending
+                .iter()
+                .filter(|l| l["severity"] == severity)
+                .cloned()
+                .collect();
+            assert!(!expected.is_empty(), "no pending {severity} violation");
+            assert_eq!(
+                walk(&app, &format!("&state=pending&severity={severity}")).await,
+                expected
+            );
+        }
+        let rule = pending[0]["ruleId"].as_str().expect("rule").to_owned();
+        let of_rule: Vec<Value> = pending
+            .iter()
+            .filter(|l| l["ruleId"] == rule.as_str())
+            .cloned()
+            .collect();
+        assert_eq!(
+            walk(&app, &format!("&rule={}&state=pending", encode(&rule))).await,
+            of_rule
+        );
+        let (status, body) = get_json(&app, "/v1/violations?state=resolved", None).await;
+        assert_eq!(
+            (status, &body["error"]["code"]),
+            (StatusCode::BAD_REQUEST, &json!("bad_request"))
+        );
     }
 
     #[tokio::test]

@@ -323,6 +323,10 @@ pub struct DemoArgs {
     /// Where to keep the snapshot (default: a new temporary directory, removed at the end)
     #[arg(long)]
     pub dir: Option<PathBuf>,
+
+    /// Append every alert (CloudEvents JSON lines) to this file; the terminal shows a summary
+    #[arg(long, value_name = "FILE")]
+    pub alerts_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -35,12 +35,20 @@ pub const PASS_NAMES: &[&str] = &[
     SEED_BEFORE_EVALUATION,
 ];
 
+/// The failpoints of grace periods (`SEMANTICS.md` §9), which only runs with `for` rules meet.
+pub const GRACE_NAMES: &[&str] = &[
+    // The apply thread, after a timer fired: a pending violation opened, its alert and the
+    // violation's move from pending to open are in the open batch, nothing of it written.
+    TIMER_AFTER_FIRE,
+];
+
 pub const APPLY_BEFORE_HANDOFF: &str = "apply.before_handoff";
 pub const WRITER_BEFORE_WRITE: &str = "writer.before_write";
 pub const WRITER_AFTER_WRITE: &str = "writer.after_write";
 pub const DELIVERY_AFTER_ACK: &str = "delivery.after_ack";
 pub const REAUDIT_BEFORE_COMMIT: &str = "reaudit.before_commit";
 pub const SEED_BEFORE_EVALUATION: &str = "seed.before_evaluation";
+pub const TIMER_AFTER_FIRE: &str = "timer.after_fire";
 
 /// Reads `FAILPOINTS`; returns a guard to keep for the process's life.
 #[cfg(feature = "failpoints")]

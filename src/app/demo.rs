@@ -2,9 +2,11 @@
 //! into the embedded Event Hubs emulator, which keeps publishing more of it at a steady rate;
 //! the embedded twin query serves the fleet's twins as of the preloaded events, and the
 //! service seeds its snapshot from it as it starts (`SEMANTICS.md` §7), then consumes the
-//! feed with the built-in baseline policy, prints alerts on the terminal as they open and
-//! resolve, and serves /metrics on localhost, until Ctrl-C.
+//! feed with the built-in baseline policy, shows a compact summary (twins failing and pending
+//! by rule, the alerts of the last minute: `summary.rs`) rather than a line per alert, writes
+//! every alert to `--alerts-file` when given, and serves /metrics on localhost, until Ctrl-C.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -12,7 +14,6 @@ use anyhow::Context as _;
 
 use super::emulator::generated_events;
 use super::Failure;
-use crate::alert::ConsoleSink;
 use crate::cli::DemoArgs;
 use crate::config::RawConfig;
 use crate::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocuments};
@@ -107,6 +108,12 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
     println!("  emulator:  {}", emulator.local_addr());
     println!("  snapshot:  {}", dir.join("data").display());
     println!("  metrics:   http://{listen}/metrics   (also /healthz, /readyz)");
+    if let Some(file) = &args.alerts_file {
+        println!(
+            "  alerts:    {}   (every alert, CloudEvents JSON lines)",
+            file.display()
+        );
+    }
     if args.dir.is_some() {
         println!(
             "  explore:   twinwatch export --data-dir {0}  |  twinwatch violations --data-dir {0}",
@@ -114,7 +121,7 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
         );
     }
     println!("  Ctrl-C to stop\n");
-    let raw = RawConfig {
+    let mut raw = RawConfig {
         data_dir: Some(dir.join("data")),
         listen: Some(listen.to_string()),
         eventhub: crate::config::RawEventHub {
@@ -131,13 +138,21 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, Failure> {
         },
         ..Default::default()
     };
+    raw.alerts.file = args.alerts_file.clone();
     let mut config = raw
         .validate()
         .map_err(|e| Failure::runtime(anyhow::anyhow!("the demo's configuration: {e}")))?;
     if let Some(seed) = &mut config.seed {
         seed.as_of = Some(as_of);
     }
-    let result = super::run::run_with(config, vec![Box::new(ConsoleSink)]);
+    let summary = super::summary::Summary::start(
+        listen,
+        std::io::stdout().is_terminal(),
+        args.alerts_file.as_ref().map(|f| f.display().to_string()),
+    )
+    .map_err(Failure::runtime)?;
+    let result = super::run::run_with(config, Vec::new());
+    summary.stop();
     runtime.block_on(query.shutdown());
     runtime.block_on(emulator.shutdown());
     result

@@ -9,6 +9,7 @@ pub mod run;
 pub mod seed;
 pub use run::ServiceState;
 mod sinks;
+mod summary;
 
 use std::process::ExitCode;
 

@@ -899,6 +899,7 @@ fn apply_loop(
                             .events_expired
                             .with_label_values(&[&partition_ids[p]])
                             .inc_by(expired);
+                        engine.record_expired(handles[p], expected[p], seq - 1)?;
                     }
                     expected[p] = seq + 1;
                     let message = RecordMessage {

@@ -189,6 +189,16 @@ impl Emulator {
         });
     }
 
+    /// Fault injection: partition `partition`'s retention drops every event before sequence
+    /// number `sequence_number`, as the service does to events older than the retention
+    /// period: a receiver that opens before it (a consumer that was down too long) starts at
+    /// it, and sees a jump in sequence numbers.
+    pub fn expire_before(&self, partition: u32, sequence_number: u64) {
+        if let Some(p) = self.hub.partition(partition) {
+            p.expire_before(usize::try_from(sequence_number).unwrap_or(usize::MAX));
+        }
+    }
+
     /// Fault injection: refuse (or accept again) every token put to `$cbs`, as the service
     /// refuses a wrong key: clients then fail to authorize.
     pub fn refuse_tokens(&self, refuse: bool) {

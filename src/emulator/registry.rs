@@ -145,6 +145,10 @@ struct Log {
     events: Vec<StoredEvent>,
     next_offset: u64,
     last_enqueued_time_ms: i64,
+    /// The first sequence number retained: events before it have expired (fault injection,
+    /// [`Partition::expire_before`]); they stay in `events` so that indexes remain sequence
+    /// numbers, but no receiver starts before it.
+    begin: usize,
 }
 
 struct ActiveReader {
@@ -453,6 +457,13 @@ impl Partition {
         self.appended.send_replace(length);
     }
 
+    /// Expires every event before sequence number `sequence_number` (at most the next one to
+    /// be appended), as the service's retention does: receivers opening before it start at it.
+    pub(crate) fn expire_before(&self, sequence_number: usize) {
+        let mut log = self.log.write().unwrap_or_else(PoisonError::into_inner);
+        log.begin = log.begin.max(sequence_number.min(log.events.len()));
+    }
+
     /// Up to `max` events from index (= sequence number) `from`.
     pub(crate) fn read(&self, from: usize, max: usize) -> Vec<StoredEvent> {
         let log = self.log.read().unwrap_or_else(PoisonError::into_inner);
@@ -470,7 +481,7 @@ impl Partition {
         match log.events.last() {
             Some(last) => PartitionSnapshot {
                 partition: self.id,
-                begin_sequence_number: 0,
+                begin_sequence_number: log.begin as i64,
                 last_enqueued_sequence_number: last.position.sequence_number,
                 last_enqueued_offset: last.position.offset.to_string(),
                 last_enqueued_time_ms: last.position.enqueued_time_ms,
@@ -507,7 +518,8 @@ impl Partition {
                 ),
             )
         };
-        match start {
+        // What expired is not served: a position before the first retained event starts there.
+        let index = match start {
             StartPosition::Offset {
                 offset: OffsetValue::Earliest,
                 ..
@@ -551,7 +563,8 @@ impl Partition {
                     stored.position.enqueued_time_ms <= ms
                 }
             })),
-        }
+        }?;
+        Ok(index.max(log.begin))
     }
 }
 

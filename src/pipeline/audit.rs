@@ -9,11 +9,12 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    deadline_index, device_modules, failing_counts, failing_rules, pending_counts, Origin,
-    PipelineError, State,
+    deadline_index, device_modules, failing_counts, failing_rules, pending_counts, store_ticks,
+    Origin, PipelineError, State,
 };
 use crate::store::keys::{
-    decode_twin_key, META_POLICY_FINGERPRINT, META_REAUDITS_DONE, META_REAUDIT_PROGRESS,
+    decode_twin_key, META_HIGH_WATER, META_POLICY_FINGERPRINT, META_REAUDITS_DONE,
+    META_REAUDIT_PROGRESS,
 };
 use crate::store::{Store, StoreError, TwinRecord};
 
@@ -280,6 +281,20 @@ pub fn plan(
             .or_default()
             .push((rule_id, severity));
     }
+    // Pending violations (`SEMANTICS.md` §9) by encoded key: (rule, since). A re-audit opens
+    // a failure of a rule with `for` only when it has lasted `for` by the clock; the others
+    // are (or stay) pending, no alert.
+    let mut pending: HashMap<Vec<u8>, Vec<(String, crate::time::Ticks)>> = HashMap::new();
+    for item in store.pending_violations()? {
+        let (key, rule_id, value) = item?;
+        if let Some(v) = crate::compliance::decode_violation(&rule_id, &value) {
+            pending
+                .entry(crate::store::keys::twin_key(key.as_key()))
+                .or_default()
+                .push((rule_id, v.since));
+        }
+    }
+    let clock = store_ticks(store, META_HIGH_WATER)?.unwrap_or_default();
     let rules = policy.rules();
     let mut by_rule: BTreeMap<String, RulePlan> = BTreeMap::new();
     for rule in rules {
@@ -314,12 +329,26 @@ pub fn plan(
             &mut failing,
         );
         let failing_now = now.remove(&encoded).unwrap_or_default();
+        let pending_now = pending.remove(&encoded).unwrap_or_default();
         for &i in &failing {
-            let plan = by_rule
-                .get_mut(&rules[i].id)
-                .expect("every rule has a plan");
+            let rule = &rules[i];
+            let plan = by_rule.get_mut(&rule.id).expect("every rule has a plan");
             plan.failing_after += 1;
-            if !failing_now.iter().any(|(id, _)| *id == rules[i].id) {
+            if failing_now.iter().any(|(id, _)| *id == rule.id) {
+                continue;
+            }
+            let opens = match rule.grace {
+                None => true,
+                // Pending since then (a new failure: since the clock), due by the clock.
+                Some(grace) => {
+                    let since = pending_now
+                        .iter()
+                        .find(|(id, _)| *id == rule.id)
+                        .map_or(clock, |&(_, since)| since);
+                    since.0.saturating_add(grace.0) <= clock.0
+                }
+            };
+            if opens {
                 plan.to_open += 1;
             }
         }

@@ -490,6 +490,29 @@ impl Engine {
         state.enqueued_time = None;
         state.fire_until(to)?;
         state.move_high_water(to);
+        // What fired is in the open batch: start its interval, so that `tick` commits it
+        // (and delivery sees its alerts) even if no message follows.
+        if !state.batch.is_empty() {
+            state.batch_started.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+
+    /// Records that the events `first..=last` of a partition expired from the hub's retention
+    /// before they were read: a dead letter of reason `expired` at `first`, in the open batch,
+    /// so that it is committed with the checkpoint that moves past the gap (a crash before the
+    /// commit finds the same gap again, under the same key).
+    pub fn record_expired(
+        &mut self,
+        source: SourceHandle,
+        first: u64,
+        last: u64,
+    ) -> Result<(), PipelineError> {
+        let state = &mut self.state;
+        let text = &state.sources[source.0].text;
+        state
+            .store
+            .put_expired(&mut state.batch, text, first, last)?;
         Ok(())
     }
 
@@ -949,6 +972,7 @@ impl State {
                 id: &pending.alert_id,
             };
             self.emit_with_version(&origin, owned.as_key(), deadline, opened.twin_version, 0)?;
+            crate::failpoint::hit(crate::failpoint::TIMER_AFTER_FIRE);
         }
         Ok(())
     }

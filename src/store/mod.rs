@@ -194,6 +194,10 @@ pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
 /// A twin and its violations: `(rule id, encoded violation)` by rule id.
 pub type TwinAndViolations = (TwinRecord, Vec<(String, Vec<u8>)>);
 
+/// The dead-letter reason of events that expired from a partition's retention before they
+/// were read (see [`Store::put_expired`]).
+pub const EXPIRED_REASON: &str = "expired";
+
 /// A dead letter as stored.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DeadLetterRecord {
@@ -682,6 +686,38 @@ impl Store {
         Ok(())
     }
 
+    /// Records events a partition's retention dropped before they were read (sequence
+    /// numbers `first..=last`) as a dead letter of reason [`EXPIRED_REASON`] at `first`: not a
+    /// message, a gap, which `twinwatch deadletters` shows beside the messages that could not
+    /// be applied. Its raw record is `{"firstSequenceNumber", "lastSequenceNumber", "events"}`.
+    pub fn put_expired(
+        &self,
+        batch: &mut Batch,
+        source: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(), StoreError> {
+        let raw = serde_json::json!({
+            "firstSequenceNumber": first,
+            "lastSequenceNumber": last,
+            "events": last.saturating_sub(first).saturating_add(1),
+        });
+        let record = DeadLetterRecord {
+            reason: EXPIRED_REASON.to_owned(),
+            raw: raw.to_string().into_bytes(),
+        };
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Corrupt {
+            what: "dead letter",
+            detail: e.to_string(),
+        })?;
+        batch.inner.put_cf(
+            self.cf(CF_DEAD_LETTERS)?,
+            dead_letter_key(source, first),
+            value,
+        );
+        Ok(())
+    }
+
     pub fn put_dead_letter(
         &self,
         batch: &mut Batch,
@@ -1018,11 +1054,35 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
         max_scan: usize,
+        keep: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
+        self.page_of(CF_VIOLATIONS, prefix, after, limit, max_scan, keep)
+    }
+
+    /// [`Store::violations_page`] of the pending violations (`SEMANTICS.md` §9).
+    pub fn pending_violations_page(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
+        keep: impl FnMut(&str, &[u8]) -> bool,
+    ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
+        self.page_of(CF_PENDING, prefix, after, limit, max_scan, keep)
+    }
+
+    fn page_of(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        max_scan: usize,
         mut keep: impl FnMut(&str, &[u8]) -> bool,
     ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
         let start = after.unwrap_or(prefix);
         let iter = self.db.iterator_cf(
-            self.cf(CF_VIOLATIONS)?,
+            self.cf(cf)?,
             IteratorMode::From(start, rocksdb::Direction::Forward),
         );
         let mut out = Vec::new();

@@ -4,6 +4,7 @@
 mod alerts;
 mod avro;
 mod cases;
+mod expired;
 mod faults;
 mod hardening;
 mod iothub;
@@ -12,6 +13,7 @@ mod live;
 mod operations;
 mod policy_changes;
 mod properties;
+mod quiet_clock;
 mod scenarios;
 mod seed_service;
 // Shared with the reliability suite, which uses parts the integration tests do not.

@@ -181,6 +181,35 @@ pub fn sigterm_and_wait(child: &mut Child) {
     }
 }
 
+/// Waits until the service has no violation pending and an empty outbox, seen twice half a
+/// second apart. Caught up on a hub whose events are long past (generated fleets start in
+/// 2026-01), the service's quiet clock (`SEMANTICS.md` §9) opens every pending violation
+/// of a rule with `for` (the baseline has some); what it opens is committed within a batch
+/// interval and then delivered. A test comparing a live run's violations or alerts with
+/// another's waits for this first.
+pub fn wait_quiet_clock(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut settled = 0;
+    loop {
+        if metric(port, "twinwatch_pending_violations", "") == Some(0.0)
+            && metric_plain(port, "twinwatch_outbox_pending_alerts") == Some(0.0)
+        {
+            settled += 1;
+            if settled == 2 {
+                return;
+            }
+        } else {
+            settled = 0;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "violations still pending or alerts undelivered after {limit:?} (pending {:?})",
+            metric(port, "twinwatch_pending_violations", "")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// /readyz's status and body.
 pub fn readyz(port: u16) -> Option<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
