@@ -45,7 +45,6 @@ pub mod failpoint;
 pub mod generate;
 #[cfg(feature = "service")]
 pub mod http;
-#[cfg(feature = "service")]
 pub mod iothub;
 pub mod model;
 #[cfg(feature = "service")]

@@ -112,6 +112,8 @@ impl ConnectionString {
     }
 
     /// The decoded key. Only the signature code and the emulator need it.
+    // Used by the signatures, which only the `service` feature builds.
+    #[cfg_attr(not(feature = "service"), allow(dead_code))]
     pub(crate) fn key(&self) -> &[u8] {
         &self.key
     }

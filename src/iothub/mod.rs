@@ -13,13 +13,18 @@
 //! continuation token is sent back exactly as received.
 
 mod connection;
+// The client and the signatures need the `service` feature's crates; the connection string
+// (which the configuration parses) does not.
+#[cfg(feature = "service")]
 mod query;
+#[cfg(feature = "service")]
 pub mod sas;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "service"))]
 mod tests;
 
 pub use connection::ConnectionString;
+#[cfg(feature = "service")]
 pub use query::{QueryClient, QueryEvent, QueryOptions, QueryStats, API_VERSION};
 
 use std::path::PathBuf;
