@@ -275,19 +275,32 @@ pub fn cloud_event(
 }
 
 /// Stored form of a [`Violation`] (the values of the `violations` column family, and of
-/// `pending` for a pending one, which also records its deadline and alert id).
+/// `pending` for a pending one, which also records its deadline and alert id): a JSON object
+/// with its keys in byte order, the form stored records have always had.
 pub fn encode_violation(v: &Violation) -> Vec<u8> {
-    let mut value = json!({
-        "severity": v.severity.as_str(),
-        "title": &*v.title,
-        "since": v.since.0,
-        "twinVersion": v.twin_version,
-    });
-    if let Some(pending) = &v.pending {
-        value["deadline"] = json!(pending.deadline.0);
-        value["alertId"] = json!(&*pending.alert_id);
+    /// The fields in the order of their names' bytes (as a `serde_json::Value` object writes
+    /// them), written without building a value first.
+    #[derive(serde::Serialize)]
+    struct Stored<'a> {
+        #[serde(rename = "alertId", skip_serializing_if = "Option::is_none")]
+        alert_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        deadline: Option<i64>,
+        severity: &'a str,
+        since: i64,
+        title: &'a str,
+        #[serde(rename = "twinVersion")]
+        twin_version: i64,
     }
-    serde_json::to_vec(&value).expect("a JSON value always serializes")
+    let stored = Stored {
+        alert_id: v.pending.as_ref().map(|p| &*p.alert_id),
+        deadline: v.pending.as_ref().map(|p| p.deadline.0),
+        severity: v.severity.as_str(),
+        since: v.since.0,
+        title: &v.title,
+        twin_version: v.twin_version,
+    };
+    serde_json::to_vec(&stored).expect("plain fields always serialize")
 }
 
 /// A violation as `twinwatch violations` prints it and the query API answers it:
@@ -326,6 +339,40 @@ pub fn decode_violation(rule_id: &str, bytes: &[u8]) -> Option<Violation> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stored_violations_keep_their_form() {
+        // The form records were written in before: a JSON value's object, keys sorted.
+        fn as_before(v: &super::Violation) -> Vec<u8> {
+            let mut value = serde_json::json!({
+                "severity": v.severity.as_str(),
+                "title": &*v.title,
+                "since": v.since.0,
+                "twinVersion": v.twin_version,
+            });
+            if let Some(pending) = &v.pending {
+                value["deadline"] = serde_json::json!(pending.deadline.0);
+                value["alertId"] = serde_json::json!(&*pending.alert_id);
+            }
+            serde_json::to_vec(&value).expect("serializes")
+        }
+        let mut v = super::Violation {
+            rule_id: "r".into(),
+            severity: crate::policy::Severity::High,
+            title: "A \"quoted\" title \u{e9}\n".into(),
+            since: crate::time::Ticks(-5),
+            twin_version: i64::MAX,
+            pending: None,
+        };
+        assert_eq!(super::encode_violation(&v), as_before(&v));
+        v.pending = Some(super::Pending {
+            deadline: crate::time::Ticks(638_000_000_000_000_000),
+            alert_id: "data/a#1/r%2F".into(),
+        });
+        assert_eq!(super::encode_violation(&v), as_before(&v));
+        let decoded = super::decode_violation("r", &super::encode_violation(&v)).expect("decodes");
+        assert_eq!(decoded, v);
+    }
+
     use super::*;
 
     fn policy() -> Policy {

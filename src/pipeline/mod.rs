@@ -783,7 +783,15 @@ impl State {
         let pending_id = |rule_id: &str| -> Box<str> {
             match origin {
                 Origin::Event { source, index } => {
-                    format!("{}#{index}/{rule_id}", sources[source.0].alert_name).into()
+                    // Built piece by piece: this runs for every violation that becomes pending.
+                    let name = &sources[source.0].alert_name;
+                    let mut id = String::with_capacity(name.len() + 22 + rule_id.len());
+                    id.push_str(name);
+                    id.push('#');
+                    id.push_str(itoa::Buffer::new().format(*index));
+                    id.push('/');
+                    id.push_str(rule_id);
+                    id.into()
                 }
                 Origin::Reaudit { prefix } => {
                     format!("{prefix}/{}#{rule_id}.pending", escaped_key(key)).into()
