@@ -283,7 +283,7 @@ pub fn decode_document<'a>(
     let Some(body) = nodes else {
         return Err(DeadLetterReason::BadBody);
     };
-    if !tape_is_object(body) || !tape_is_well_formed(body, MAX_BODY_DEPTH) {
+    if !body_is_well_formed(body) {
         return Err(DeadLetterReason::BadBody);
     }
     let device_id = match tape_find(body, "deviceId").and_then(|v| v.first()) {

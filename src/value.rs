@@ -400,8 +400,8 @@ pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
         start: usize,
         /// The index of its next key (objects; `usize::MAX` for arrays).
         next_key: usize,
-        /// The buckets its keys so far took (see [`key_bucket`]).
-        taken: [u64; 4],
+        /// The buckets its keys so far took.
+        taken: KeyBuckets,
         /// Its keys were checked at once (a large object, sorted).
         checked: bool,
     }
@@ -417,12 +417,9 @@ pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
                 // A key: compared with the object's earlier keys only when its bucket is
                 // taken, which most keys' is not.
                 if let (false, Node::String(key)) = (o.checked, nodes[i]) {
-                    let bucket = key_bucket(key.as_bytes()) as usize & 255;
-                    let (word, bit) = (bucket / 64, 1u64 << (bucket % 64));
-                    if o.taken[word] & bit != 0 && has_earlier_key(nodes, o.start, i, key) {
+                    if o.taken.take(key) && has_earlier_key(nodes, o.start, i, key) {
                         return false;
                     }
-                    o.taken[word] |= bit;
                 }
                 o.next_key = i + 1 + tape_span(&nodes[i + 1..]);
                 continue;
@@ -447,7 +444,7 @@ pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
             until: i + 1 + count,
             start: i,
             next_key: if is_object { i + 1 } else { usize::MAX },
-            taken: [0; 4],
+            taken: KeyBuckets::default(),
             checked,
         });
     }
@@ -477,13 +474,9 @@ pub fn object_has_duplicate_key<'i>(nodes: &[Node<'i>], keys: &mut Vec<(u64, &'i
         // One pass; a key is compared with the earlier ones only when its cheap bucket
         // (length, first and last byte; 256 of them) is already taken, which most keys'
         // is not. Larger objects are sorted instead.
-        let mut taken = [0u64; 4];
+        let mut taken = KeyBuckets::default();
         return object_entries(nodes).enumerate().any(|(i, (key, _))| {
-            let bucket = key_bucket(key.as_bytes()) as usize & 255;
-            let (word, bit) = (bucket / 64, 1u64 << (bucket % 64));
-            let maybe = taken[word] & bit != 0;
-            taken[word] |= bit;
-            maybe
+            taken.take(key)
                 && object_entries(nodes)
                     .take(i)
                     .any(|(earlier, _)| earlier == key)
@@ -497,15 +490,28 @@ pub fn object_has_duplicate_key<'i>(nodes: &[Node<'i>], keys: &mut Vec<(u64, &'i
     keys.windows(2).any(|pair| pair[0] == pair[1])
 }
 
-/// A key's bucket for [`object_has_duplicate_key`]: equal keys share it.
-fn key_bucket(key: &[u8]) -> u32 {
-    match key {
-        [] => 0,
-        [first, .., last] => (key.len() as u32)
-            .wrapping_mul(31)
-            .wrapping_add(u32::from(*first).wrapping_mul(7))
-            .wrapping_add(u32::from(*last)),
-        [only] => (key.len() as u32).wrapping_mul(31) ^ u32::from(*only),
+/// The buckets (256, by length, first and last byte) that an object's keys so far took: equal
+/// keys share a bucket, so a key whose bucket is free is new without a compare.
+#[derive(Default)]
+struct KeyBuckets([u64; 4]);
+
+impl KeyBuckets {
+    /// Takes `key`'s bucket; whether it was taken already (the key may be a repeat).
+    fn take(&mut self, key: &str) -> bool {
+        let bytes = key.as_bytes();
+        let bucket = match bytes {
+            [] => 0,
+            [first, .., last] => (bytes.len() as u32)
+                .wrapping_mul(31)
+                .wrapping_add(u32::from(*first).wrapping_mul(7))
+                .wrapping_add(u32::from(*last)),
+            [only] => (bytes.len() as u32).wrapping_mul(31) ^ u32::from(*only),
+        } as usize
+            & 255;
+        let (word, bit) = (bucket / 64, 1u64 << (bucket % 64));
+        let taken = self.0[word] & bit != 0;
+        self.0[word] |= bit;
+        taken
     }
 }
 

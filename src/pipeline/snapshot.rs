@@ -136,13 +136,14 @@ impl Directory {
     }
 }
 
-/// A key's final state in the current batch.
-enum Pending {
+/// A key's final state in a batch, with its document held as `D`: owned while the batch is
+/// open ([`Pending`]), shared with the writer thread once it is cut ([`TwinWrite`]).
+enum TwinState<D> {
     Live {
         version: i64,
         created_at: Option<Ticks>,
         last_change: Ticks,
-        doc: Map,
+        doc: D,
         /// The key had a tombstone, which the write must delete.
         clear_tombstone: bool,
     },
@@ -152,27 +153,46 @@ enum Pending {
     },
 }
 
+/// A key's final state in the current batch.
+type Pending = TwinState<Map>;
+
+/// One twin's write, as the writer thread encodes it into the batch.
+type TwinWrite = TwinState<Arc<Map>>;
+
+impl Pending {
+    /// The state as the writer thread takes it: the document shared.
+    fn into_write(self) -> TwinWrite {
+        match self {
+            TwinState::Live {
+                version,
+                created_at,
+                last_change,
+                doc,
+                clear_tombstone,
+            } => TwinState::Live {
+                version,
+                created_at,
+                last_change,
+                doc: Arc::new(doc),
+                clear_tombstone,
+            },
+            TwinState::Dead {
+                version,
+                deleted_at,
+            } => TwinState::Dead {
+                version,
+                deleted_at,
+            },
+        }
+    }
+}
+
 /// Encoded twin bytes as the cache holds them.
 pub type Encoded = Arc<[u8]>;
 
 /// The documents of a batch being written: `None` for a removed twin. The writer thread
 /// encodes them; until it has, reads find them here, decoded.
 type InFlight = FastMap<Box<[u8]>, Option<Arc<Map>>>;
-
-/// One twin's write, as the writer thread encodes it into the batch.
-enum TwinWrite {
-    Live {
-        version: i64,
-        created_at: Option<Ticks>,
-        last_change: Ticks,
-        doc: Arc<Map>,
-        clear_tombstone: bool,
-    },
-    Dead {
-        version: i64,
-        deleted_at: Ticks,
-    },
-}
 
 /// The twins a batch writes, in key order. Encoding them is the writer thread's work, so that
 /// the apply thread (the pipeline's limit) does not spend its time on it.
@@ -197,7 +217,7 @@ impl TwinWrites {
         let mut buf = Vec::with_capacity(1024);
         for (key, write) in self.0 {
             match write {
-                TwinWrite::Live {
+                TwinState::Live {
                     version,
                     created_at,
                     last_change,
@@ -213,7 +233,7 @@ impl TwinWrites {
                     written.encoded.push((key, Some(Arc::from(&buf[..]))));
                     written.documents.push(doc);
                 }
-                TwinWrite::Dead {
+                TwinState::Dead {
                     version,
                     deleted_at,
                 } => {
@@ -281,35 +301,12 @@ impl Snapshot {
         pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut writes = Vec::with_capacity(pending.len());
         for (key, pending) in pending {
-            let write = match pending {
-                Pending::Live {
-                    version,
-                    created_at,
-                    last_change,
-                    doc,
-                    clear_tombstone,
-                } => {
-                    let doc = Arc::new(doc);
-                    in_flight.insert(key.clone(), Some(doc.clone()));
-                    TwinWrite::Live {
-                        version,
-                        created_at,
-                        last_change,
-                        doc,
-                        clear_tombstone,
-                    }
-                }
-                Pending::Dead {
-                    version,
-                    deleted_at,
-                } => {
-                    in_flight.insert(key.clone(), None);
-                    TwinWrite::Dead {
-                        version,
-                        deleted_at,
-                    }
-                }
+            let write = pending.into_write();
+            let doc = match &write {
+                TwinState::Live { doc, .. } => Some(doc.clone()),
+                TwinState::Dead { .. } => None,
             };
+            in_flight.insert(key.clone(), doc);
             writes.push((key, write));
         }
         self.in_flight.push_back((batch_no, in_flight));
