@@ -32,8 +32,6 @@
 #[cfg(feature = "service")]
 pub mod alert;
 #[cfg(feature = "service")]
-pub mod api;
-#[cfg(feature = "service")]
 pub mod app;
 pub mod cli;
 pub mod compliance;

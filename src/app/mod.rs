@@ -7,7 +7,6 @@ mod output;
 pub mod replay;
 pub mod run;
 pub mod seed;
-pub use run::ServiceState;
 mod sinks;
 mod summary;
 

@@ -1,24 +1,21 @@
 //! `twinwatch replay`: captured files through the pipeline into a data directory.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use crossbeam_channel::RecvTimeoutError;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::Failure;
 use crate::alert::spawn_delivery;
 use crate::cli::{ReplayArgs, TuningArgs};
-use crate::model::SourceId;
-use crate::pipeline::{Counters, Engine, EngineOptions};
-use crate::source::avro::RecordMessage;
-use crate::source::replay::{expand_paths, spawn_reader, FileStart, ReadEvent, ReplayFile};
-use crate::store::{Checkpoint, Store, StoreOptions};
+use crate::pipeline::replay::{replay_observed, ReplayProgress, ReplayReport};
+use crate::pipeline::EngineOptions;
+use crate::source::replay::expand_paths;
+use crate::store::{Store, StoreOptions};
 
 impl TuningArgs {
     pub fn engine_options(
@@ -43,15 +40,6 @@ impl TuningArgs {
 /// How long a finished replay waits for its sinks to accept the last alerts; what they have
 /// not accepted by then stays in the outbox for the next run.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
-
-/// What a replay did.
-pub struct ReplayReport {
-    pub counters: Counters,
-    pub n_files: usize,
-    /// Files that could not be read, with the reason.
-    pub failed: Vec<(PathBuf, String)>,
-    pub elapsed: Duration,
-}
 
 impl ReplayReport {
     fn summary_json(&self) -> serde_json::Value {
@@ -153,7 +141,27 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
         None
     };
     let options = args.tuning.engine_options(policy, queue_alerts);
-    let report = replay(store, &files, options).map_err(Failure::runtime)?;
+    let bar = ProgressBar::hidden();
+    let terminal = std::io::stderr().is_terminal();
+    let report = replay_observed(store, &files, options, &mut |progress| match progress {
+        ReplayProgress::Start { bytes } if terminal => {
+            bar.set_length(bytes);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        ReplayProgress::Start { .. } => {}
+        ReplayProgress::Read { bytes, rate, .. } => {
+            bar.inc(bytes);
+            bar.set_message(format!("{rate:.0} msg/s"));
+        }
+        ReplayProgress::Done => bar.finish_and_clear(),
+    })
+    .map_err(Failure::runtime)?;
     if let Some(delivery) = delivery {
         drain(delivery)?;
     }
@@ -168,134 +176,5 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(super::EXIT_FAILURE)
-    })
-}
-
-/// Replays `files` in order into `store`, resuming each file at its checkpoint.
-pub fn replay(
-    store: Arc<Store>,
-    files: &[ReplayFile],
-    options: EngineOptions,
-) -> anyhow::Result<ReplayReport> {
-    let started = Instant::now();
-    let tick = options.batch_interval;
-    let mut engine = Engine::new(store, options)?;
-    let mut handles = Vec::with_capacity(files.len());
-    let mut starts = Vec::with_capacity(files.len());
-    let mut total_bytes = 0u64;
-    for file in files {
-        let path = &file.path;
-        let canonical =
-            std::fs::canonicalize(path).with_context(|| format!("resolving {}", path.display()))?;
-        let (handle, checkpoint) = engine.add_source(
-            SourceId::File(canonical.to_string_lossy().into_owned()),
-            file.name.clone(),
-        )?;
-        let byte_offset = checkpoint.byte_offset.unwrap_or(0);
-        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        total_bytes += size.saturating_sub(byte_offset);
-        handles.push(handle);
-        starts.push(FileStart {
-            path: path.clone(),
-            next_record: checkpoint.next_index,
-            byte_offset,
-        });
-    }
-    let progress = if std::io::stderr().is_terminal() {
-        let bar = ProgressBar::new(total_bytes);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
-    let reader = spawn_reader(starts)?;
-    let mut failed = Vec::new();
-    loop {
-        let event = match reader.events.recv_timeout(tick) {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => {
-                engine.tick()?;
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        match event {
-            ReadEvent::Chunk(chunk) => {
-                let handle = handles[chunk.file];
-                if chunk.records.is_empty() {
-                    for (i, &(start, end)) in chunk.lines.iter().enumerate() {
-                        let raw = &chunk.data[start as usize..end as usize];
-                        let next_offset = chunk.base_offset + chunk.line_ends[i];
-                        engine.ingest_parsed_line(
-                            handle,
-                            chunk.first_record + i as u64,
-                            next_offset,
-                            chunk.parsed.line_nodes(i),
-                            chunk.parsed.verdict(i),
-                            raw,
-                        )?;
-                    }
-                } else {
-                    for (i, record) in chunk.records.iter().enumerate() {
-                        let (start, end) = chunk.lines[i];
-                        let message = RecordMessage {
-                            record,
-                            body_bytes: &chunk.data[start as usize..end as usize],
-                            body_nodes: chunk.parsed.line_nodes(i),
-                            body_verdict: chunk.parsed.verdict(i).body,
-                        };
-                        engine.ingest_message(
-                            handle,
-                            chunk.first_record + i as u64,
-                            &message,
-                            &|| message.raw(),
-                        )?;
-                    }
-                }
-                progress.inc(chunk.data.len() as u64);
-                let seconds = started.elapsed().as_secs_f64().max(1e-9);
-                progress.set_message(format!(
-                    "{:.0} msg/s",
-                    engine.counters().messages as f64 / seconds
-                ));
-                // The reader may have stopped already; then the buffers are simply dropped.
-                let _ = reader.recycle.try_send(chunk.data);
-                if chunk.records.capacity() > 0 {
-                    // Not cleared: the reader decodes into these records again.
-                    let _ = reader.recycle_records.try_send(chunk.records);
-                }
-                let _ = reader.recycle.try_send(chunk.parsed.into_buffer());
-            }
-            ReadEvent::FileEnd {
-                file,
-                byte_offset,
-                next_record,
-            } => engine.set_position(
-                handles[file],
-                Checkpoint {
-                    next_index: next_record,
-                    byte_offset,
-                    offset: None,
-                },
-            ),
-            ReadEvent::FileError { file, error } => failed.push((files[file].path.clone(), error)),
-        }
-    }
-    reader
-        .handle
-        .join()
-        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
-    let counters = engine.finish()?;
-    progress.finish_and_clear();
-    Ok(ReplayReport {
-        counters,
-        n_files: files.len(),
-        failed,
-        elapsed: started.elapsed(),
     })
 }

@@ -9,6 +9,9 @@
 //! backpressure.
 
 mod audit;
+pub mod live;
+pub mod live_seed;
+pub mod replay;
 mod seed;
 pub mod snapshot;
 

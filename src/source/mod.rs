@@ -6,6 +6,8 @@ pub mod avro_fast;
 pub mod documents;
 #[cfg(feature = "service")]
 pub mod eventhub;
+#[cfg(feature = "service")]
+pub mod hub;
 pub mod parsed;
 pub mod replay;
 pub mod storage_json;

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
-use twinwatch::app::replay::{replay, ReplayReport};
+use twinwatch::pipeline::replay::{replay, ReplayReport};
 use twinwatch::pipeline::EngineOptions;
 use twinwatch::store::{Store, StoreOptions};
 use twinwatch::twin::export_value;

@@ -431,7 +431,7 @@ mod tests {
 
     /// The built-in pack's text without its `for` lines.
     fn baseline_without_for() -> String {
-        include_str!("../policies/security-twin-baseline.yaml")
+        include_str!("../../policies/security-twin-baseline.yaml")
             .lines()
             .filter(|line| !line.starts_with("    for:"))
             .fold(String::new(), |text, line| text + line + "\n")

@@ -9,6 +9,11 @@
 //! [`Limits::request_timeout`], and at most [`Limits::max_connections`] connections are open
 //! at once, so slow or idle clients cannot hold the listener (issue 23).
 
+pub mod api;
+mod state;
+
+pub use state::ServiceState;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +29,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-use crate::app::ServiceState;
 
 /// The listener's limits against slow, idle or too many clients.
 #[derive(Clone, Copy, Debug)]
