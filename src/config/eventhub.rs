@@ -7,6 +7,9 @@ use super::raw::RawEventHub;
 use super::redact::redacted_url_opt;
 use super::Secret;
 
+/// The consumer group read when `eventhub.consumer_group` is not given: every Event Hub has it.
+pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
+
 /// Which partitions an instance owns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Partitions {
@@ -260,7 +263,9 @@ pub(super) fn validate_eventhub(
         connection_string: Secret::new(connection_string),
         entity,
         host: parts.host,
-        consumer_group: raw.consumer_group.unwrap_or_else(|| "$Default".into()),
+        consumer_group: raw
+            .consumer_group
+            .unwrap_or_else(|| DEFAULT_CONSUMER_GROUP.into()),
         partitions,
         start_position,
         custom_endpoint,

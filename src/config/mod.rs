@@ -17,13 +17,51 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use eventhub::{ordinal_of_host, validate_eventhub};
-pub use eventhub::{EventHubConfig, Partitions, StartPosition};
+pub use eventhub::{EventHubConfig, Partitions, StartPosition, DEFAULT_CONSUMER_GROUP};
 pub use raw::{RawAlerts, RawBatching, RawConfig, RawEventHub, RawSeed};
 pub use redact::{redact_url, redacted_url};
 use seed::validate_seed;
 pub use seed::SeedConfig;
+pub use seed::{DEFAULT_RECONCILE_EVERY_HOURS, DEFAULT_SEED_GRACE_SECS, MAX_SEED_GRACE_SECS};
 use sinks::validate_alerts;
-pub use sinks::{alerts_config, repost_problem, sink_url_problem, AlertsConfig};
+pub use sinks::{
+    alerts_config, repost_problem, sink_url_problem, AlertsConfig, SinkSettingsFrom,
+    DEFAULT_ALERTMANAGER_REPOST_SECS, DEFAULT_ALERTMANAGER_RESOLVE_TIMEOUT_SECS,
+    DEFAULT_SINK_TIMEOUT_SECS, DEFAULT_WEBHOOK_BATCH_MAX_ALERTS, DEFAULT_WEBHOOK_BATCH_MAX_BYTES,
+    DEFAULT_WEBHOOK_IN_FLIGHT, MAX_WEBHOOK_IN_FLIGHT,
+};
+
+// The defaults and limits of the settings the file and the flags share. Each is written once,
+// here, and used by the flags (`cli`, whose `--help` shows the default), by the file's
+// validation, and by the `Default` of the options they end up in (`pipeline::EngineOptions`,
+// which is behind the `service` feature while this module is not). The doc comments of
+// `RawConfig` and `deploy/twinwatch.toml` name the same numbers for readers.
+
+/// The HTTP listener (/metrics, /healthz, /readyz, /v1/*) when `listen` is not given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+/// Messages a batch commits after at most (`--batch-size`, `batching.max_messages`).
+pub const DEFAULT_BATCH_MESSAGES: u64 = 8192;
+/// The largest batch size allowed, messages.
+pub const MAX_BATCH_MESSAGES: u64 = 1_000_000;
+/// How old the open batch may get before it commits, milliseconds, for `replay` and `seed`
+/// (`--batch-interval-ms`): there nobody waits for an alert, and longer batches write faster.
+pub const DEFAULT_BATCH_INTERVAL_MS: u64 = 200;
+/// The same for the service (`batching.max_delay_ms`): an alert leaves only once its batch
+/// is committed, so a live feed's batches are cut short.
+pub const SERVICE_BATCH_INTERVAL_MS: u64 = 50;
+/// The longest batch interval allowed, milliseconds.
+pub const MAX_BATCH_INTERVAL_MS: u64 = 60_000;
+/// Memory for the cache of recently used twins, MiB (`--cache-mib`, `batching.cache_mib`).
+pub const DEFAULT_CACHE_MIB: u64 = 256;
+/// The largest body size limit allowed (`--max-body-bytes`, `batching.max_body_bytes`); the
+/// default is the decoder's, [`crate::decode::DEFAULT_MAX_BODY_BYTES`].
+pub const MAX_BODY_BYTES_LIMIT: u64 = 1 << 30;
+/// How long a stop may take, seconds (`shutdown_deadline_secs`).
+pub const DEFAULT_SHUTDOWN_DEADLINE_SECS: u64 = 30;
+/// Consuming pauses below this much free disk, MiB (`min_free_disk_mib`).
+pub const DEFAULT_MIN_FREE_DISK_MIB: u64 = 256;
+/// How late an event may arrive, seconds (`allowed_event_delay_secs`).
+pub const DEFAULT_ALLOWED_EVENT_DELAY_SECS: u64 = 60;
 
 /// A secret: never printed, logged or exported in full.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -145,15 +183,16 @@ impl RawConfig {
             problems.push("data_dir is required (--data-dir or TWINWATCH_DATA_DIR)".to_owned());
             PathBuf::new()
         });
-        let listen = self.listen.as_deref().unwrap_or("127.0.0.1:9464");
-        let listen: SocketAddr = listen.parse().unwrap_or_else(|_| {
+        let listen = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: Option<SocketAddr> = listen.parse().ok();
+        if listen.is_none() {
             problems.push(format!(
-                "listen: {listen:?} is not an address such as 127.0.0.1:9464"
+                "listen: {:?} is not an address such as {DEFAULT_LISTEN}",
+                self.listen.as_deref().unwrap_or(DEFAULT_LISTEN)
             ));
-            SocketAddr::from(([127, 0, 0, 1], 9464))
-        });
+        }
         let eventhub = validate_eventhub(self.eventhub, &mut problems);
-        let alerts = validate_alerts(self.alerts, &mut problems);
+        let alerts = validate_alerts(self.alerts, SinkSettingsFrom::File, &mut problems);
         let seed = validate_seed(self.seed, &mut problems);
         let positive =
             |name: &str, value: Option<u64>, default: u64, max: u64, problems: &mut Vec<String>| {
@@ -168,29 +207,29 @@ impl RawConfig {
         let batch_messages = positive(
             "batching.max_messages",
             self.batching.max_messages,
-            8192,
-            1_000_000,
+            DEFAULT_BATCH_MESSAGES,
+            MAX_BATCH_MESSAGES,
             &mut problems,
         );
         let batch_delay = positive(
             "batching.max_delay_ms",
             self.batching.max_delay_ms,
-            50,
-            60_000,
+            SERVICE_BATCH_INTERVAL_MS,
+            MAX_BATCH_INTERVAL_MS,
             &mut problems,
         );
-        let cache_mib = self.batching.cache_mib.unwrap_or(256);
+        let cache_mib = self.batching.cache_mib.unwrap_or(DEFAULT_CACHE_MIB);
         let max_body = positive(
             "batching.max_body_bytes",
             self.batching.max_body_bytes,
-            262_144,
-            1 << 30,
+            crate::decode::DEFAULT_MAX_BODY_BYTES as u64,
+            MAX_BODY_BYTES_LIMIT,
             &mut problems,
         );
         let deadline = positive(
             "shutdown_deadline_secs",
             self.shutdown_deadline_secs,
-            30,
+            DEFAULT_SHUTDOWN_DEADLINE_SECS,
             3600,
             &mut problems,
         );
@@ -212,20 +251,22 @@ impl RawConfig {
         if api_token.as_ref().is_some_and(|t| t.trim().is_empty()) {
             problems.push("the API token is empty".into());
         }
-        let allowed_event_delay = self.allowed_event_delay_secs.unwrap_or(60);
+        let allowed_event_delay = self
+            .allowed_event_delay_secs
+            .unwrap_or(DEFAULT_ALLOWED_EVENT_DELAY_SECS);
         if allowed_event_delay > 86_400 {
             problems.push(format!(
                 "allowed_event_delay_secs must be at most 86400, not {allowed_event_delay}"
             ));
         }
-        if !problems.is_empty() {
+        let (Some(listen), Some(eventhub), true) = (listen, eventhub, problems.is_empty()) else {
             return Err(ConfigError::Invalid(problems.join("\n")));
-        }
+        };
         Ok(Config {
             data_dir,
             listen,
             policies: self.policies,
-            eventhub: eventhub.expect("problems were reported above"),
+            eventhub,
             alerts,
             batch_messages: batch_messages as usize,
             batch_interval: Duration::from_millis(batch_delay),
@@ -233,7 +274,7 @@ impl RawConfig {
             max_body_bytes: max_body as usize,
             shutdown_deadline: Duration::from_secs(deadline),
             api_token: api_token.map(Secret::new),
-            min_free_bytes: self.min_free_disk_mib.unwrap_or(256) << 20,
+            min_free_bytes: self.min_free_disk_mib.unwrap_or(DEFAULT_MIN_FREE_DISK_MIB) << 20,
             allowed_event_delay: Duration::from_secs(allowed_event_delay),
             seed,
         })

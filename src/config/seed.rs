@@ -7,6 +7,15 @@ use std::time::Duration;
 use super::raw::RawSeed;
 use super::redact::{redact_url, redacted_url_opt};
 use super::sinks::is_loopback_authority;
+use crate::iothub::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+
+/// Twins that changed within this many seconds before a pass began are never removed by it
+/// (`twinwatch seed --grace`, `seed.grace_secs`): the twin query's results may lag.
+pub const DEFAULT_SEED_GRACE_SECS: u64 = 3600;
+/// The longest grace allowed in the file, seconds (30 days).
+pub const MAX_SEED_GRACE_SECS: u64 = 30 * 86_400;
+/// The service reconciles this often, hours (`seed.reconcile_every_hours`).
+pub const DEFAULT_RECONCILE_EVERY_HOURS: f64 = 24.0;
 
 /// The validated `[seed]` settings. `Debug` never shows the key (see
 /// [`crate::iothub::ConnectionString`]) nor the endpoint's user-info or query.
@@ -76,7 +85,9 @@ pub(super) fn validate_seed(raw: RawSeed, problems: &mut Vec<String>) -> Option<
             return None;
         }
     };
-    let hours = raw.reconcile_every_hours.unwrap_or(24.0);
+    let hours = raw
+        .reconcile_every_hours
+        .unwrap_or(DEFAULT_RECONCILE_EVERY_HOURS);
     let reconcile_every = if !(0.0..=8760.0).contains(&hours) || hours.is_nan() {
         problems.push(format!(
             "seed.reconcile_every_hours must be between 0 (off) and 8760, not {hours}"
@@ -88,16 +99,16 @@ pub(super) fn validate_seed(raw: RawSeed, problems: &mut Vec<String>) -> Option<
         // At least a second: a shorter interval is a typo, not a schedule.
         Some(Duration::from_secs_f64(hours * 3600.0).max(Duration::from_secs(1)))
     };
-    let grace_secs = raw.grace_secs.unwrap_or(3600);
-    if grace_secs > 30 * 86_400 {
+    let grace_secs = raw.grace_secs.unwrap_or(DEFAULT_SEED_GRACE_SECS);
+    if grace_secs > MAX_SEED_GRACE_SECS {
         problems.push(format!(
-            "seed.grace_secs must be at most 2592000 (30 days), not {grace_secs}"
+            "seed.grace_secs must be at most {MAX_SEED_GRACE_SECS} (30 days), not {grace_secs}"
         ));
     }
-    let page_size = raw.page_size.unwrap_or(1000);
-    if !(1..=10_000).contains(&page_size) {
+    let page_size = raw.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+    if !(1..=MAX_PAGE_SIZE).contains(&page_size) {
         problems.push(format!(
-            "seed.page_size must be between 1 and 10000, not {page_size}"
+            "seed.page_size must be between 1 and {MAX_PAGE_SIZE}, not {page_size}"
         ));
     }
     if let Some(endpoint) = &raw.endpoint {

@@ -58,7 +58,12 @@ max_messages = 0
 /// mode is one of two.
 #[test]
 fn sink_settings_are_checked() {
-    let alerts = |text: &str| alerts_config(toml::from_str::<RawAlerts>(text).expect("parses"));
+    let alerts = |text: &str| {
+        alerts_config(
+            toml::from_str::<RawAlerts>(text).expect("parses"),
+            SinkSettingsFrom::File,
+        )
+    };
     let ok = alerts(
         "webhook_url = \"https://hooks.example.com/x\"\nwebhook_token = \"t\"\n\
          alertmanager_url = \"https://am.example.com/\"\nwebhook_mode = \"structured\"\n",
@@ -417,4 +422,128 @@ fn the_seed_section_is_validated() {
         toml::from_str(&format!("{base}[seed]\nconnection_string = \"{IOTHUB}\"\n"))
             .expect("parses");
     assert!(!format!("{raw:?}").contains("SU9USFVCLUtFWS1TRUNSRVQ="));
+}
+
+/// What the file leaves out takes the named defaults (the ones the flags' `--help` shows),
+/// the service's shorter batch interval included.
+#[test]
+fn what_the_file_leaves_out_takes_the_named_defaults() {
+    let config = RawConfig::default()
+        .with_environment(env(&[
+            ("TWINWATCH_DATA_DIR", "/d"),
+            ("TWINWATCH_EVENTHUB_CONNECTION_STRING", EMULATOR),
+            ("TWINWATCH_IOTHUB_CONNECTION_STRING", IOTHUB),
+        ]))
+        .validate()
+        .expect("valid");
+    assert_eq!(
+        config.listen,
+        DEFAULT_LISTEN.parse::<SocketAddr>().expect("an address")
+    );
+    assert_eq!(config.batch_messages as u64, DEFAULT_BATCH_MESSAGES);
+    assert_eq!(
+        config.batch_interval,
+        Duration::from_millis(SERVICE_BATCH_INTERVAL_MS)
+    );
+    assert_eq!(config.cache_bytes, (DEFAULT_CACHE_MIB as usize) << 20);
+    assert_eq!(config.max_body_bytes, crate::decode::DEFAULT_MAX_BODY_BYTES);
+    assert_eq!(
+        config.shutdown_deadline,
+        Duration::from_secs(DEFAULT_SHUTDOWN_DEADLINE_SECS)
+    );
+    assert_eq!(config.min_free_bytes, DEFAULT_MIN_FREE_DISK_MIB << 20);
+    assert_eq!(
+        config.allowed_event_delay,
+        Duration::from_secs(DEFAULT_ALLOWED_EVENT_DELAY_SECS)
+    );
+    assert_eq!(config.eventhub.consumer_group, DEFAULT_CONSUMER_GROUP);
+    let alerts = &config.alerts;
+    assert!(!alerts.webhook_structured);
+    assert_eq!(
+        (
+            alerts.webhook_batch_max_alerts as u64,
+            alerts.webhook_batch_max_bytes as u64,
+            alerts.webhook_in_flight as u64
+        ),
+        (
+            DEFAULT_WEBHOOK_BATCH_MAX_ALERTS,
+            DEFAULT_WEBHOOK_BATCH_MAX_BYTES,
+            DEFAULT_WEBHOOK_IN_FLIGHT
+        )
+    );
+    assert_eq!(
+        alerts.alertmanager_repost,
+        Duration::from_secs(DEFAULT_ALERTMANAGER_REPOST_SECS)
+    );
+    assert_eq!(
+        alerts.sink_timeout,
+        Duration::from_secs(DEFAULT_SINK_TIMEOUT_SECS)
+    );
+    let seed = config.seed.expect("seeding on");
+    assert_eq!(seed.grace, Duration::from_secs(DEFAULT_SEED_GRACE_SECS));
+    assert_eq!(seed.page_size, crate::iothub::DEFAULT_PAGE_SIZE);
+    assert_eq!(
+        seed.reconcile_every,
+        Some(Duration::from_secs_f64(
+            DEFAULT_RECONCILE_EVERY_HOURS * 3600.0
+        ))
+    );
+}
+
+/// `deploy/twinwatch.toml` writes the defaults out, set or commented out (`# key = number` in
+/// `[alerts]` and `[seed]`): with those lines uncommented it configures exactly what a file of
+/// its `data_dir` and `listen` alone does, so a reader of the example reads the defaults.
+#[test]
+fn the_example_configuration_states_the_defaults() {
+    let example = include_str!("../../deploy/twinwatch.toml");
+    let mut section = "";
+    let mut uncommented = Vec::new();
+    let mut text = String::new();
+    for line in example.lines() {
+        if line.starts_with('[') {
+            section = line;
+        }
+        let default = line.strip_prefix("# ").filter(|rest| {
+            matches!(section, "[alerts]" | "[seed]")
+                && rest.split_once(" = ").is_some_and(|(key, value)| {
+                    key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                        && value
+                            .split_whitespace()
+                            .next()
+                            .is_some_and(|v| v.parse::<f64>().is_ok())
+                })
+        });
+        if let Some(default) = default {
+            uncommented.push(default.split(" = ").next().unwrap_or(default));
+        }
+        text.push_str(default.unwrap_or(line));
+        text.push('\n');
+    }
+    assert_eq!(
+        uncommented,
+        [
+            "alertmanager_resolve_timeout_secs",
+            "webhook_batch_max_alerts",
+            "webhook_batch_max_bytes",
+            "webhook_in_flight",
+            "reconcile_every_hours",
+            "grace_secs",
+            "page_size"
+        ]
+    );
+    let vars = env(&[
+        ("TWINWATCH_EVENTHUB_CONNECTION_STRING", EMULATOR),
+        ("TWINWATCH_IOTHUB_CONNECTION_STRING", IOTHUB),
+    ]);
+    let stated = toml::from_str::<RawConfig>(&text)
+        .expect("parses")
+        .with_environment(&vars)
+        .validate()
+        .expect("valid");
+    let defaults = toml::from_str::<RawConfig>("data_dir = \"/data\"\nlisten = \"0.0.0.0:9464\"\n")
+        .expect("parses")
+        .with_environment(&vars)
+        .validate()
+        .expect("valid");
+    assert_eq!(format!("{stated:?}"), format!("{defaults:?}"));
 }
