@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config;
+
 /// Owned by `telemetry`, which sets logging up; named here for the argument.
 pub use crate::telemetry::LogFormat;
 
@@ -148,7 +150,7 @@ pub struct SeedArgs {
 
     /// After a complete pass, remove only twins of the hub absent from it that have not
     /// changed for this long before the as-of time (seconds; the hub's query results may lag)
-    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_SEED_GRACE_SECS)]
     pub grace: u64,
 
     /// Do not remove twins that the pass did not see
@@ -171,7 +173,8 @@ pub struct SeedArgs {
     pub iothub_connection_string: Option<crate::config::Secret>,
 
     /// Twin documents per page asked of the hub
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, default_value_t = crate::iothub::DEFAULT_PAGE_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::iothub::MAX_PAGE_SIZE)))]
     pub page_size: u32,
 
     /// Also write the pass's counts here as JSON
@@ -214,19 +217,22 @@ pub enum AuditFormat {
 #[derive(Debug, Args)]
 pub struct TuningArgs {
     /// Commit a batch after this many messages
-    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, default_value_t = config::DEFAULT_BATCH_MESSAGES,
+          value_parser = clap::value_parser!(u64).range(1..=config::MAX_BATCH_MESSAGES))]
     pub batch_size: u64,
 
     /// ...or when the open batch is this old (milliseconds)
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, default_value_t = config::DEFAULT_BATCH_INTERVAL_MS,
+          value_parser = clap::value_parser!(u64).range(1..=config::MAX_BATCH_INTERVAL_MS))]
     pub batch_interval_ms: u64,
 
     /// Bodies larger than this are dead letters (body_too_large); IoT Hub's maximum by default
-    #[arg(long, default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    #[arg(long, default_value_t = crate::decode::DEFAULT_MAX_BODY_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=config::MAX_BODY_BYTES_LIMIT))]
     pub max_body_bytes: u64,
 
     /// Memory for the cache of recently used twins, MiB
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_MIB, value_parser = clap::value_parser!(u64).range(0..=65_536))]
     pub cache_mib: u64,
 }
 
@@ -317,7 +323,7 @@ pub struct DemoArgs {
     pub rate: f64,
 
     /// The HTTP listener of the service (/metrics, /healthz, /readyz)
-    #[arg(long, default_value = "127.0.0.1:9464")]
+    #[arg(long, default_value = config::DEFAULT_LISTEN)]
     pub listen: String,
 
     /// Where to keep the snapshot (default: a new temporary directory, removed at the end)
@@ -369,15 +375,18 @@ pub struct SinkArgs {
     pub webhook_mode: String,
 
     /// Alerts per webhook request at most (batched mode)
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    #[arg(long, default_value_t = config::DEFAULT_WEBHOOK_BATCH_MAX_ALERTS,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub webhook_batch_max_alerts: u64,
 
     /// Bytes per webhook request body at most (batched mode; a larger alert goes alone)
-    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    #[arg(long, default_value_t = config::DEFAULT_WEBHOOK_BATCH_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
     pub webhook_batch_max_bytes: u64,
 
     /// Webhook requests in flight at once
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    #[arg(long, default_value_t = config::DEFAULT_WEBHOOK_IN_FLIGHT,
+          value_parser = clap::value_parser!(u64).range(1..=config::MAX_WEBHOOK_IN_FLIGHT))]
     pub webhook_in_flight: u64,
 
     /// A PEM file of CA certificates trusted for https sinks, besides the system's
@@ -395,23 +404,32 @@ pub struct SinkArgs {
 
     /// How often open alerts are re-sent to Alertmanager (keep it well below its
     /// resolve_timeout, 5 minutes by default)
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, default_value_t = config::DEFAULT_ALERTMANAGER_REPOST_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub alertmanager_repost_secs: u64,
 
     /// Alertmanager's resolve_timeout, seconds: the re-post interval must be at most half
     /// of it
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = config::DEFAULT_ALERTMANAGER_RESOLVE_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub alertmanager_resolve_timeout_secs: u64,
 
     /// Timeout of one HTTP request to a sink, seconds
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    #[arg(long, default_value_t = config::DEFAULT_SINK_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=600))]
     pub sink_timeout_secs: u64,
 }
 
 impl SinkArgs {
-    /// The flags as the configuration file's `[alerts]` table, validated alike.
-    pub fn raw(&self) -> crate::config::RawAlerts {
-        crate::config::RawAlerts {
+    /// The flags validated, by the code that validates the configuration file's `[alerts]`
+    /// (problems name the flags), or what is wrong with them, one problem a line.
+    pub fn alerts_config(&self) -> Result<config::AlertsConfig, String> {
+        config::alerts_config(self.raw(), config::SinkSettingsFrom::Flags)
+    }
+
+    /// The flags as the configuration file's `[alerts]` table.
+    pub fn raw(&self) -> config::RawAlerts {
+        config::RawAlerts {
             file: self.alerts_file.clone(),
             stdout: self.alerts_stdout,
             webhook_url: self.webhook_url.clone(),
@@ -515,4 +533,226 @@ pub struct EmulatorArgs {
 
     /// Captured files or directories to preload (any replay format), in order
     pub paths: Vec<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    const EMULATOR: &str =
+        "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=k;SharedAccessKey=v;EntityPath=hub";
+
+    fn replay(flags: &[&str]) -> Result<ReplayArgs, clap::Error> {
+        let args = ["twinwatch", "replay", "--data-dir", "/d"]
+            .iter()
+            .chain(flags)
+            .chain(&["in.jsonl"]);
+        match Cli::try_parse_from(args)?.command {
+            Command::Replay(args) => Ok(args),
+            other => panic!("not a replay: {other:?}"),
+        }
+    }
+
+    /// The sink flags left out validate to what an empty `[alerts]` table does: the flags and
+    /// the file have one set of defaults and one validation.
+    #[test]
+    fn sink_flags_default_as_the_file_does() {
+        let flags = replay(&[])
+            .expect("parses")
+            .sinks
+            .alerts_config()
+            .expect("valid");
+        let file =
+            config::alerts_config(config::RawAlerts::default(), config::SinkSettingsFrom::File)
+                .expect("valid");
+        assert_eq!(format!("{flags:?}"), format!("{file:?}"));
+    }
+
+    /// A problem with a sink flag names the flag the user wrote, not the file's key.
+    #[test]
+    fn sink_flag_problems_name_the_flags() {
+        let error = replay(&[
+            "--webhook-url",
+            "ftp://hooks.example.com/x",
+            "--alertmanager-url",
+            "http://am:9093",
+            "--alertmanager-repost-secs",
+            "200",
+            "--sink-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .expect("parses")
+        .sinks
+        .alerts_config()
+        .expect_err("invalid");
+        for expected in [
+            "--webhook-url: must be an http:// or https:// URL",
+            "--alertmanager-repost-secs: a re-post every 200 s",
+            "give the real resolve_timeout as --alertmanager-resolve-timeout-secs",
+            "--sink-ca-file: /nonexistent/ca.pem is not a file",
+        ] {
+            assert!(error.contains(expected), "{expected} missing from: {error}");
+        }
+        assert!(!error.contains("alerts."), "{error}");
+        replay(&[
+            "--alertmanager-url",
+            "http://am:9093",
+            "--alertmanager-repost-secs",
+            "200",
+            "--alertmanager-resolve-timeout-secs",
+            "400",
+        ])
+        .expect("parses")
+        .sinks
+        .alerts_config()
+        .expect("within half of the given resolve_timeout");
+    }
+
+    /// The flags and the file refuse the same values past the limits they share.
+    #[test]
+    fn flags_and_file_share_their_limits() {
+        for (flag, key, max) in [
+            (
+                "--webhook-in-flight",
+                "[alerts]\nwebhook_in_flight",
+                config::MAX_WEBHOOK_IN_FLIGHT,
+            ),
+            (
+                "--batch-size",
+                "[batching]\nmax_messages",
+                config::MAX_BATCH_MESSAGES,
+            ),
+            (
+                "--batch-interval-ms",
+                "[batching]\nmax_delay_ms",
+                config::MAX_BATCH_INTERVAL_MS,
+            ),
+            (
+                "--max-body-bytes",
+                "[batching]\nmax_body_bytes",
+                config::MAX_BODY_BYTES_LIMIT,
+            ),
+        ] {
+            for (value, valid) in [(max, true), (max + 1, false), (0, false)] {
+                let value = value.to_string();
+                let flags = replay(&[flag, value.as_str()]).map(|args| args.sinks.alerts_config());
+                assert_eq!(
+                    matches!(flags, Ok(Ok(_))),
+                    valid,
+                    "{flag} {value}: {flags:?}"
+                );
+                let file = toml::from_str::<config::RawConfig>(&format!(
+                    "data_dir = \"/d\"\n[eventhub]\nconnection_string = \"{EMULATOR}\"\n{key} = {value}\n"
+                ))
+                .expect("parses")
+                .validate();
+                assert_eq!(file.is_ok(), valid, "{key} = {value}: {file:?}");
+            }
+        }
+    }
+
+    /// `--help` shows each default, taken from its named constant.
+    #[test]
+    fn help_shows_the_defaults() {
+        let mut cli = Cli::command();
+        let help = |cli: &mut clap::Command, command: &str| {
+            cli.find_subcommand_mut(command)
+                .expect("a command")
+                .render_long_help()
+                .to_string()
+        };
+        let default_of = |help: &str, flag: &str| {
+            let at = help.find(&format!("{flag} ")).expect(flag);
+            let rest = &help[at..];
+            let start = rest.find("[default: ").expect("a default") + "[default: ".len();
+            rest[start..].split(']').next().unwrap_or("").to_owned()
+        };
+        let replay = help(&mut cli, "replay");
+        for (flag, default) in [
+            ("--batch-size", config::DEFAULT_BATCH_MESSAGES.to_string()),
+            (
+                "--batch-interval-ms",
+                config::DEFAULT_BATCH_INTERVAL_MS.to_string(),
+            ),
+            (
+                "--max-body-bytes",
+                crate::decode::DEFAULT_MAX_BODY_BYTES.to_string(),
+            ),
+            ("--cache-mib", config::DEFAULT_CACHE_MIB.to_string()),
+            ("--webhook-mode", "batched".to_owned()),
+            (
+                "--webhook-batch-max-alerts",
+                config::DEFAULT_WEBHOOK_BATCH_MAX_ALERTS.to_string(),
+            ),
+            (
+                "--webhook-batch-max-bytes",
+                config::DEFAULT_WEBHOOK_BATCH_MAX_BYTES.to_string(),
+            ),
+            (
+                "--webhook-in-flight",
+                config::DEFAULT_WEBHOOK_IN_FLIGHT.to_string(),
+            ),
+            (
+                "--alertmanager-repost-secs",
+                config::DEFAULT_ALERTMANAGER_REPOST_SECS.to_string(),
+            ),
+            (
+                "--alertmanager-resolve-timeout-secs",
+                config::DEFAULT_ALERTMANAGER_RESOLVE_TIMEOUT_SECS.to_string(),
+            ),
+            (
+                "--sink-timeout-secs",
+                config::DEFAULT_SINK_TIMEOUT_SECS.to_string(),
+            ),
+        ] {
+            assert_eq!(default_of(&replay, flag), default, "replay {flag}");
+        }
+        let seed = help(&mut cli, "seed");
+        assert_eq!(
+            default_of(&seed, "--grace"),
+            config::DEFAULT_SEED_GRACE_SECS.to_string()
+        );
+        assert_eq!(
+            default_of(&seed, "--page-size"),
+            crate::iothub::DEFAULT_PAGE_SIZE.to_string()
+        );
+        assert_eq!(
+            default_of(&help(&mut cli, "demo"), "--listen"),
+            config::DEFAULT_LISTEN
+        );
+        // `run --listen` has no clap default (the file's `listen` comes first): its text says it.
+        let run = help(&mut cli, "run");
+        assert!(
+            run.contains(&format!("(default {})", config::DEFAULT_LISTEN)),
+            "{run}"
+        );
+    }
+
+    /// `replay` and `seed` without tuning flags run the engine with its `Default` options.
+    #[cfg(feature = "service")]
+    #[test]
+    fn tuning_flags_default_as_the_engine_does() {
+        let policy = std::sync::Arc::new(crate::policy::Policy::baseline());
+        let flags = replay(&[])
+            .expect("parses")
+            .tuning
+            .engine_options(policy, false);
+        let default = crate::pipeline::EngineOptions::default();
+        assert_eq!(
+            (
+                flags.batch_messages,
+                flags.batch_interval,
+                flags.max_body_bytes,
+                flags.cache_bytes
+            ),
+            (
+                default.batch_messages,
+                default.batch_interval,
+                default.max_body_bytes,
+                default.cache_bytes
+            )
+        );
+    }
 }

@@ -48,16 +48,17 @@ pub struct WebhookOptions {
 }
 
 impl WebhookOptions {
-    /// The defaults: batched, 500 alerts or 1 MiB a request, 4 requests in flight.
+    /// The defaults (the configuration's, `crate::config::DEFAULT_WEBHOOK_*`): batched, 500
+    /// alerts or 1 MiB a request, 4 requests in flight.
     pub fn new(url: String, bearer_token: Option<String>, http: HttpOptions) -> WebhookOptions {
         WebhookOptions {
             url,
             bearer_token,
             http,
             mode: WebhookMode::Batched,
-            max_batch_alerts: 500,
-            max_batch_bytes: 1 << 20,
-            in_flight: 4,
+            max_batch_alerts: crate::config::DEFAULT_WEBHOOK_BATCH_MAX_ALERTS as usize,
+            max_batch_bytes: crate::config::DEFAULT_WEBHOOK_BATCH_MAX_BYTES as usize,
+            in_flight: crate::config::DEFAULT_WEBHOOK_IN_FLIGHT as usize,
         }
     }
 }

@@ -18,6 +18,9 @@ use crate::source::replay::expand_paths;
 use crate::store::{Store, StoreOptions};
 
 impl TuningArgs {
+    /// The engine's options from the flags (which clap has checked against the bounds the
+    /// configuration file's `[batching]` shares, `crate::config::MAX_*`); their defaults are
+    /// `EngineOptions::default()`'s.
     pub fn engine_options(
         &self,
         policy: Arc<crate::policy::Policy>,

@@ -56,8 +56,10 @@ pub fn load_config(args: &RunArgs) -> Result<Config, Failure> {
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid configuration:\n{e}")))
 }
 
+/// The sinks of the configuration's `[alerts]` (with the flags' `--alerts-file` and
+/// `--alerts-stdout`): [`super::sinks::build_sinks`], as for `replay` and `seed`.
 fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    super::sinks::from_config(alerts, store)
+    super::sinks::build_sinks(alerts, store)
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {

@@ -18,16 +18,20 @@ use crate::compliance::{cloud_event, AlertKind, Transition};
 use crate::config::AlertsConfig;
 use crate::store::Store;
 
-/// The sinks of a command's flags (validated like the configuration file's `[alerts]`).
+/// The sinks of a command's flags (`replay`, `seed`): validated by the code that validates
+/// the configuration file's `[alerts]` ([`SinkArgs::alerts_config`]), built by
+/// [`build_sinks`]; a problem is a usage error naming the flag.
 pub fn build(args: &SinkArgs, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    let config = crate::config::alerts_config(args.raw())
+    let alerts = args
+        .alerts_config()
         .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
-    from_config(&config, store)
+    build_sinks(&alerts, store)
 }
 
-/// The sinks of `alerts`; the Alertmanager sink is seeded with the violations open in
-/// `store`, so that a restart keeps them firing there.
-pub fn from_config(
+/// The sinks of validated settings, wherever they were written (the service's `[alerts]`, a
+/// command's flags): the one place a sink is built. The Alertmanager sink is seeded with the
+/// violations open in `store`, so that a restart keeps them firing there.
+pub fn build_sinks(
     alerts: &AlertsConfig,
     store: &Arc<Store>,
 ) -> Result<Vec<Box<dyn Sink>>, Failure> {

@@ -27,6 +27,12 @@ pub use connection::ConnectionString;
 #[cfg(feature = "service")]
 pub use query::{QueryClient, QueryEvent, QueryOptions, QueryStats, API_VERSION};
 
+/// Twins asked for per page of the twin query (`x-ms-max-item-count`) unless told otherwise
+/// (`twinwatch seed --page-size`, `seed.page_size`).
+pub const DEFAULT_PAGE_SIZE: u32 = 1000;
+/// The most twins a page may be asked for.
+pub const MAX_PAGE_SIZE: u32 = 10_000;
+
 use std::path::PathBuf;
 
 /// What went wrong speaking to the hub.

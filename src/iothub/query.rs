@@ -50,7 +50,7 @@ impl Default for QueryOptions {
     fn default() -> Self {
         QueryOptions {
             endpoint: None,
-            page_size: 1000,
+            page_size: super::DEFAULT_PAGE_SIZE,
             ca_file: None,
             max_retries: 10,
             timeout: Duration::from_secs(60),

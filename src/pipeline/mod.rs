@@ -88,13 +88,16 @@ pub struct EngineOptions {
     pub continue_seed: Option<(String, Ticks)>,
 }
 
+/// The defaults of `replay` and `seed`'s flags (`crate::config`'s constants, which the flags'
+/// `--help` shows). The service's batch interval is shorter
+/// (`crate::config::SERVICE_BATCH_INTERVAL_MS`): it sets its options from its configuration.
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
-            batch_messages: 8192,
-            batch_interval: Duration::from_millis(200),
+            batch_messages: crate::config::DEFAULT_BATCH_MESSAGES as usize,
+            batch_interval: Duration::from_millis(crate::config::DEFAULT_BATCH_INTERVAL_MS),
             max_body_bytes: crate::decode::DEFAULT_MAX_BODY_BYTES,
-            cache_bytes: 256 << 20,
+            cache_bytes: (crate::config::DEFAULT_CACHE_MIB as usize) << 20,
             policy: Arc::new(Policy::baseline()),
             queue_alerts: false,
             metrics: None,
