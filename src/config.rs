@@ -68,7 +68,7 @@ pub struct RawConfig {
     pub alerts: RawAlerts,
     #[serde(default)]
     pub batching: RawBatching,
-    /// Seeding and reconciling from the hub's twin query (`SEMANTICS.md` §7).
+    /// Seeding and reconciling from the hub's twin query (`docs/semantics.md` §7).
     #[serde(default)]
     pub seed: RawSeed,
     /// How long a stop (SIGTERM, Ctrl-C) may take, seconds (default 30).

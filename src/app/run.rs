@@ -407,7 +407,7 @@ async fn serve(
         }
     }
     // The seed thread: it waits for the apply thread's plan, then runs the passes and
-    // hands their pages over (`SEMANTICS.md` §7).
+    // hands their pages over (`docs/semantics.md` §7).
     let seed = config.seed.clone().map(|seed_config| {
         let status = Arc::new(super::seed::SeedStatus::new(seed_config.hub()));
         let (plan_tx, plan_rx) = std::sync::mpsc::channel();
@@ -633,7 +633,7 @@ struct LiveSettings {
 }
 
 /// Reloads the policy files (SIGHUP): a policy that does not load is refused and the current
-/// one stays; a different one re-audits the snapshot (`SEMANTICS.md` §8) before the next
+/// one stays; a different one re-audits the snapshot (`docs/semantics.md` §8) before the next
 /// batch.
 fn reload_policy(
     engine: &mut Engine,
@@ -931,7 +931,7 @@ fn apply_loop(
             }
             Next::Idle => {
                 engine.tick()?;
-                // A quiet feed must not freeze the clock of `for` rules (`SEMANTICS.md` §9).
+                // A quiet feed must not freeze the clock of `for` rules (`docs/semantics.md` §9).
                 if engine.has_pending() && caught_up(state, &expected) {
                     let delay = i64::try_from(live.allowed_event_delay.as_nanos() / 100)
                         .unwrap_or(i64::MAX);
