@@ -145,7 +145,7 @@ fn bench_engine(c: &mut Criterion) {
     group.finish();
 }
 
-/// A re-audit of a whole snapshot (`SEMANTICS.md` §8): the policy switches between the
+/// A re-audit of a whole snapshot (`docs/semantics.md` §8): the policy switches between the
 /// baseline and a changed copy of it, so that every iteration re-audits every twin.
 fn bench_reaudit(c: &mut Criterion) {
     let lines = fleet(20_000, 200_000);

@@ -144,7 +144,8 @@ pub struct SeedArgs {
     pub hub: Option<String>,
 
     /// The pass's as-of time (RFC 3339, e.g. 2026-12-01T00:00:00Z): when the documents were
-    /// read from the hub. Required with files; from the hub, the moment the pass begins
+    /// read from the hub. Required with files; from the hub, the moment the pass begins unless
+    /// given (give the same one to go on with an interrupted pass)
     #[arg(long, value_name = "TIME")]
     pub as_of: Option<String>,
 

@@ -1,5 +1,5 @@
-//! Violations and alerts (`SEMANTICS.md` §4, §6): from a twin's failing rules before and after
-//! an event to `opened` / `resolved` transitions, and from a transition to its CloudEvent.
+//! Violations and alerts (`docs/semantics.md` §4, §6): from a twin's failing rules before and
+//! after an event to `opened` / `resolved` transitions, and from a transition to its CloudEvent.
 //!
 //! Pure: the pipeline keeps the failing set of every twin and calls [`transitions`] after each
 //! evaluation; alerts are rendered here so that every sink sends the same bytes.
@@ -20,7 +20,7 @@ pub struct Violation {
     pub since: Ticks,
     /// The twin's version after that event.
     pub twin_version: i64,
-    /// Set while the rule's `for` has not yet run out (`SEMANTICS.md` §9): the violation is
+    /// Set while the rule's `for` has not yet run out (`docs/semantics.md` §9): the violation is
     /// pending, and no alert said anything of it yet.
     pub pending: Option<Pending>,
 }
@@ -43,7 +43,7 @@ pub enum AlertKind {
     Deleted,
 }
 
-/// The `reason` of an alert raised by a re-audit (`SEMANTICS.md` §8).
+/// The `reason` of an alert raised by a re-audit (`docs/semantics.md` §8).
 pub const REASON_POLICY: &str = "policy";
 
 /// The `reason` of an alert that resolves a removed twin's violation.
@@ -221,8 +221,8 @@ pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) -> u64 {
     dropped
 }
 
-/// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line
-/// (`data.reason` from the transition: `deleted`, `policy`);
+/// Renders one alert as a CloudEvents 1.0 structured JSON object (`docs/semantics.md` §6), one
+/// line (`data.reason` from the transition: `deleted`, `policy`);
 /// `enqueued`, the causing event's Event Hubs enqueued time, becomes the extension attribute
 /// `enqueuedtime`.
 pub fn cloud_event(

@@ -1,4 +1,4 @@
-//! Decoding: one message into a twin event, an ignore or a dead letter (`SEMANTICS.md` §1).
+//! Decoding: one message into a twin event, an ignore or a dead letter (`docs/semantics.md` §1).
 //!
 //! Pure: a [`Message`] is a read-only view of properties and body, whatever the container
 //! (AMQP message, Avro record, storage-route JSON line); decoding looks up the few fields it
@@ -272,7 +272,7 @@ pub fn decode_body<'a>(
     })
 }
 
-/// Decodes one twin document of a seed pass of `hub` (`SEMANTICS.md` §7): `nodes` is the
+/// Decodes one twin document of a seed pass of `hub` (`docs/semantics.md` §7): `nodes` is the
 /// parsed document, `None` when it is not JSON. Checked in the contract's order: not an
 /// object or too deep (`bad_body`), `deviceId` (`missing_device_id`), `version`
 /// (`bad_version`). A missing, empty or non-string `moduleId` means the device twin.

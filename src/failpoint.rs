@@ -35,7 +35,8 @@ pub const PASS_NAMES: &[&str] = &[
     SEED_BEFORE_EVALUATION,
 ];
 
-/// The failpoints of grace periods (`SEMANTICS.md` §9), which only runs with `for` rules meet.
+/// The failpoints of grace periods (`docs/semantics.md` §9), which only runs with `for`
+/// rules meet.
 pub const GRACE_NAMES: &[&str] = &[
     // The apply thread, after a timer fired: a pending violation opened, its alert and the
     // violation's move from pending to open are in the open batch, nothing of it written.

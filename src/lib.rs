@@ -3,15 +3,20 @@
 //! Without the `service` feature (on by default) only the pure core and the file readers are
 //! built: no RocksDB, no Event Hubs, no HTTP. The fuzz targets (fuzz/) build it so.
 //!
-//! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md):
+//! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md; what the code computes
+//! is docs/semantics.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
 //! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
-//! - [`alert`]: the outbox's delivery thread and the sinks (file, stdout; the webhook and
-//!   Alertmanager in `alert::http`).
+//!   Seed passes (`pipeline::seed`) and re-audits (`pipeline::audit`) go through it too.
+//! - [`alert`]: the outbox's delivery threads (one per sink) and the sinks: file, stdout and
+//!   console (`alert::sinks`), the webhook (`alert::webhook`) and Alertmanager
+//!   (`alert::alertmanager`) on a shared HTTP poster (`alert::poster`); the alert's one wire
+//!   type (`alert::wire`).
 //! - [`http`]: the service's HTTP listener: /metrics, /healthz, /readyz.
 //! - [`api`]: the query API (`/v1/*`) served on that listener: twins, violations, stats.
 //! - [`source`]: where messages come from: captured files and their encodings (JSON lines;
-//!   Avro through `source::avro_fast`, or apache-avro for other schemas), Event Hubs.
+//!   Avro through `source::avro_fast`, or apache-avro for other schemas), Event Hubs
+//!   (`source::eventhub`), and the twin documents of seed passes (`source::documents`).
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
@@ -19,8 +24,9 @@
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
-//!   it stands apart and reuses only the generator (its message type and twin documents);
-//!   `emulator::query` serves IoT Hub's twin query (HTTPS) from twin documents.
+//!   it stands apart and reuses only the generator (its message type and twin documents),
+//!   `iothub` (connection string, signatures) and `time`; `emulator::query` serves IoT Hub's
+//!   twin query (HTTPS and HTTP) from twin documents.
 //! - [`iothub`]: IoT Hub's service API for a seed pass: connection string, shared access
 //!   signatures, the blocking twin query client.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.

@@ -77,7 +77,7 @@ pub enum Slot {
     Live {
         version: i64,
         created_at: Option<Ticks>,
-        /// The opTime of the last event or document that changed it (`SEMANTICS.md` §7's
+        /// The opTime of the last event or document that changed it (`docs/semantics.md` §7's
         /// "last change"; the seed pass's as-of time for a document); the epoch for a twin
         /// stored before this was recorded.
         last_change: Ticks,
@@ -86,7 +86,7 @@ pub enum Slot {
     Dead { version: i64, deleted_at: Ticks },
 }
 
-/// What a twin event does (`SEMANTICS.md` §1, `opType`).
+/// What a twin event does (`docs/semantics.md` §1, `opType`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     UpdateTwin,
@@ -109,7 +109,7 @@ pub struct TwinEvent<'a> {
     pub body: &'a [Node<'a>],
 }
 
-/// A twin document of a seed pass (`SEMANTICS.md` §7), decoded: its key (the pass's hub) and
+/// A twin document of a seed pass (`docs/semantics.md` §7), decoded: its key (the pass's hub) and
 /// version, and the document as tape nodes (an object).
 #[derive(Debug)]
 pub struct TwinDocument<'a> {
@@ -118,7 +118,7 @@ pub struct TwinDocument<'a> {
     pub body: &'a [Node<'a>],
 }
 
-/// Why a message was dead-lettered. The names are part of the contract (`SEMANTICS.md` §1),
+/// Why a message was dead-lettered. The names are part of the contract (`docs/semantics.md` §1),
 /// except `bad_record`: a record that is not a message at all (a line that is not JSON).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DeadLetterReason {

@@ -66,7 +66,7 @@ pub struct DeliveryMetrics {
     pub head_waiting_since_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Policy changes and grace periods (`SEMANTICS.md` §8, §9), set by the apply thread.
+/// Policy changes and grace periods (`docs/semantics.md` §8, §9), set by the apply thread.
 #[derive(Clone)]
 pub struct PolicyMetrics {
     /// SIGHUP reloads by outcome: `applied`, `unchanged`, `rejected`.
@@ -83,7 +83,7 @@ pub struct PolicyMetrics {
     pub pending_outcomes: prometheus::IntCounterVec,
 }
 
-/// Seed passes of the service (`SEMANTICS.md` §7), set by the seed and apply threads.
+/// Seed passes of the service (`docs/semantics.md` §7), set by the seed and apply threads.
 #[derive(Clone)]
 pub struct SeedMetrics {
     /// `twinwatch_seed_passes_total{outcome}`: complete, incomplete, failed.

@@ -1,7 +1,7 @@
 //! Instants at 100 ns resolution ([`Ticks`]), as IoT Hub writes them.
 //!
-//! `operationTimestamp` is parsed strictly (`SEMANTICS.md` §1: a value that is present but not
-//! in the exact form is a dead letter); enqueued times, which come from the transport rather
+//! `operationTimestamp` is parsed strictly (`docs/semantics.md` §1: a value that is present but
+//! not in the exact form is a dead letter); enqueued times, which come from the transport rather
 //! than from the hub's own properties, are parsed leniently.
 
 use std::fmt;

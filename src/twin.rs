@@ -1,4 +1,4 @@
-//! Applying twin events to the snapshot (`SEMANTICS.md` §2–3).
+//! Applying twin events to the snapshot (`docs/semantics.md` §2–3).
 //!
 //! Pure: [`apply`] reads and writes twins only through the [`Twins`] trait, which the pipeline
 //! implements over its in-memory directory, cache and store, and tests implement over a map.
@@ -35,14 +35,14 @@ pub trait Twins {
     fn put_dead(&mut self, key: TwinKey<'_>, version: i64, deleted_at: Ticks);
     /// The module ids (non-empty) of the live module twins of a device, sorted.
     fn live_modules(&self, hub: &str, device_id: &str) -> Vec<Box<str>>;
-    /// The as-of time of the hub's latest complete seed pass (`SEMANTICS.md` §7), if any.
+    /// The as-of time of the hub's latest complete seed pass (`docs/semantics.md` §7), if any.
     fn seeded_as_of(&self, hub: &str) -> Option<Ticks>;
 }
 
 /// What an event did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Nothing changed (`SEMANTICS.md` §3's stale conditions).
+    /// Nothing changed (`docs/semantics.md` §3's stale conditions).
     Stale,
     /// The event's twin exists with its new version; `appeared` when it did not exist before.
     Upserted { appeared: bool },
@@ -51,7 +51,7 @@ pub enum Outcome {
     Removed { cascaded: Vec<Box<str>> },
 }
 
-/// `normalize(body)` of `SEMANTICS.md` §2, without `version` (kept beside the document).
+/// `normalize(body)` of `docs/semantics.md` §2, without `version` (kept beside the document).
 pub fn normalize(body: &[Node<'_>]) -> Map {
     let mut doc = map_from_tape(body);
     for key in ["hubName", "deviceId", "moduleId", "version"] {
@@ -77,7 +77,7 @@ pub fn empty_doc() -> Map {
     doc
 }
 
-/// Whether an event is stale (`SEMANTICS.md` §3): applying it would change nothing.
+/// Whether an event is stale (`docs/semantics.md` §3): applying it would change nothing.
 pub fn is_stale<T: Twins>(event: &TwinEvent<'_>, twins: &T) -> bool {
     let key = event.key;
     // An update, replace, create or delete older than the twin's creation belongs to an
@@ -172,7 +172,7 @@ pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, 
     }
 }
 
-/// Whether a seed pass's document is stale (`SEMANTICS.md` §7's table).
+/// Whether a seed pass's document is stale (`docs/semantics.md` §7's table).
 pub fn document_is_stale<T: Twins>(document: &TwinDocument<'_>, as_of: Ticks, twins: &T) -> bool {
     match twins.slot(document.key) {
         Some(Slot::Live {
@@ -185,7 +185,8 @@ pub fn document_is_stale<T: Twins>(document: &TwinDocument<'_>, as_of: Ticks, tw
     }
 }
 
-/// Applies one document of a seed pass whose as-of time is `as_of` (`SEMANTICS.md` §7's table).
+/// Applies one document of a seed pass whose as-of time is `as_of` (`docs/semantics.md` §7's
+/// table).
 pub fn apply_document<T: Twins>(
     document: &TwinDocument<'_>,
     as_of: Ticks,
@@ -226,7 +227,7 @@ fn merge_update(doc: &mut Map, body: &[Node<'_>]) {
     }
 }
 
-/// The exported form of a twin (`SEMANTICS.md` §2, §6): identity, version, then the document.
+/// The exported form of a twin (`docs/semantics.md` §2, §6): identity, version, then the document.
 pub fn export_value(key: TwinKey<'_>, version: i64, doc: &Map) -> Value {
     let mut out = doc.clone();
     out.insert("hubName", Value::from(key.hub));

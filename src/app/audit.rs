@@ -1,4 +1,4 @@
-//! `twinwatch audit`: a dry run of a policy change (`SEMANTICS.md` §8), read-only.
+//! `twinwatch audit`: a dry run of a policy change (`docs/semantics.md` §8), read-only.
 
 use std::io::{self, Write};
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! `twinwatch demo`: a first look without any Azure resource. A generated fleet is preloaded
 //! into the embedded Event Hubs emulator, which keeps publishing more of it at a steady rate;
 //! the embedded twin query serves the fleet's twins as of the preloaded events, and the
-//! service seeds its snapshot from it as it starts (`SEMANTICS.md` §7), then consumes the
+//! service seeds its snapshot from it as it starts (`docs/semantics.md` §7), then consumes the
 //! feed with the built-in baseline policy, shows a compact summary (twins failing and pending
 //! by rule, the alerts of the last minute: `summary.rs`) rather than a line per alert, writes
 //! every alert to `--alerts-file` when given, and serves /metrics on localhost, until Ctrl-C.

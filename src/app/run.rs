@@ -237,7 +237,7 @@ async fn serve(
         }
     }
     // The seed thread: it waits for the apply thread's plan, then runs the passes and
-    // hands their pages over (`SEMANTICS.md` §7).
+    // hands their pages over (`docs/semantics.md` §7).
     let seed = config.seed.clone().map(|seed_config| {
         let status = Arc::new(SeedStatus::new(seed_config.hub()));
         let (plan_tx, plan_rx) = std::sync::mpsc::channel();

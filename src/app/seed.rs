@@ -1,4 +1,4 @@
-//! `twinwatch seed`: a seed pass (`SEMANTICS.md` §7) from files of twin documents or from the
+//! `twinwatch seed`: a seed pass (`docs/semantics.md` §7) from files of twin documents or from the
 //! hub's twin query API, then reconciling and evaluation, into a data directory.
 
 use std::io::IsTerminal;

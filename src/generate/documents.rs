@@ -1,6 +1,6 @@
 //! The generated fleet's twins as IoT Hub's twin query returns them (`SELECT * FROM devices`
 //! and `SELECT * FROM devices.modules`; reference `iothub-query.md`): what a seed pass reads
-//! (`SEMANTICS.md` §7), and what the emulator's query endpoint serves.
+//! (`docs/semantics.md` §7), and what the emulator's query endpoint serves.
 //!
 //! The documents are the twins the stream's fleet messages leave after its first N messages,
 //! built by applying those messages as IoT Hub applied the operations they report: a create or

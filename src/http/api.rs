@@ -8,7 +8,7 @@
 //! - `GET /v1/violations?state=&rule=&severity=&hub=&limit=&cursor=`: `{"violations": [...],
 //!   "next": <cursor> | null}`, in `twinwatch violations` order; `state` is `open` (the
 //!   default: the violations that alerted) or `pending` (failures of rules with `for` that have
-//!   not lasted long enough yet, `SEMANTICS.md` §9, each line with its `deadline`), as
+//!   not lasted long enough yet, `docs/semantics.md` §9, each line with its `deadline`), as
 //!   `twinwatch violations [--pending]` prints them;
 //! - `GET /v1/stats`: the service's counts, violations by severity and rule, checkpoints.
 

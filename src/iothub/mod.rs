@@ -1,7 +1,7 @@
 //! IoT Hub's service API, the part a seed pass needs: the connection string
 //! ([`ConnectionString`]), shared access signatures ([`sas`]) and a blocking client of the twin
 //! query, `POST /devices/query` ([`QueryClient`]); reference `iothub-query.md`, contract
-//! `SEMANTICS.md` §7.
+//! `docs/semantics.md` §7.
 //!
 //! The client only fetches: it hands each page's bytes, exactly as received, to its caller and
 //! knows nothing of twins, the snapshot or the policy. It waits and retries where the hub asks

@@ -1,4 +1,4 @@
-//! Re-auditing the snapshot under a changed policy (`SEMANTICS.md` §8).
+//! Re-auditing the snapshot under a changed policy (`docs/semantics.md` §8).
 //!
 //! The store records the fingerprint of the policy its violations were computed with. When the
 //! engine's policy has another (or none is recorded), every twin is evaluated again, in key
@@ -281,7 +281,7 @@ pub fn plan(
             .or_default()
             .push((rule_id, severity));
     }
-    // Pending violations (`SEMANTICS.md` §9) by encoded key: (rule, since). A re-audit opens
+    // Pending violations (`docs/semantics.md` §9) by encoded key: (rule, since). A re-audit opens
     // a failure of a rule with `for` only when it has lasted `for` by the clock; the others
     // are (or stay) pending, no alert.
     let mut pending: HashMap<Vec<u8>, Vec<(String, crate::time::Ticks)>> = HashMap::new();

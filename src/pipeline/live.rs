@@ -57,7 +57,7 @@ pub struct LiveView<'a> {
 }
 
 /// Reloads the policy files (SIGHUP): a policy that does not load is refused and the current
-/// one stays; a different one re-audits the snapshot (`SEMANTICS.md` §8) before the next
+/// one stays; a different one re-audits the snapshot (`docs/semantics.md` §8) before the next
 /// batch.
 fn reload_policy(
     engine: &mut Engine,
@@ -342,7 +342,7 @@ pub fn apply_loop(
             }
             Next::Idle => {
                 engine.tick()?;
-                // A quiet feed must not freeze the clock of `for` rules (`SEMANTICS.md` §9).
+                // A quiet feed must not freeze the clock of `for` rules (`docs/semantics.md` §9).
                 if engine.has_pending() && caught_up(&health, &expected) {
                     let delay = i64::try_from(live.allowed_event_delay.as_nanos() / 100)
                         .unwrap_or(i64::MAX);

@@ -107,7 +107,7 @@ impl Default for EngineOptions {
     }
 }
 
-/// Counts of what happened to messages (`SEMANTICS.md` §5: every message is one of these).
+/// Counts of what happened to messages (`docs/semantics.md` §5: every message is one of these).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     pub messages: u64,
@@ -120,7 +120,7 @@ pub struct Counters {
     /// Resolved alerts, those of deleted twins included.
     pub alerts_resolved: u64,
     /// Pending violations (rules with `for`) that opened, and that were dropped before their
-    /// deadline (`SEMANTICS.md` §9).
+    /// deadline (`docs/semantics.md` §9).
     pub pending_opened: u64,
     pub pending_dropped: u64,
 }
@@ -195,12 +195,12 @@ struct State {
     /// A tape allocation for bodies that arrive as bytes, reused message after message.
     spare_tape: Option<simd_json::Tape<'static>>,
     /// The snapshot's high-water mark: the greatest opTime of any event or document applied
-    /// (`SEMANTICS.md` §8), the time of a re-audit's alerts.
+    /// (`docs/semantics.md` §8), the time of a re-audit's alerts.
     high_water: Ticks,
     /// The open batch moved the high-water mark: it records the new one.
     high_water_moved: bool,
     /// Every pending violation by deadline, then twin key, then the rule's place in the
-    /// policy: the order in which they open (`SEMANTICS.md` §9).
+    /// policy: the order in which they open (`docs/semantics.md` §9).
     deadlines: Deadlines,
     /// Pending violations by rule id.
     pending_counts: BTreeMap<Box<str>, u64>,
@@ -220,7 +220,7 @@ pub struct Engine {
 impl Engine {
     /// Loads the directory of slots from the store and starts the writer thread; then, before
     /// anything else is applied, evaluates what an interrupted seed pass left unevaluated and
-    /// re-audits the snapshot if it was computed with another policy (`SEMANTICS.md` §7, §8).
+    /// re-audits the snapshot if it was computed with another policy (`docs/semantics.md` §7, §8).
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
         let violations = load_violations(&store, &options.policy)?;
@@ -468,8 +468,8 @@ impl Engine {
     }
 
     /// Evaluates with `policy` from now on: commits what is open, then re-audits every twin if
-    /// its fingerprint differs from the one the snapshot was computed with (`SEMANTICS.md` §8);
-    /// `progress` is called with the number of twins re-audited so far.
+    /// its fingerprint differs from the one the snapshot was computed with (`docs/semantics.md`
+    /// §8); `progress` is called with the number of twins re-audited so far.
     pub fn set_policy(
         &mut self,
         policy: Arc<Policy>,
@@ -486,7 +486,7 @@ impl Engine {
     }
 
     /// Moves the clock of `for` rules to `to` if that is later, opening every pending
-    /// violation due by then: the service's quiet feed (`SEMANTICS.md` §9), when every owned
+    /// violation due by then: the service's quiet feed (`docs/semantics.md` §9), when every owned
     /// partition is caught up.
     pub fn advance_clock(&mut self, to: Ticks) -> Result<(), PipelineError> {
         let state = &mut self.state;
@@ -659,7 +659,7 @@ impl State {
             }
         };
         let event_version = event.version;
-        // Timers due by this event's time fire before it is applied (`SEMANTICS.md` §9).
+        // Timers due by this event's time fire before it is applied (`docs/semantics.md` §9).
         if event.op_time > self.high_water
             && self.deadlines.first().is_some_and(|d| d.0 <= event.op_time)
             && !is_stale(&event, &self.snapshot)
@@ -939,7 +939,7 @@ impl State {
     }
 
     /// Opens, in order, every pending violation whose deadline is not after `until`
-    /// (`SEMANTICS.md` §9): an `opened` alert timed at its deadline, with the id and twin
+    /// (`docs/semantics.md` §9): an `opened` alert timed at its deadline, with the id and twin
     /// version fixed when it became pending.
     fn fire_until(&mut self, until: Ticks) -> Result<(), PipelineError> {
         while let Some(first) = self.deadlines.first() {
@@ -1203,7 +1203,7 @@ impl State {
     }
 }
 
-/// What caused an alert: its id derives from this (`SEMANTICS.md` §4, §7, §8).
+/// What caused an alert: its id derives from this (`docs/semantics.md` §4, §7, §8).
 enum Origin<'a> {
     /// An event: the source and its position.
     Event { source: SourceHandle, index: u64 },

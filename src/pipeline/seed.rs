@@ -1,4 +1,4 @@
-//! Seed passes (`SEMANTICS.md` §7): twin documents as IoT Hub's twin query returns them,
+//! Seed passes (`docs/semantics.md` §7): twin documents as IoT Hub's twin query returns them,
 //! applied through the same snapshot and batches as events; then, for a complete pass, the
 //! twins of the hub that the pass did not see are reconciled away; then every twin the pass
 //! touched is evaluated once, in key order, at the pass's as-of time.
@@ -387,7 +387,7 @@ impl State {
         self.flush()
     }
 
-    /// Evaluates what a pass interrupted by a crash left unevaluated (`SEMANTICS.md` §7: an
+    /// Evaluates what a pass interrupted by a crash left unevaluated (`docs/semantics.md` §7: an
     /// incomplete pass evaluates the documents it read).
     pub(super) fn finish_interrupted_seed(&mut self) -> Result<(), PipelineError> {
         let Some(raw) = self.store.meta(META_SEED_PASS)? else {

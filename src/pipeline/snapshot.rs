@@ -260,7 +260,7 @@ pub struct Snapshot {
     key_buf: Vec<u8>,
     /// Reads from RocksDB (cache misses), for metrics and tuning.
     pub n_store_reads: u64,
-    /// Each seeded hub's latest complete pass's as-of time (`SEMANTICS.md` §7).
+    /// Each seeded hub's latest complete pass's as-of time (`docs/semantics.md` §7).
     pub seeded: FastMap<Box<str>, Ticks>,
 }
 

@@ -1,4 +1,4 @@
-//! Compiled conditions and their evaluation (SEMANTICS §4, the op table).
+//! Compiled conditions and their evaluation (docs/semantics.md §4, the op table).
 //!
 //! Everything a test needs is prepared at load: pointers split and unescaped, regexes
 //! compiled, literal durations and duration defaults parsed. Evaluation only reads the twin;

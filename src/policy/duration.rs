@@ -1,6 +1,6 @@
-//! ISO 8601 durations as the policy language defines them (SEMANTICS §4): `PnYnMnWnDTnHnMnS`,
-//! ASCII digits, no sign, a `.` fraction on the last component only, at least one component,
-//! with Y = 365 days, M = 30 days and W = 7 days.
+//! ISO 8601 durations as the policy language defines them (docs/semantics.md §4):
+//! `PnYnMnWnDTnHnMnS`, ASCII digits, no sign, a `.` fraction on the last component only, at
+//! least one component, with Y = 365 days, M = 30 days and W = 7 days.
 //!
 //! A duration is kept as an exact count of attoseconds, so that `PT0.1M` and `PT6S` compare
 //! equal, which floating point seconds would not promise. Fraction digits beyond the 30th are

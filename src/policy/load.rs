@@ -1,4 +1,4 @@
-//! From YAML text to compiled rules (SEMANTICS §4).
+//! From YAML text to compiled rules (docs/semantics.md §4).
 //!
 //! Files are read as YAML 1.2 (so `Off`, `yes` and `no` stay strings) into a generic YAML
 //! tree, which is then walked by hand rather than deserialised into structs: a walk can go
@@ -173,7 +173,7 @@ impl Loader {
         let when = fields
             .get("when")
             .map(|yaml| compile_condition(&mut place, "when", yaml));
-        // `for`: how long a failure must last before it is an alert (`SEMANTICS.md` §9).
+        // `for`: how long a failure must last before it is an alert (`docs/semantics.md` §9).
         let grace = match fields.get("for") {
             None => Some(None),
             Some(yaml) => match compile_duration(&mut place, "for", yaml) {

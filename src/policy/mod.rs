@@ -1,5 +1,5 @@
 //! The policy engine: loads rules from YAML files, compiles them, and tells which rules a twin
-//! fails (SEMANTICS §4).
+//! fails (docs/semantics.md §4).
 //!
 //! This module is pure: it reads files only in [`Policy::load`], and evaluation is a function
 //! of the compiled policy and one twin. It owns the policy language (rule shape, conditions,
@@ -55,7 +55,7 @@ pub struct Policy {
     rules_by_module: Vec<(Box<str>, Vec<usize>)>,
     /// The pointer prefixes that evaluation caches, by slot (see [`pointer::Resolver`]).
     cached_prefixes: Vec<Pointer>,
-    /// SHA-256 (hex) of every field of every rule, in order (`SEMANTICS.md` §8).
+    /// SHA-256 (hex) of every field of every rule, in order (`docs/semantics.md` §8).
     fingerprint: String,
 }
 
@@ -71,7 +71,7 @@ pub struct Rule {
     /// Every field as loaded, as canonical JSON (see [`Policy::fingerprint`]).
     canonical: String,
     /// `for`: how long the rule must fail on a twin before the failure is an alert
-    /// (`SEMANTICS.md` §9); `None` alerts at once.
+    /// (`docs/semantics.md` §9); `None` alerts at once.
     pub grace: Option<crate::time::Ticks>,
     target: Target,
     when: Option<Condition>,
@@ -206,7 +206,7 @@ impl Policy {
     /// The policy's fingerprint: SHA-256, in hex, of every field of every rule in order (the
     /// title as loaded, keys sorted), so that any change a twin's evaluation or an alert could
     /// show changes it, and a mere reformatting of the files does not. The snapshot records
-    /// it to know when to re-audit (`SEMANTICS.md` §8).
+    /// it to know when to re-audit (`docs/semantics.md` §8).
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }

@@ -1,5 +1,5 @@
-//! RFC 6901 JSON pointers into a twin as exported (SEMANTICS §4, §6), parsed once at load and
-//! resolved against a [`TwinView`] without building the exported object.
+//! RFC 6901 JSON pointers into a twin as exported (docs/semantics.md §4, §6), parsed once at load
+//! and resolved against a [`TwinView`] without building the exported object.
 //!
 //! Pointers of one policy share long prefixes (`/properties/desired/<agent object>/...`
 //! starts dozens of them), and looking keys up dominates evaluation. So the policy gives the

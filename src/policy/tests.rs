@@ -25,7 +25,7 @@ use crate::value::{Map, Value};
 
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/policy");
 
-/// Every op of SEMANTICS §4.
+/// Every op of docs/semantics.md §4.
 const OPS: &[&str] = &[
     "exists",
     "absent",

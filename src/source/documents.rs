@@ -1,4 +1,4 @@
-//! Twin documents as IoT Hub's twin query returns them (`SEMANTICS.md` §7), split out of a
+//! Twin documents as IoT Hub's twin query returns them (`docs/semantics.md` §7), split out of a
 //! stream without parsing: either one JSON array (as `az iot hub query` prints it, and as each
 //! page of the REST query is) or one document per line (or any whitespace between documents).
 //!

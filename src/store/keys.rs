@@ -21,10 +21,11 @@ pub const CF_OUTBOX: &str = "outbox";
 pub const CF_ALERT_DEAD_LETTERS: &str = "alert_deadletters";
 
 /// The twins a seed pass applied (or whose module set it changed) and has not yet evaluated:
-/// encoded twin key → nothing (`SEMANTICS.md` §7: evaluation at the end of the pass, resumable).
+/// encoded twin key → nothing (`docs/semantics.md` §7: evaluation at the end of the pass,
+/// resumable).
 pub const CF_SEED_TOUCHED: &str = "seed_touched";
 
-/// Pending violations (`SEMANTICS.md` §9): the same keys as [`CF_VIOLATIONS`].
+/// Pending violations (`docs/semantics.md` §9): the same keys as [`CF_VIOLATIONS`].
 pub const CF_PENDING: &str = "pending";
 
 pub const ALL_CFS: [&str; 10] = [
@@ -48,7 +49,7 @@ pub const META_FORMAT: &[u8] = b"format";
 pub const META_OUTBOX_NEXT: &[u8] = b"outbox_next";
 
 /// Key in [`CF_META`] of the fingerprint of the policy the violations were computed with
-/// (`SEMANTICS.md` §8).
+/// (`docs/semantics.md` §8).
 pub const META_POLICY_FINGERPRINT: &[u8] = b"policy_fingerprint";
 
 /// Key in [`CF_META`] of an unfinished re-audit's progress (its policy's fingerprint and the

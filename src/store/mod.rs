@@ -803,7 +803,7 @@ impl Store {
         self.violations_of(CF_VIOLATIONS)
     }
 
-    /// Every pending violation (`SEMANTICS.md` §9) in twin-then-rule order.
+    /// Every pending violation (`docs/semantics.md` §9) in twin-then-rule order.
     pub fn pending_violations(
         &self,
     ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
@@ -1059,7 +1059,7 @@ impl Store {
         self.page_of(CF_VIOLATIONS, prefix, after, limit, max_scan, keep)
     }
 
-    /// [`Store::violations_page`] of the pending violations (`SEMANTICS.md` §9).
+    /// [`Store::violations_page`] of the pending violations (`docs/semantics.md` §9).
     pub fn pending_violations_page(
         &self,
         prefix: &[u8],

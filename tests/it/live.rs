@@ -37,7 +37,7 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     );
     // The replay ends with the clock at its last event: failures of `for` rules younger than
     // their grace period are pending. The live service's clock followed the wall clock once
-    // caught up (`SEMANTICS.md` §9), long past every deadline: each of them opened, with the
+    // caught up (`docs/semantics.md` §9), long past every deadline: each of them opened, with the
     // same `since` and version, and none is pending.
     let live_violations = violation_lines(&data, false);
     let replay_pending = violation_lines(&replayed, true);

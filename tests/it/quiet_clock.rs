@@ -1,4 +1,4 @@
-//! The service's quiet clock (`SEMANTICS.md` §9, "A quiet feed"), end to end: the real binary
+//! The service's quiet clock (`docs/semantics.md` §9, "A quiet feed"), end to end: the real binary
 //! consuming the embedded emulator, which publishes a few lifecycle events timed now and then
 //! nothing more. With a short `for` and a short `allowed_event_delay_secs`, a device created
 //! without its security module opens its alert while the feed is quiet (no event moves the

@@ -1,4 +1,4 @@
-//! The service's seed passes (`twinwatch run` with `[seed]`, `SEMANTICS.md` §7) through the
+//! The service's seed passes (`twinwatch run` with `[seed]`, `docs/semantics.md` §7) through the
 //! real binary, the Event Hubs emulator and the twin query emulator over real HTTP: seeding
 //! an empty snapshot then consuming equals `twinwatch seed` then `twinwatch replay` of the
 //! same inputs; a reconcile by interval removes a ghost twin with a `deleted` alert, after an

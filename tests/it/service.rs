@@ -183,7 +183,7 @@ pub fn sigterm_and_wait(child: &mut Child) {
 
 /// Waits until the service has no violation pending and an empty outbox, seen twice half a
 /// second apart. Caught up on a hub whose events are long past (generated fleets start in
-/// 2026-01), the service's quiet clock (`SEMANTICS.md` §9) opens every pending violation
+/// 2026-01), the service's quiet clock (`docs/semantics.md` §9) opens every pending violation
 /// of a rule with `for` (the baseline has some); what it opens is committed within a batch
 /// interval and then delivered. A test comparing a live run's violations or alerts with
 /// another's waits for this first.

@@ -225,7 +225,7 @@ pub fn assert_every_alert_delivered(clean: &Path, killed: &Path, at_least: usize
 /// rules with `for` are left out of the comparison. The service's clock is one for all
 /// partitions, and two live runs (one of them killed and restarted) interleave partitions
 /// differently, so whether a failure shorter than its `for` opened and resolved may differ
-/// between them (`SEMANTICS.md` §9); the violations once the feed is quiet do not, and the
+/// between them (`docs/semantics.md` §9); the violations once the feed is quiet do not, and the
 /// tests compare those. Alerts of the other rules depend only on each twin's own events.
 pub fn assert_every_live_alert_delivered(clean: &Path, killed: &Path, at_least: usize) {
     let with_for = baseline_rules_with_for();

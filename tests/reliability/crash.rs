@@ -137,7 +137,7 @@ impl Subject for Replay {
 
 /// A command run on a copy of a prepared data directory, again with the same arguments after
 /// each kill, as an operator would: a re-audit (a replay with nothing left to apply under a
-/// changed policy, `SEMANTICS.md` §8) or a seed pass (§7).
+/// changed policy, `docs/semantics.md` §8) or a seed pass (§7).
 struct OnCopy {
     /// The prepared directory, copied for each round.
     base: PathBuf,
@@ -337,7 +337,7 @@ impl Reference {
     }
 
     /// Leaves the alerts of `rules` out of the comparison: a live service's alerts of rules
-    /// with `for` depend on how it interleaved partitions (`SEMANTICS.md` §9), which differs
+    /// with `for` depend on how it interleaved partitions (`docs/semantics.md` §9), which differs
     /// between runs; the violations once the feed is quiet do not, and are still compared.
     /// The other alerts are compared by content rather than id (see
     /// `support::live_comparable`).
@@ -715,7 +715,7 @@ fn seed_crash_campaign() {
     record("crash-seed", &tally, events);
 }
 
-/// A replay under the baseline with grace periods on most rules (`SEMANTICS.md` §9), killed
+/// A replay under the baseline with grace periods on most rules (`docs/semantics.md` §9), killed
 /// from outside, at each spot of a batch's way to RocksDB and at `timer.after_fire` (a pending
 /// violation opened, its alert in the open batch, nothing written): each round ends with the
 /// uninterrupted run's snapshot, open and pending violations (with their deadlines) and every

@@ -1,6 +1,6 @@
 //! The reliability suite: campaigns of crashes, network faults, storage faults, sink outages
 //! and hostile input around the real binary, each checking that nothing is lost, nothing is
-//! applied twice, and every alert is delivered (SEMANTICS.md §5). Built only with the
+//! applied twice, and every alert is delivered (docs/semantics.md §5). Built only with the
 //! `failpoints` feature; `scripts/reliability` runs it and RELIABILITY.md has its figures.
 //!
 //! Each campaign appends a line of figures to the file named by `TWINWATCH_RELIABILITY_REPORT`
