@@ -227,7 +227,8 @@ fn merge_update(doc: &mut Map, body: &[Node<'_>]) {
     }
 }
 
-/// The exported form of a twin (`docs/semantics.md` §2, §6): identity, version, then the document.
+/// The exported form of a twin (`docs/semantics.md` §2, §6): identity, version, then the
+/// document.
 pub fn export_value(key: TwinKey<'_>, version: i64, doc: &Map) -> Value {
     let mut out = doc.clone();
     out.insert("hubName", Value::from(key.hub));

@@ -220,7 +220,8 @@ pub struct Engine {
 impl Engine {
     /// Loads the directory of slots from the store and starts the writer thread; then, before
     /// anything else is applied, evaluates what an interrupted seed pass left unevaluated and
-    /// re-audits the snapshot if it was computed with another policy (`docs/semantics.md` §7, §8).
+    /// re-audits the snapshot if it was computed with another policy
+    /// (`docs/semantics.md` §7, §8).
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
         let violations = load_violations(&store, &options.policy)?;
