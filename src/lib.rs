@@ -3,20 +3,24 @@
 //! Without the `service` feature (on by default) only the pure core and the file readers are
 //! built: no RocksDB, no Event Hubs, no HTTP. The fuzz targets (fuzz/) build it so.
 //!
-//! Codemap, top to bottom (every arrow points down; see ARCHITECTURE.md; what the code computes
-//! is docs/semantics.md):
+//! Codemap, top to bottom (every arrow points down: ARCHITECTURE.md's layers, checked by
+//! `tests/it/layers.rs`; what the code computes is docs/semantics.md):
 //! - [`app`]: wiring: each command from parsed arguments to an exit code.
+//! - [`http`]: the service's HTTP wing: the listener (/metrics, /healthz, /readyz), the query
+//!   API (`http::api`, `/v1/*`: twins, violations, stats) and the state they read
+//!   (`http::ServiceState`).
 //! - [`pipeline`]: the apply thread: decode → apply → evaluate → batch → store; the writer.
-//!   Seed passes (`pipeline::seed`) and re-audits (`pipeline::audit`) go through it too.
+//!   One way in per source kind: `pipeline::replay` (files), `pipeline::live` (the Event Hub
+//!   and the service's seed pages, `pipeline::live_seed`); seed passes (`pipeline::seed`) and
+//!   re-audits (`pipeline::audit`) go through it too.
 //! - [`alert`]: the outbox's delivery threads (one per sink) and the sinks: file, stdout and
 //!   console (`alert::sinks`), the webhook (`alert::webhook`) and Alertmanager
 //!   (`alert::alertmanager`) on a shared HTTP poster (`alert::poster`); the alert's one wire
 //!   type (`alert::wire`).
-//! - [`http`]: the service's HTTP listener: /metrics, /healthz, /readyz.
-//! - [`api`]: the query API (`/v1/*`) served on that listener: twins, violations, stats.
 //! - [`source`]: where messages come from: captured files and their encodings (JSON lines;
 //!   Avro through `source::avro_fast`, or apache-avro for other schemas), Event Hubs
-//!   (`source::eventhub`), and the twin documents of seed passes (`source::documents`).
+//!   (`source::eventhub`), the twin documents of seed passes (`source::documents`) and the
+//!   hub's twin query with the service's seed thread (`source::hub`).
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).

@@ -127,6 +127,8 @@ pub(super) fn write_summary(
 
 pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     let policy = Arc::new(super::load_policy(&args.policies)?);
+    // The flags are checked before anything is created.
+    let alerts = super::sinks::alerts_of_flags(&args.sinks)?;
     let files = expand_paths(&args.paths).map_err(Failure::usage)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))
@@ -135,7 +137,7 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
         .with_context(|| format!("opening {}", args.data_dir.display()))
         .map_err(Failure::runtime)?;
     let store = Arc::new(store);
-    let sinks = super::sinks::build(&args.sinks, &store)?;
+    let sinks = super::sinks::build_sinks(&alerts, &store)?;
     let queue_alerts = !sinks.is_empty();
     // Delivery starts first: alerts left in the outbox by an interrupted run go out now.
     let delivery = if queue_alerts {

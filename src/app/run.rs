@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::Failure;
 use crate::alert::{spawn_delivery, Sink};
 use crate::cli::RunArgs;
-use crate::config::{AlertsConfig, Config, RawConfig};
+use crate::config::{Config, RawConfig};
 use crate::http::ServiceState;
 use crate::pipeline::live::{apply_loop, ApplySeed, LiveFeed, LiveSettings, LiveView};
 use crate::pipeline::live_seed::ServiceSeed;
@@ -56,12 +56,6 @@ pub fn load_config(args: &RunArgs) -> Result<Config, Failure> {
         .map_err(|e| Failure::usage(anyhow::anyhow!("invalid configuration:\n{e}")))
 }
 
-/// The sinks of the configuration's `[alerts]` (with the flags' `--alerts-file` and
-/// `--alerts-stdout`): [`super::sinks::build_sinks`], as for `replay` and `seed`.
-fn sinks(alerts: &AlertsConfig, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    super::sinks::build_sinks(alerts, store)
-}
-
 pub fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     let config = load_config(&args)?;
     run_with(config, Vec::new())
@@ -93,7 +87,7 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
             .with_context(|| format!("opening {}", config.data_dir.display()))
             .map_err(Failure::runtime)?,
     );
-    let mut sinks = sinks(&config.alerts, &store)?;
+    let mut sinks = super::sinks::build_sinks(&config.alerts, &store)?;
     sinks.extend(extra_sinks);
     let queue_alerts = !sinks.is_empty();
     let metrics = Metrics::new().map_err(Failure::runtime)?;

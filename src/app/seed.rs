@@ -167,6 +167,8 @@ fn parse_as_of(text: &str) -> Result<Ticks, Failure> {
 pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
     let (input, as_of) = input(&args)?;
     let policy = Arc::new(super::load_policy(&args.policies)?);
+    // The flags are checked before anything is created.
+    let alerts = super::sinks::alerts_of_flags(&args.sinks)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))
         .map_err(Failure::runtime)?;
@@ -174,7 +176,7 @@ pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
         .with_context(|| format!("opening {}", args.data_dir.display()))
         .map_err(Failure::runtime)?;
     let store = Arc::new(store);
-    let sinks = super::sinks::build(&args.sinks, &store)?;
+    let sinks = super::sinks::build_sinks(&alerts, &store)?;
     let queue_alerts = !sinks.is_empty();
     let delivery = if queue_alerts {
         Some(spawn_delivery(store.clone(), sinks, None).map_err(Failure::runtime)?)

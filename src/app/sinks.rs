@@ -18,14 +18,12 @@ use crate::compliance::{cloud_event, AlertKind, Transition};
 use crate::config::AlertsConfig;
 use crate::store::Store;
 
-/// The sinks of a command's flags (`replay`, `seed`): validated by the code that validates
-/// the configuration file's `[alerts]` ([`SinkArgs::alerts_config`]), built by
-/// [`build_sinks`]; a problem is a usage error naming the flag.
-pub fn build(args: &SinkArgs, store: &Arc<Store>) -> Result<Vec<Box<dyn Sink>>, Failure> {
-    let alerts = args
-        .alerts_config()
-        .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
-    build_sinks(&alerts, store)
+/// The sink settings of a command's flags (`replay`, `seed`), validated by the code that
+/// validates the configuration file's `[alerts]` ([`SinkArgs::alerts_config`]); a problem is
+/// a usage error naming the flag. [`build_sinks`] builds them.
+pub fn alerts_of_flags(args: &SinkArgs) -> Result<AlertsConfig, Failure> {
+    args.alerts_config()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))
 }
 
 /// The sinks of validated settings, wherever they were written (the service's `[alerts]`, a

@@ -9,6 +9,7 @@ mod faults;
 mod hardening;
 mod iothub;
 mod kill;
+mod layers;
 mod live;
 mod operations;
 mod policy_changes;
