@@ -10,12 +10,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::Failure;
-use crate::alert::spawn_delivery;
 use crate::cli::{ReplayArgs, TuningArgs};
 use crate::pipeline::replay::{replay_observed, ReplayProgress, ReplayReport};
 use crate::pipeline::EngineOptions;
 use crate::source::replay::expand_paths;
-use crate::store::{Store, StoreOptions};
 
 impl TuningArgs {
     /// The engine's options from the flags (which clap has checked against the bounds the
@@ -130,21 +128,10 @@ pub fn run(args: ReplayArgs) -> Result<ExitCode, Failure> {
     // The flags are checked before anything is created.
     let alerts = super::sinks::alerts_of_flags(&args.sinks)?;
     let files = expand_paths(&args.paths).map_err(Failure::usage)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))
-        .map_err(Failure::runtime)?;
-    let store = Store::open(&args.data_dir, &StoreOptions::default())
-        .with_context(|| format!("opening {}", args.data_dir.display()))
-        .map_err(Failure::runtime)?;
-    let store = Arc::new(store);
+    let store = super::sinks::open_store(&args.data_dir)?;
     let sinks = super::sinks::build_sinks(&alerts, &store)?;
-    let queue_alerts = !sinks.is_empty();
-    // Delivery starts first: alerts left in the outbox by an interrupted run go out now.
-    let delivery = if queue_alerts {
-        Some(spawn_delivery(store.clone(), sinks, None).map_err(Failure::runtime)?)
-    } else {
-        None
-    };
+    let delivery = super::sinks::start_delivery(&store, sinks, None)?;
+    let queue_alerts = delivery.is_some();
     let options = args.tuning.engine_options(policy, queue_alerts);
     let bar = ProgressBar::hidden();
     let terminal = std::io::stderr().is_terminal();

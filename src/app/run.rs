@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Failure;
-use crate::alert::{spawn_delivery, Sink};
+use crate::alert::Sink;
 use crate::cli::RunArgs;
 use crate::config::{Config, RawConfig};
 use crate::http::ServiceState;
@@ -23,7 +23,7 @@ use crate::pipeline::live_seed::ServiceSeed;
 use crate::pipeline::{Counters, EngineOptions};
 use crate::source::eventhub::{self, LiveEvent, PartitionHealth, SourceHealth};
 use crate::source::hub::{SeedStatus, SeedThread, SEED_PAGES};
-use crate::store::{Store, StoreOptions};
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
 /// Chunks of events (up to [`eventhub::CHUNK_EVENTS`] each) buffered between the receivers
@@ -79,24 +79,12 @@ pub fn run_with(config: Config, extra_sinks: Vec<Box<dyn Sink>>) -> Result<ExitC
         seed = ?config.seed,
         "starting"
     );
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating {}", config.data_dir.display()))
-        .map_err(Failure::runtime)?;
-    let store = Arc::new(
-        Store::open(&config.data_dir, &StoreOptions::default())
-            .with_context(|| format!("opening {}", config.data_dir.display()))
-            .map_err(Failure::runtime)?,
-    );
+    let store = super::sinks::open_store(&config.data_dir)?;
     let mut sinks = super::sinks::build_sinks(&config.alerts, &store)?;
     sinks.extend(extra_sinks);
-    let queue_alerts = !sinks.is_empty();
     let metrics = Metrics::new().map_err(Failure::runtime)?;
-    let delivery = if queue_alerts {
-        let observed = Some(metrics.delivery.clone());
-        Some(spawn_delivery(store.clone(), sinks, observed).map_err(Failure::runtime)?)
-    } else {
-        None
-    };
+    let delivery = super::sinks::start_delivery(&store, sinks, Some(metrics.delivery.clone()))?;
+    let queue_alerts = delivery.is_some();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("twinwatch-io")

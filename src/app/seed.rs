@@ -7,18 +7,16 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use super::Failure;
-use crate::alert::spawn_delivery;
 use crate::cli::SeedArgs;
 use crate::iothub::{ConnectionString, QueryClient, QueryEvent, QueryOptions};
 use crate::pipeline::{Engine, PassEnd, SeedCounters, SeedPass};
 use crate::source::documents::DocumentReader;
 use crate::source::hub::{read_queries, ReadStop};
-use crate::store::{Store, StoreOptions};
+use crate::store::Store;
 use crate::time::{Ticks, TICKS_PER_SECOND};
 
 /// Where a pass reads its documents.
@@ -169,20 +167,10 @@ pub fn run(args: SeedArgs) -> Result<ExitCode, Failure> {
     let policy = Arc::new(super::load_policy(&args.policies)?);
     // The flags are checked before anything is created.
     let alerts = super::sinks::alerts_of_flags(&args.sinks)?;
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))
-        .map_err(Failure::runtime)?;
-    let store = Store::open(&args.data_dir, &StoreOptions::default())
-        .with_context(|| format!("opening {}", args.data_dir.display()))
-        .map_err(Failure::runtime)?;
-    let store = Arc::new(store);
+    let store = super::sinks::open_store(&args.data_dir)?;
     let sinks = super::sinks::build_sinks(&alerts, &store)?;
-    let queue_alerts = !sinks.is_empty();
-    let delivery = if queue_alerts {
-        Some(spawn_delivery(store.clone(), sinks, None).map_err(Failure::runtime)?)
-    } else {
-        None
-    };
+    let delivery = super::sinks::start_delivery(&store, sinks, None)?;
+    let queue_alerts = delivery.is_some();
     let mut options = args.tuning.engine_options(policy, queue_alerts);
     options.continue_seed = Some((input.hub().to_owned(), as_of));
     let grace_seconds = i64::try_from(args.grace).unwrap_or(i64::MAX);

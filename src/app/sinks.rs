@@ -10,13 +10,41 @@ use anyhow::Context as _;
 
 use super::Failure;
 use crate::alert::{
-    AlertmanagerSink, FileSink, HttpOptions, Sink, StdoutSink, WebhookMode, WebhookOptions,
-    WebhookSink,
+    spawn_delivery, AlertmanagerSink, Delivery, FileSink, HttpOptions, Sink, StdoutSink,
+    WebhookMode, WebhookOptions, WebhookSink,
 };
 use crate::cli::SinkArgs;
 use crate::compliance::{cloud_event, AlertKind, Transition};
 use crate::config::AlertsConfig;
-use crate::store::Store;
+use crate::store::{Store, StoreOptions};
+use crate::telemetry::DeliveryMetrics;
+
+/// Creates the data directory when it is missing and opens its store for writing.
+pub fn open_store(dir: &Path) -> Result<Arc<Store>, Failure> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+        .map_err(Failure::runtime)?;
+    let store = Store::open(dir, &StoreOptions::default())
+        .with_context(|| format!("opening {}", dir.display()))
+        .map_err(Failure::runtime)?;
+    Ok(Arc::new(store))
+}
+
+/// Starts delivering the outbox to `sinks` (`None` when there is none: alerts are then not
+/// queued at all). It starts before anything is applied: alerts an interrupted run left in
+/// the outbox go out at once.
+pub fn start_delivery(
+    store: &Arc<Store>,
+    sinks: Vec<Box<dyn Sink>>,
+    observed: Option<DeliveryMetrics>,
+) -> Result<Option<Delivery>, Failure> {
+    if sinks.is_empty() {
+        return Ok(None);
+    }
+    spawn_delivery(store.clone(), sinks, observed)
+        .map(Some)
+        .map_err(Failure::runtime)
+}
 
 /// The sink settings of a command's flags (`replay`, `seed`), validated by the code that
 /// validates the configuration file's `[alerts]` ([`SinkArgs::alerts_config`]); a problem is

@@ -91,9 +91,7 @@ impl ServiceState {
         if since == 0 {
             return Duration::ZERO;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = u64::try_from(crate::time::Ticks::now().unix_millis()).unwrap_or(0);
         Duration::from_millis(now.saturating_sub(since))
     }
 
