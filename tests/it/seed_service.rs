@@ -441,7 +441,7 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
     assert_eq!(deleted.len(), rules_failing, "{deleted:?}");
     for alert in deleted {
         assert_eq!(alert["data"]["deviceId"], ghost.as_str());
-        assert_eq!(alert["type"], "io.twinwatch.violation.resolved");
+        assert_eq!(alert["type"], twinwatch::compliance::wire::RESOLVED_TYPE);
     }
     hub.runtime.block_on(query.shutdown());
 }

@@ -2,13 +2,15 @@
 //! an event to `opened` / `resolved` transitions, and from a transition to its CloudEvent.
 //!
 //! Pure: the pipeline keeps the failing set of every twin and calls [`transitions`] after each
-//! evaluation; alerts are rendered here so that every sink sends the same bytes.
+//! evaluation; alerts are rendered here so that every sink sends the same bytes, and read back
+//! through the same type ([`wire`]).
 
-use serde_json::json;
+pub mod wire;
 
 use crate::model::TwinKey;
 use crate::policy::{Policy, Severity};
 use crate::time::Ticks;
+use serde_json::json;
 
 /// A rule failing on a twin, as kept in memory and stored: what its `opened` alert said.
 #[derive(Clone, Debug, PartialEq)]
@@ -224,7 +226,8 @@ pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) -> u64 {
 /// Renders one alert as a CloudEvents 1.0 structured JSON object (`SEMANTICS.md` §6), one line
 /// (`data.reason` from the transition: `deleted`, `policy`);
 /// `enqueued`, the causing event's Event Hubs enqueued time, becomes the extension attribute
-/// `enqueuedtime`.
+/// `enqueuedtime`. Written from [`wire::CloudEvent`], whose fields are in the byte order the
+/// JSON object this used to build wrote them in: the bytes are those alerts always had.
 pub fn cloud_event(
     id: &str,
     key: TwinKey<'_>,
@@ -234,44 +237,37 @@ pub fn cloud_event(
     enqueued: Option<Ticks>,
 ) -> Vec<u8> {
     let kind = match transition.kind {
-        AlertKind::Opened => "io.twinwatch.violation.opened",
-        AlertKind::Resolved | AlertKind::Deleted => "io.twinwatch.violation.resolved",
+        AlertKind::Opened => wire::OPENED_TYPE,
+        AlertKind::Resolved | AlertKind::Deleted => wire::RESOLVED_TYPE,
     };
     let subject = if key.is_device_twin() {
         key.device_id.to_owned()
     } else {
         format!("{}/modules/{}", key.device_id, key.module_id)
     };
-    let mut data = json!({
-        "hubName": key.hub,
-        "deviceId": key.device_id,
-        "ruleId": &*transition.rule_id,
-        "title": &*transition.title,
-        "severity": transition.severity.as_str(),
-        "twinVersion": twin_version,
-    });
-    if !key.is_device_twin() {
-        data["moduleId"] = json!(key.module_id);
-    }
-    if let Some(reason) = transition.reason {
-        data["reason"] = json!(reason);
-    }
-    let mut event = json!({
-        "specversion": "1.0",
-        "id": id,
-        "type": kind,
-        "source": format!("/iothub/{}", key.hub),
-        "subject": subject,
-        "time": time.to_string(),
-        "datacontenttype": "application/json",
-        "data": data,
-    });
-    if let Some(enqueued) = enqueued {
+    let event = wire::CloudEvent {
+        data: wire::ViolationData {
+            device_id: key.device_id.to_owned(),
+            hub_name: key.hub.to_owned(),
+            module_id: (!key.is_device_twin()).then(|| key.module_id.to_owned()),
+            reason: transition.reason.map(str::to_owned),
+            rule_id: transition.rule_id.to_string(),
+            severity: transition.severity.as_str().to_owned(),
+            title: transition.title.to_string(),
+            twin_version,
+        },
+        datacontenttype: Some("application/json".to_owned()),
         // An extension attribute: when the causing event reached the Event Hub, so that the
         // time from enqueue to alert can be measured wherever the alert arrives.
-        event["enqueuedtime"] = json!(enqueued.to_string());
-    }
-    serde_json::to_vec(&event).expect("a JSON value always serializes")
+        enqueuedtime: enqueued.map(|enqueued| enqueued.to_string()),
+        id: id.to_owned(),
+        source: format!("/iothub/{}", key.hub),
+        specversion: "1.0".to_owned(),
+        subject,
+        time: time.to_string(),
+        kind: kind.to_owned(),
+    };
+    serde_json::to_vec(&event).expect("strings and integers always serialize")
 }
 
 /// Stored form of a [`Violation`] (the values of the `violations` column family, and of
@@ -374,6 +370,105 @@ mod tests {
     }
 
     use super::*;
+
+    /// The renderer as it was, building a `serde_json::Value` (whose object keys come out
+    /// sorted): the bytes every alert has had, which the wire type must keep.
+    fn cloud_event_as_before(
+        id: &str,
+        key: TwinKey<'_>,
+        transition: &Transition,
+        time: Ticks,
+        twin_version: i64,
+        enqueued: Option<Ticks>,
+    ) -> Vec<u8> {
+        let kind = match transition.kind {
+            AlertKind::Opened => "io.twinwatch.violation.opened",
+            AlertKind::Resolved | AlertKind::Deleted => "io.twinwatch.violation.resolved",
+        };
+        let subject = if key.is_device_twin() {
+            key.device_id.to_owned()
+        } else {
+            format!("{}/modules/{}", key.device_id, key.module_id)
+        };
+        let mut data = json!({
+            "hubName": key.hub,
+            "deviceId": key.device_id,
+            "ruleId": &*transition.rule_id,
+            "title": &*transition.title,
+            "severity": transition.severity.as_str(),
+            "twinVersion": twin_version,
+        });
+        if !key.is_device_twin() {
+            data["moduleId"] = json!(key.module_id);
+        }
+        if let Some(reason) = transition.reason {
+            data["reason"] = json!(reason);
+        }
+        let mut event = json!({
+            "specversion": "1.0",
+            "id": id,
+            "type": kind,
+            "source": format!("/iothub/{}", key.hub),
+            "subject": subject,
+            "time": time.to_string(),
+            "datacontenttype": "application/json",
+            "data": data,
+        });
+        if let Some(enqueued) = enqueued {
+            event["enqueuedtime"] = json!(enqueued.to_string());
+        }
+        serde_json::to_vec(&event).expect("serializes")
+    }
+
+    /// Every shape of alert (device and module twins; opened, resolved, deleted and a
+    /// re-audit's; with and without an enqueued time; text that needs escaping) is written
+    /// byte for byte as the JSON value wrote it.
+    #[test]
+    fn cloud_events_keep_their_bytes() {
+        let keys = [
+            TwinKey {
+                hub: "hub-1",
+                device_id: "dev-1",
+                module_id: "",
+            },
+            TwinKey {
+                hub: "h\u{e9}b",
+                device_id: "d \"quoted\"/x",
+                module_id: "azureiotsecurity",
+            },
+        ];
+        let kinds = [
+            (AlertKind::Opened, None),
+            (AlertKind::Opened, Some(REASON_POLICY)),
+            (AlertKind::Resolved, None),
+            (AlertKind::Resolved, Some(REASON_POLICY)),
+            (AlertKind::Deleted, Some(REASON_DELETED)),
+        ];
+        let mut compared = 0;
+        for key in keys {
+            for (kind, reason) in kinds {
+                for enqueued in [None, Some(Ticks(638_000_000_000_000_001))] {
+                    for (version, time) in [(7, Ticks(638_000_000_000_000_000)), (-1, Ticks(0))] {
+                        let transition = Transition {
+                            kind,
+                            rule_id: "tls-required/\u{1F512}".into(),
+                            severity: Severity::Critical,
+                            title: "TLS \"must\" be required\n\t<&>".into(),
+                            reason,
+                            twin_version: None,
+                        };
+                        let id = "data/a.json#12.3";
+                        let new = cloud_event(id, key, &transition, time, version, enqueued);
+                        let old =
+                            cloud_event_as_before(id, key, &transition, time, version, enqueued);
+                        assert_eq!(String::from_utf8_lossy(&new), String::from_utf8_lossy(&old));
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 2 * 5 * 2 * 2);
+    }
 
     fn policy() -> Policy {
         let text = r#"
