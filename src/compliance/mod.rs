@@ -8,34 +8,12 @@
 pub mod wire;
 
 use crate::model::TwinKey;
+/// The failing (twin, rule) and its pending state live in `model`: the store, below this
+/// module, encodes them.
+pub use crate::model::{Pending, Violation};
 use crate::policy::{Policy, Severity};
 use crate::time::Ticks;
 use serde_json::json;
-
-/// A rule failing on a twin, as kept in memory and stored: what its `opened` alert said.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Violation {
-    pub rule_id: Box<str>,
-    pub severity: Severity,
-    pub title: Box<str>,
-    /// The opTime of the event that opened it.
-    pub since: Ticks,
-    /// The twin's version after that event.
-    pub twin_version: i64,
-    /// Set while the rule's `for` has not yet run out (`SEMANTICS.md` §9): the violation is
-    /// pending, and no alert said anything of it yet.
-    pub pending: Option<Pending>,
-}
-
-/// What a pending violation needs to open: when, and under which id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pending {
-    /// `since` plus the rule's `for`.
-    pub deadline: Ticks,
-    /// The id its `opened` alert will carry: derived from the event that made it pending and
-    /// the rule, so it is the same however and whenever the deadline is reached.
-    pub alert_id: Box<str>,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlertKind {
@@ -270,35 +248,6 @@ pub fn cloud_event(
     serde_json::to_vec(&event).expect("strings and integers always serialize")
 }
 
-/// Stored form of a [`Violation`] (the values of the `violations` column family, and of
-/// `pending` for a pending one, which also records its deadline and alert id): a JSON object
-/// with its keys in byte order, the form stored records have always had.
-pub fn encode_violation(v: &Violation) -> Vec<u8> {
-    /// The fields in the order of their names' bytes (as a `serde_json::Value` object writes
-    /// them), written without building a value first.
-    #[derive(serde::Serialize)]
-    struct Stored<'a> {
-        #[serde(rename = "alertId", skip_serializing_if = "Option::is_none")]
-        alert_id: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        deadline: Option<i64>,
-        severity: &'a str,
-        since: i64,
-        title: &'a str,
-        #[serde(rename = "twinVersion")]
-        twin_version: i64,
-    }
-    let stored = Stored {
-        alert_id: v.pending.as_ref().map(|p| &*p.alert_id),
-        deadline: v.pending.as_ref().map(|p| p.deadline.0),
-        severity: v.severity.as_str(),
-        since: v.since.0,
-        title: &v.title,
-        twin_version: v.twin_version,
-    };
-    serde_json::to_vec(&stored).expect("plain fields always serialize")
-}
-
 /// A violation as `twinwatch violations` prints it and the query API answers it:
 /// `hubName`, `deviceId`, `moduleId` (module twins only), `ruleId`, `severity`, `since`,
 /// `twinVersion`.
@@ -314,61 +263,8 @@ pub fn violation_line(key: TwinKey<'_>, rule_id: &str, v: &Violation) -> serde_j
     line
 }
 
-pub fn decode_violation(rule_id: &str, bytes: &[u8]) -> Option<Violation> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let pending = match (v.get("deadline"), v.get("alertId")) {
-        (Some(deadline), Some(id)) => Some(Pending {
-            deadline: Ticks(deadline.as_i64()?),
-            alert_id: id.as_str()?.into(),
-        }),
-        _ => None,
-    };
-    Some(Violation {
-        rule_id: rule_id.into(),
-        severity: Severity::parse(v["severity"].as_str()?)?,
-        title: v["title"].as_str()?.into(),
-        since: Ticks(v["since"].as_i64()?),
-        twin_version: v["twinVersion"].as_i64()?,
-        pending,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn stored_violations_keep_their_form() {
-        // The form records were written in before: a JSON value's object, keys sorted.
-        fn as_before(v: &super::Violation) -> Vec<u8> {
-            let mut value = serde_json::json!({
-                "severity": v.severity.as_str(),
-                "title": &*v.title,
-                "since": v.since.0,
-                "twinVersion": v.twin_version,
-            });
-            if let Some(pending) = &v.pending {
-                value["deadline"] = serde_json::json!(pending.deadline.0);
-                value["alertId"] = serde_json::json!(&*pending.alert_id);
-            }
-            serde_json::to_vec(&value).expect("serializes")
-        }
-        let mut v = super::Violation {
-            rule_id: "r".into(),
-            severity: crate::policy::Severity::High,
-            title: "A \"quoted\" title \u{e9}\n".into(),
-            since: crate::time::Ticks(-5),
-            twin_version: i64::MAX,
-            pending: None,
-        };
-        assert_eq!(super::encode_violation(&v), as_before(&v));
-        v.pending = Some(super::Pending {
-            deadline: crate::time::Ticks(638_000_000_000_000_000),
-            alert_id: "data/a#1/r%2F".into(),
-        });
-        assert_eq!(super::encode_violation(&v), as_before(&v));
-        let decoded = super::decode_violation("r", &super::encode_violation(&v)).expect("decodes");
-        assert_eq!(decoded, v);
-    }
-
     use super::*;
 
     /// The renderer as it was, building a `serde_json::Value` (whose object keys come out

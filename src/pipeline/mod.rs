@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use simd_json::Node;
 
-use crate::compliance::{self, decode_violation, Transition, Violation};
+use crate::compliance::{self, Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
 use crate::model::{DeadLetterReason, Slot, SourceId, TwinKey};
 use crate::policy::{Policy, Severity, TwinView};
@@ -30,7 +30,7 @@ use crate::source::storage_json::StorageJsonMessage;
 use crate::store::keys::{
     decode_twin_key, encode_twin_key, twin_key, META_HIGH_WATER, META_SEEDED_PREFIX,
 };
-use crate::store::{Batch, Checkpoint, Store, StoreError};
+use crate::store::{Batch, Checkpoint, Store, StoreError, StoredViolation};
 use crate::telemetry::PipelineMetrics;
 use crate::time::Ticks;
 use crate::twin::{apply, is_stale, Outcome};
@@ -859,14 +859,8 @@ impl State {
         encoded: &[u8],
         violation: &Violation,
     ) -> Result<(), PipelineError> {
-        let value = compliance::encode_violation(violation);
-        if violation.pending.is_some() {
-            self.store
-                .put_pending(&mut self.batch, encoded, &violation.rule_id, &value)?;
-        } else {
-            self.store
-                .put_violation(&mut self.batch, encoded, &violation.rule_id, &value)?;
-        }
+        self.store
+            .put_violation(&mut self.batch, encoded, violation)?;
         Ok(())
     }
 
@@ -1327,11 +1321,7 @@ fn deadline_index(violations: &ViolationSets, policy: &Policy) -> Deadlines {
 fn load_violations(store: &Store, policy: &Policy) -> Result<ViolationSets, PipelineError> {
     let mut out = ViolationSets::default();
     for item in store.violations()?.chain(store.pending_violations()?) {
-        let (key, rule_id, value) = item?;
-        let violation = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
-            what: "violation",
-            detail: format!("{} {rule_id}", key.as_key()),
-        })?;
+        let StoredViolation { key, violation } = item?;
         let mut encoded = Vec::new();
         encode_twin_key(key.as_key(), &mut encoded);
         out.entry(encoded.into_boxed_slice())
