@@ -15,7 +15,8 @@
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
-//! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure).
+//! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure);
+//!   `compliance::wire`, the CloudEvent type every reader of alerts uses.
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
@@ -24,7 +25,8 @@
 //! - [`iothub`]: IoT Hub's service API for a seed pass: connection string, shared access
 //!   signatures, the blocking twin query client.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
-//! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
+//! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, violations,
+//!   instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
 //!   and metrics.
 //! - [`failpoint`]: named crash and delay spots for the reliability suite (a cargo feature).
