@@ -15,8 +15,7 @@
 //!   re-audits (`pipeline::audit`) go through it too.
 //! - [`alert`]: the outbox's delivery threads (one per sink) and the sinks: file, stdout and
 //!   console (`alert::sinks`), the webhook (`alert::webhook`) and Alertmanager
-//!   (`alert::alertmanager`) on a shared HTTP poster (`alert::poster`); the alert's one wire
-//!   type (`alert::wire`).
+//!   (`alert::alertmanager`) on a shared HTTP poster (`alert::poster`).
 //! - [`source`]: where messages come from: captured files and their encodings (JSON lines;
 //!   Avro through `source::avro_fast`, or apache-avro for other schemas), Event Hubs
 //!   (`source::eventhub`), the twin documents of seed passes (`source::documents`) and the
@@ -24,7 +23,8 @@
 //! - [`store`]: RocksDB, the only module that touches it; key layout in `store::keys`.
 //! - [`decode`]: one message into a twin event, an ignore or a dead letter (pure).
 //! - [`twin`]: applying an event to the snapshot (pure).
-//! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure).
+//! - [`compliance`]: failing rules to `opened`/`resolved` transitions and CloudEvents (pure);
+//!   `compliance::wire`, the CloudEvent type every reader of alerts uses.
 //! - [`policy`]: the policy language: loading, compiling, evaluating rules (pure).
 //! - [`generate`]: a deterministic synthetic fleet for demos, tests and benchmarks.
 //! - [`emulator`]: a local Event Hubs endpoint (AMQP 1.0) for development, tests and the demo;
@@ -34,7 +34,8 @@
 //! - [`iothub`]: IoT Hub's service API for a seed pass: connection string, shared access
 //!   signatures, the blocking twin query client.
 //! - [`value`]: the JSON value twins are made of; merge patch; the on-disk codec.
-//! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, instants.
+//! - [`model`], [`time`]: shared vocabulary: keys, events, reasons, positions, violations,
+//!   instants.
 //! - [`config`], [`cli`], [`telemetry`]: the service's configuration; argument types; logs
 //!   and metrics.
 //! - [`failpoint`]: named crash and delay spots for the reliability suite (a cargo feature).

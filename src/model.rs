@@ -1,5 +1,6 @@
-//! The vocabulary every stage shares: twin keys, events, operations, dead-letter reasons and
-//! source positions.
+//! The vocabulary every stage shares: twin keys, events, operations, dead-letter reasons,
+//! source positions, and the violations the core computes and the store keeps (with their
+//! severity).
 
 use std::fmt;
 
@@ -191,4 +192,69 @@ impl SourceId {
                 .map(|id| SourceId::Partition(id.to_owned()))
         }
     }
+}
+
+/// How much a failing rule matters (a policy rule's `severity`; ordered, least first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    Info,
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+
+    /// The severity named exactly as [`Severity::as_str`] writes it.
+    pub fn parse(name: &str) -> Option<Severity> {
+        Some(match name {
+            "info" => Severity::Info,
+            "low" => Severity::Low,
+            "medium" => Severity::Medium,
+            "high" => Severity::High,
+            "critical" => Severity::Critical,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rule failing on a twin, as kept in memory and stored: what its `opened` alert said.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    pub rule_id: Box<str>,
+    pub severity: Severity,
+    pub title: Box<str>,
+    /// The opTime of the event that opened it.
+    pub since: Ticks,
+    /// The twin's version after that event.
+    pub twin_version: i64,
+    /// Set while the rule's `for` has not yet run out (`docs/semantics.md` §9): the violation is
+    /// pending, and no alert said anything of it yet.
+    pub pending: Option<Pending>,
+}
+
+/// What a pending violation needs to open: when, and under which id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// `since` plus the rule's `for`.
+    pub deadline: Ticks,
+    /// The id its `opened` alert will carry: derived from the event that made it pending and
+    /// the rule, so it is the same however and whenever the deadline is reached.
+    pub alert_id: Box<str>,
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::poster::{redacted_url, HttpOptions, Poster};
 use super::sinks::{Failed, Sink, SinkError};
-use super::wire::{AlertChange, CloudEvent};
+use crate::compliance::wire::{AlertChange, CloudEvent};
 
 /// Alerts per Alertmanager POST: large runs are split so that no request body grows without
 /// bound (Alertmanager reads the whole array before validating it).

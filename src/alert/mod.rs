@@ -6,7 +6,9 @@
 //! - `sinks`: the `Sink` trait, `SinkError` (retryable or permanent), the local sinks.
 //! - `poster`: what the HTTP sinks share (agent, TLS, the POST, URL checks and redaction).
 //! - `webhook`, `alertmanager`: the HTTP sinks.
-//! - `wire`: the one serde type of an alert (the CloudEvent), for everything that reads one.
+//!
+//! The alert's wire type (the CloudEvent every sink reads) is `compliance::wire`, beside the
+//! renderer that writes it.
 
 pub mod alertmanager;
 pub mod outbox;
@@ -15,7 +17,6 @@ pub mod sinks;
 #[cfg(test)]
 mod testserver;
 pub mod webhook;
-pub mod wire;
 
 pub use alertmanager::AlertmanagerSink;
 pub use outbox::{

@@ -26,7 +26,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rand::Rng;
 
 use super::sinks::{Failed, Sink, SinkError};
-use super::wire::{AlertEnqueued, AlertId};
+use crate::compliance::wire::{AlertEnqueued, AlertId};
 use crate::store::{Batch, OutboxEntry, Store, StoreError};
 use crate::telemetry::DeliveryMetrics;
 

@@ -251,7 +251,7 @@ impl Sink for ConsoleSink {
     }
 
     fn deliver(&mut self, alerts: &[&[u8]]) -> Result<(), Failed> {
-        use super::wire::{AlertChange, CloudEvent};
+        use crate::compliance::wire::{AlertChange, CloudEvent};
         let mut out = io::stdout().lock();
         let result = alerts.iter().try_for_each(|alert| {
             let line = match CloudEvent::parse(alert) {

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use super::sinks::{Failed, SinkError};
-use super::wire::{OPENED_TYPE, RESOLVED_TYPE};
+use crate::compliance::wire::{OPENED_TYPE, RESOLVED_TYPE};
 
 pub struct Twin<'a> {
     pub hub: &'a str,

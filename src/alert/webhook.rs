@@ -270,7 +270,7 @@ mod tests {
 
     use super::*;
     use crate::alert::testserver::*;
-    use crate::alert::wire::CloudEvent;
+    use crate::compliance::wire::CloudEvent;
 
     fn sink(url: String, token: Option<&str>, mode: WebhookMode) -> WebhookSink {
         let mut options = WebhookOptions::new(

@@ -98,11 +98,9 @@ pub fn violations(data_dir: &Path, pending: bool) -> Result<ExitCode, Failure> {
     };
     let result = (|| -> io::Result<()> {
         for item in violations {
-            let (key, rule_id, value) = item.map_err(io::Error::other)?;
-            let v = crate::compliance::decode_violation(&rule_id, &value).ok_or_else(|| {
-                io::Error::other(format!("corrupt violation {} {rule_id}", key.as_key()))
-            })?;
-            let mut line = crate::compliance::violation_line(key.as_key(), &rule_id, &v);
+            let crate::store::StoredViolation { key, violation: v } =
+                item.map_err(io::Error::other)?;
+            let mut line = crate::compliance::violation_line(key.as_key(), &v.rule_id, &v);
             if let Some(pending) = &v.pending {
                 line["deadline"] = json!(pending.deadline.to_string());
             }

@@ -107,9 +107,7 @@ pub fn build_sinks(
 pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for item in store.violations()? {
-        let (key, rule_id, value) = item?;
-        let violation = crate::compliance::decode_violation(&rule_id, &value)
-            .with_context(|| format!("corrupt violation {} {rule_id}", key.as_key()))?;
+        let crate::store::StoredViolation { key, violation } = item?;
         let transition = Transition {
             kind: AlertKind::Opened,
             rule_id: violation.rule_id.clone(),
@@ -118,7 +116,7 @@ pub(super) fn open_alerts(store: &Store) -> anyhow::Result<Vec<Vec<u8>>> {
             reason: None,
             twin_version: None,
         };
-        let id = format!("open:{}:{rule_id}", key.as_key());
+        let id = format!("open:{}:{}", key.as_key(), violation.rule_id);
         out.push(cloud_event(
             &id,
             key.as_key(),

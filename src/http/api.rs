@@ -24,12 +24,12 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::compliance::{decode_violation, violation_line};
+use crate::compliance::violation_line;
 use crate::config::Secret;
-use crate::model::{OwnedTwinKey, TwinKey};
+use crate::model::TwinKey;
 use crate::policy::Severity;
 use crate::store::keys::twin_key;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredViolation};
 use crate::twin::export_value;
 
 /// The service's live counts for `/v1/stats` (twins, tombstones, messages, outbox...).
@@ -208,14 +208,8 @@ async fn twin(
             return Err(ApiError::not_found("no such twin"));
         };
         let mut violations = Vec::with_capacity(stored.len());
-        for (rule_id, value) in stored {
-            let v = decode_violation(&rule_id, &value).ok_or_else(|| {
-                ApiError::from(StoreError::Corrupt {
-                    what: "violation",
-                    detail: rule_id.clone(),
-                })
-            })?;
-            violations.push(violation_line(key, &rule_id, &v));
+        for v in stored {
+            violations.push(violation_line(key, &v.rule_id, &v));
         }
         let twin = export_value(key, record.version, &record.doc);
         let twin = serde_json::to_value(&twin).map_err(|e| {
@@ -305,11 +299,8 @@ async fn violations(
     }
     blocking(move || {
         let rule = query.rule.as_deref();
-        let keep = |rule_id: &str, value: &[u8]| {
-            rule.is_none_or(|r| r == rule_id)
-                && severity.is_none_or(|s| {
-                    decode_violation(rule_id, value).is_some_and(|v| v.severity == s)
-                })
+        let keep = |v: &crate::model::Violation| {
+            rule.is_none_or(|r| r == &*v.rule_id) && severity.is_none_or(|s| v.severity == s)
         };
         let (page, next) = if pending {
             api.store
@@ -320,20 +311,14 @@ async fn violations(
         };
         let lines: Vec<Value> = page
             .iter()
-            .map(|(key, rule_id, value)| {
-                let v = decode_violation(rule_id, value).ok_or_else(|| {
-                    ApiError::from(StoreError::Corrupt {
-                        what: "violation",
-                        detail: rule_id.clone(),
-                    })
-                })?;
-                let mut line = violation_line(key.as_key(), rule_id, &v);
+            .map(|StoredViolation { key, violation: v }| {
+                let mut line = violation_line(key.as_key(), &v.rule_id, v);
                 if let Some(pending) = &v.pending {
                     line["deadline"] = json!(pending.deadline.to_string());
                 }
-                Ok(line)
+                line
             })
-            .collect::<Result<_, ApiError>>()?;
+            .collect();
         let next = next.map(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k));
         Ok(Json(json!({"violations": lines, "next": next})))
     })
@@ -357,18 +342,14 @@ async fn stats_handler(State(api): State<Api>) -> Result<Json<Value>, ApiError> 
             Some(store.violations()?)
         };
         for item in scan.into_iter().flatten() {
-            let (key, rule_id, value): (OwnedTwinKey, String, Vec<u8>) = item?;
-            let v = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
-                what: "violation",
-                detail: format!("{} {rule_id}", key.as_key()),
-            })?;
+            let StoredViolation { violation: v, .. } = item?;
             total += 1;
             let bump = |map: &mut Map<String, Value>, name: &str| {
                 let n = map.get(name).and_then(Value::as_u64).unwrap_or(0);
                 map.insert(name.to_owned(), json!(n + 1));
             };
             bump(&mut by_severity, v.severity.as_str());
-            bump(&mut by_rule, &rule_id);
+            bump(&mut by_rule, &v.rule_id);
         }
         let checkpoints: Vec<Value> = store
             .checkpoints()?
@@ -405,7 +386,7 @@ mod tests {
 
     use super::*;
     use crate::generate::{write_json_lines, GenerateOptions};
-    use crate::model::SourceId;
+    use crate::model::{OwnedTwinKey, SourceId};
     use crate::pipeline::{Engine, EngineOptions};
     use crate::store::StoreOptions;
     use crate::twin::Slot;
@@ -524,9 +505,8 @@ mod tests {
             .violations()
             .expect("violations")
             .map(|item| {
-                let (key, rule_id, value) = item.expect("violation");
-                let v = decode_violation(&rule_id, &value).expect("decodes");
-                let line = violation_line(key.as_key(), &rule_id, &v);
+                let StoredViolation { key, violation: v } = item.expect("violation");
+                let line = violation_line(key.as_key(), &v.rule_id, &v);
                 (key, line)
             })
             .collect()
@@ -538,9 +518,8 @@ mod tests {
             .pending_violations()
             .expect("pending violations")
             .map(|item| {
-                let (key, rule_id, value) = item.expect("violation");
-                let v = decode_violation(&rule_id, &value).expect("decodes");
-                let mut line = violation_line(key.as_key(), &rule_id, &v);
+                let StoredViolation { key, violation: v } = item.expect("violation");
+                let mut line = violation_line(key.as_key(), &v.rule_id, &v);
                 let pending = v.pending.expect("a pending violation has a deadline");
                 line["deadline"] = json!(pending.deadline.to_string());
                 line

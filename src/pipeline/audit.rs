@@ -273,26 +273,22 @@ pub fn plan(
     // Every twin's failing rules now, by encoded key.
     let mut now: HashMap<Vec<u8>, Vec<(String, String)>> = HashMap::new();
     for item in store.violations()? {
-        let (key, rule_id, value) = item?;
-        let severity = crate::compliance::decode_violation(&rule_id, &value)
-            .map(|v| v.severity.as_str().to_owned())
-            .unwrap_or_default();
+        let crate::store::StoredViolation { key, violation } = item?;
+        let severity = violation.severity.as_str().to_owned();
         now.entry(crate::store::keys::twin_key(key.as_key()))
             .or_default()
-            .push((rule_id, severity));
+            .push((violation.rule_id.into(), severity));
     }
     // Pending violations (`docs/semantics.md` §9) by encoded key: (rule, since). A re-audit opens
     // a failure of a rule with `for` only when it has lasted `for` by the clock; the others
     // are (or stay) pending, no alert.
     let mut pending: HashMap<Vec<u8>, Vec<(String, crate::time::Ticks)>> = HashMap::new();
     for item in store.pending_violations()? {
-        let (key, rule_id, value) = item?;
-        if let Some(v) = crate::compliance::decode_violation(&rule_id, &value) {
-            pending
-                .entry(crate::store::keys::twin_key(key.as_key()))
-                .or_default()
-                .push((rule_id, v.since));
-        }
+        let crate::store::StoredViolation { key, violation } = item?;
+        pending
+            .entry(crate::store::keys::twin_key(key.as_key()))
+            .or_default()
+            .push((violation.rule_id.into(), violation.since));
     }
     let clock = store_ticks(store, META_HIGH_WATER)?.unwrap_or_default();
     let rules = policy.rules();

@@ -7,13 +7,20 @@
 //! which encodes its twins into one `WriteBatch` and writes it, so the apply thread goes on
 //! while the batch is encoded and written; the bounded channel between them is the
 //! backpressure.
+//!
+//! Here: the engine, its options and the handling of one message. `violations` evaluates and
+//! keeps the violation sets (transitions, pending violations and their deadlines, alert ids);
+//! `batch` cuts batches and runs the writer thread; `audit`, `seed` and `snapshot` as their
+//! own docs say.
 
 mod audit;
+mod batch;
 pub mod live;
 pub mod live_seed;
 pub mod replay;
 mod seed;
 pub mod snapshot;
+mod violations;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -24,23 +31,25 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use simd_json::Node;
 
-use crate::compliance::{self, decode_violation, Transition, Violation};
+use crate::compliance::{Transition, Violation};
 use crate::decode::{decode_body, decode_header, Body, BodyParser, Decoded, Message};
 use crate::model::{DeadLetterReason, Slot, SourceId, TwinKey};
-use crate::policy::{Policy, Severity, TwinView};
+use crate::policy::{Policy, Severity};
 use crate::source::parsed::LineVerdict;
 use crate::source::storage_json::StorageJsonMessage;
-use crate::store::keys::{
-    decode_twin_key, encode_twin_key, twin_key, META_HIGH_WATER, META_SEEDED_PREFIX,
-};
+use crate::store::keys::{META_HIGH_WATER, META_SEEDED_PREFIX};
 use crate::store::{Batch, Checkpoint, Store, StoreError};
 use crate::telemetry::PipelineMetrics;
 use crate::time::Ticks;
 use crate::twin::{apply, is_stale, Outcome};
 pub use audit::{plan as plan_audit, AuditPlan, ReauditReport, RulePlan};
+use batch::{ToWrite, WriteResult};
 pub use seed::{PassEnd, SeedCounters, SeedPass};
 pub use snapshot::{Directory, Snapshot};
-use snapshot::{TwinWrites, Written};
+use violations::{
+    deadline_index, device_modules, failing_counts, failing_rules, load_violations, pending_counts,
+    Origin,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -145,13 +154,6 @@ struct SourceState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceHandle(usize);
 
-/// A batch for the writer thread: its number, the batch so far, and the twins it encodes
-/// into it.
-type ToWrite = (u64, Batch, TwinWrites);
-
-/// A written batch: its number and its encoded twins, for the document cache.
-type WriteResult = Result<(u64, Written), StoreError>;
-
 /// Each failing twin's violations: encoded twin key → its failing rules, in policy order.
 type ViolationSets = HashMap<Box<[u8]>, Vec<Violation>, foldhash::fast::RandomState>;
 
@@ -220,8 +222,7 @@ pub struct Engine {
 impl Engine {
     /// Loads the directory of slots from the store and starts the writer thread; then, before
     /// anything else is applied, evaluates what an interrupted seed pass left unevaluated and
-    /// re-audits the snapshot if it was computed with another policy
-    /// (`docs/semantics.md` §7, §8).
+    /// re-audits the snapshot if it was computed with another policy (`docs/semantics.md` §7, §8).
     pub fn new(store: Arc<Store>, options: EngineOptions) -> Result<Engine, PipelineError> {
         let directory = Directory::load(&store)?;
         let violations = load_violations(&store, &options.policy)?;
@@ -240,42 +241,7 @@ impl Engine {
                 .seeded
                 .insert(hub.into(), decode_ticks(&as_of, "seeded hub")?);
         }
-        // Two batches may wait for the writer: the apply thread builds the next one while
-        // RocksDB writes the last, and is slowed down only when it gets further ahead.
-        let (to_writer, writer_input) = crossbeam_channel::bounded::<ToWrite>(1);
-        let (writer_output, from_writer) = crossbeam_channel::bounded::<WriteResult>(4);
-        let writer_store = store.clone();
-        let commit_seconds = options.metrics.as_ref().map(|m| m.commit_seconds.clone());
-        let min_free = options.min_free_bytes;
-        let writer = std::thread::Builder::new()
-            .name("twinwatch-writer".into())
-            .spawn(move || {
-                for (batch_no, mut batch, twins) in writer_input {
-                    if let Some(min_free) = min_free {
-                        if let Err(e) = writer_store.wait_for_space(min_free) {
-                            let _ = writer_output.send(Err(e));
-                            return;
-                        }
-                    }
-                    crate::failpoint::hit(crate::failpoint::WRITER_BEFORE_WRITE);
-                    let started = Instant::now();
-                    let result = twins
-                        .encode_into(&writer_store, &mut batch)
-                        .and_then(|written| {
-                            writer_store.write(&mut batch)?;
-                            Ok((batch_no, written))
-                        });
-                    crate::failpoint::hit(crate::failpoint::WRITER_AFTER_WRITE);
-                    if let Some(histogram) = &commit_seconds {
-                        histogram.observe(started.elapsed().as_secs_f64());
-                    }
-                    let failed = result.is_err();
-                    if writer_output.send(result).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(PipelineError::Thread)?;
+        let (to_writer, from_writer, writer) = batch::spawn_writer(&store, &options)?;
         let mut engine = Engine {
             line_buf: Vec::new(),
             buffers: simd_json::Buffers::with_max_depth(4096, usize::MAX >> 8),
@@ -469,8 +435,8 @@ impl Engine {
     }
 
     /// Evaluates with `policy` from now on: commits what is open, then re-audits every twin if
-    /// its fingerprint differs from the one the snapshot was computed with (`docs/semantics.md`
-    /// §8); `progress` is called with the number of twins re-audited so far.
+    /// its fingerprint differs from the one the snapshot was computed with (`docs/semantics.md` §8);
+    /// `progress` is called with the number of twins re-audited so far.
     pub fn set_policy(
         &mut self,
         policy: Arc<Policy>,
@@ -736,346 +702,6 @@ impl State {
         }
     }
 
-    /// Evaluates the policy on a live twin into `self.transitions`, updating its stored
-    /// violations; nothing when the twin does not exist.
-    fn evaluate(
-        &mut self,
-        key: TwinKey<'_>,
-        time: Ticks,
-        origin: &Origin<'_>,
-    ) -> Result<(), PipelineError> {
-        self.transitions.clear();
-        if self.options.policy.candidates(key.module_id).is_empty() {
-            self.key_buf.clear();
-            encode_twin_key(key, &mut self.key_buf);
-            if !self.violations.contains_key(&self.key_buf[..]) {
-                return Ok(());
-            }
-        }
-        let policy = self.options.policy.clone();
-        let modules = device_modules(&self.snapshot.directory, key);
-        let Some((version, doc)) = self.snapshot.live_doc(key)? else {
-            return Ok(());
-        };
-        self.failing.clear();
-        failing_rules(&policy, &modules, key, version, &doc, &mut self.failing);
-        drop(doc);
-        self.update_violations(key, version, time, origin)
-    }
-
-    /// Turns `self.failing` (the rules failing now on the twin at `version`) into transitions
-    /// (`self.transitions`) and the stored violations' changes; `origin` names the pending
-    /// violations it starts.
-    fn update_violations(
-        &mut self,
-        key: TwinKey<'_>,
-        version: i64,
-        time: Ticks,
-        origin: &Origin<'_>,
-    ) -> Result<(), PipelineError> {
-        let policy = self.options.policy.clone();
-        let encoded = twin_key(key);
-        let stored = self.violations.get_mut(&encoded[..]);
-        match &stored {
-            None if self.failing.is_empty() => return Ok(()),
-            Some(stored) if compliance::unchanged(&policy, stored, &self.failing) => {
-                self.twin_version = version;
-                return Ok(());
-            }
-            _ => {}
-        }
-        let mut current = stored.map(std::mem::take).unwrap_or_default();
-        let before = current.clone();
-        let sources = &self.sources;
-        let pending_id = |rule_id: &str| -> Box<str> {
-            match origin {
-                Origin::Event { source, index } => {
-                    // Built piece by piece: this runs for every violation that becomes pending.
-                    let name = &sources[source.0].alert_name;
-                    let mut id = String::with_capacity(name.len() + 22 + rule_id.len());
-                    id.push_str(name);
-                    id.push('#');
-                    id.push_str(itoa::Buffer::new().format(*index));
-                    id.push('/');
-                    id.push_str(rule_id);
-                    id.into()
-                }
-                Origin::Reaudit { prefix } => {
-                    format!("{prefix}/{}#{rule_id}.pending", escaped_key(key)).into()
-                }
-                Origin::Seed { prefix } => {
-                    format!("{prefix}/{}/v{version}#{rule_id}.pending", escaped_key(key)).into()
-                }
-                // A violation opening evaluates nothing; named after its own alert all the same.
-                Origin::Fixed { id } => format!("{id}/{rule_id}").into(),
-            }
-        };
-        self.counters.pending_dropped += compliance::transitions(
-            &policy,
-            &mut current,
-            &self.failing,
-            time,
-            version,
-            &pending_id,
-            &mut self.transitions,
-        );
-        for old in &before {
-            let now = current.iter().find(|v| v.rule_id == old.rule_id);
-            if now.is_some_and(|now| now.pending.is_some() == old.pending.is_some()) {
-                continue;
-            }
-            // Gone, or moved between pending and open: off the old state's books.
-            self.forget_violation(&encoded, old)?;
-        }
-        for violation in &current {
-            let old = before.iter().find(|v| v.rule_id == violation.rule_id);
-            match old {
-                Some(old) if old == violation => {}
-                Some(old) if old.pending.is_some() == violation.pending.is_some() => {
-                    // The same state with another severity, title or deadline (a re-audit).
-                    if let (Some(was), Some(is)) = (&old.pending, &violation.pending) {
-                        let place = policy.rule_index(&violation.rule_id).unwrap_or(usize::MAX);
-                        self.deadlines.remove(&(
-                            was.deadline,
-                            encoded.clone().into_boxed_slice(),
-                            place,
-                        ));
-                        self.deadlines.insert((
-                            is.deadline,
-                            encoded.clone().into_boxed_slice(),
-                            place,
-                        ));
-                    }
-                    self.store_violation(&encoded, violation)?;
-                }
-                _ => self.record_violation(&encoded, violation)?,
-            }
-        }
-        if current.is_empty() {
-            self.violations.remove(&encoded[..]);
-        } else {
-            self.violations.insert(encoded.into_boxed_slice(), current);
-        }
-        self.twin_version = version;
-        Ok(())
-    }
-
-    /// Writes a violation into the batch, in the column family of its state.
-    fn store_violation(
-        &mut self,
-        encoded: &[u8],
-        violation: &Violation,
-    ) -> Result<(), PipelineError> {
-        let value = compliance::encode_violation(violation);
-        if violation.pending.is_some() {
-            self.store
-                .put_pending(&mut self.batch, encoded, &violation.rule_id, &value)?;
-        } else {
-            self.store
-                .put_violation(&mut self.batch, encoded, &violation.rule_id, &value)?;
-        }
-        Ok(())
-    }
-
-    /// A violation that was not in this state before: stored, counted, indexed.
-    fn record_violation(
-        &mut self,
-        encoded: &[u8],
-        violation: &Violation,
-    ) -> Result<(), PipelineError> {
-        match &violation.pending {
-            Some(pending) => {
-                let place = self
-                    .options
-                    .policy
-                    .rule_index(&violation.rule_id)
-                    .unwrap_or(usize::MAX);
-                self.deadlines
-                    .insert((pending.deadline, encoded.into(), place));
-                *self
-                    .pending_counts
-                    .entry(violation.rule_id.clone())
-                    .or_insert(0) += 1;
-            }
-            None => {
-                self.failing_counts
-                    .entry(violation.rule_id.clone())
-                    .or_insert((violation.severity, 0))
-                    .1 += 1;
-            }
-        }
-        self.store_violation(encoded, violation)
-    }
-
-    /// Takes a violation in its stored state off the books: the store, the counts, the index.
-    fn forget_violation(
-        &mut self,
-        encoded: &[u8],
-        violation: &Violation,
-    ) -> Result<(), PipelineError> {
-        match &violation.pending {
-            Some(pending) => {
-                let place = self
-                    .options
-                    .policy
-                    .rule_index(&violation.rule_id)
-                    .unwrap_or(usize::MAX);
-                self.deadlines
-                    .remove(&(pending.deadline, encoded.into(), place));
-                if let Some(n) = self.pending_counts.get_mut(&violation.rule_id) {
-                    *n = n.saturating_sub(1);
-                }
-                self.store
-                    .delete_pending(&mut self.batch, encoded, &violation.rule_id)?;
-            }
-            None => {
-                if let Some((_, n)) = self.failing_counts.get_mut(&violation.rule_id) {
-                    *n = n.saturating_sub(1);
-                }
-                self.store
-                    .delete_violation(&mut self.batch, encoded, &violation.rule_id)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Opens, in order, every pending violation whose deadline is not after `until`
-    /// (`docs/semantics.md` §9): an `opened` alert timed at its deadline, with the id and twin
-    /// version fixed when it became pending.
-    fn fire_until(&mut self, until: Ticks) -> Result<(), PipelineError> {
-        while let Some(first) = self.deadlines.first() {
-            if first.0 > until {
-                break;
-            }
-            let Some((deadline, encoded, place)) = self.deadlines.pop_first() else {
-                break;
-            };
-            let Some(set) = self.violations.get_mut(&encoded) else {
-                continue;
-            };
-            // The entry names its rule by place in the policy: two rules may share a deadline.
-            let policy = &self.options.policy;
-            let Some(violation) = set.iter_mut().find(|v| {
-                v.pending.as_ref().is_some_and(|p| p.deadline == deadline)
-                    && policy.rule_index(&v.rule_id).unwrap_or(usize::MAX) == place
-            }) else {
-                continue;
-            };
-            let was_pending = violation.clone();
-            let Some(pending) = violation.pending.take() else {
-                continue;
-            };
-            let opened = violation.clone();
-            // Off the pending books (the index entry is already taken), onto the open ones.
-            self.forget_violation(&encoded, &was_pending)?;
-            self.record_violation(&encoded, &opened)?;
-            self.counters.pending_opened += 1;
-            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
-                what: "key",
-                detail: format!("{encoded:?}"),
-            })?;
-            self.transitions.clear();
-            self.transitions.push(Transition {
-                kind: compliance::AlertKind::Opened,
-                rule_id: opened.rule_id.clone(),
-                severity: opened.severity,
-                title: opened.title.clone(),
-                reason: None,
-                twin_version: Some(opened.twin_version),
-            });
-            let origin = Origin::Fixed {
-                id: &pending.alert_id,
-            };
-            self.emit_with_version(&origin, owned.as_key(), deadline, opened.twin_version, 0)?;
-            crate::failpoint::hit(crate::failpoint::TIMER_AFTER_FIRE);
-        }
-        Ok(())
-    }
-
-    /// A removed twin's violations resolve (reason `deleted`) into `self.transitions`; its
-    /// pending ones are dropped.
-    fn remove_violations(&mut self, key: TwinKey<'_>) -> Result<(), PipelineError> {
-        self.transitions.clear();
-        let encoded = twin_key(key);
-        if let Some(stored) = self.violations.remove(&encoded[..]) {
-            for violation in &stored {
-                self.forget_violation(&encoded, violation)?;
-            }
-            self.counters.pending_dropped += compliance::deleted(stored, &mut self.transitions);
-        }
-        Ok(())
-    }
-
-    fn emit(
-        &mut self,
-        origin: &Origin<'_>,
-        key: TwinKey<'_>,
-        time: Ticks,
-        n_before: usize,
-    ) -> Result<usize, PipelineError> {
-        let version = self.twin_version;
-        self.emit_with_version(origin, key, time, version, n_before)
-    }
-
-    /// Counts `self.transitions` as alerts of `origin`, numbered from `n_before`, and queues
-    /// them when a sink will deliver them. Returns the origin's alert count so far.
-    fn emit_with_version(
-        &mut self,
-        origin: &Origin<'_>,
-        key: TwinKey<'_>,
-        time: Ticks,
-        version: i64,
-        n_before: usize,
-    ) -> Result<usize, PipelineError> {
-        let mut n = n_before;
-        for mut transition in std::mem::take(&mut self.transitions) {
-            match transition.kind {
-                compliance::AlertKind::Opened => self.counters.alerts_opened += 1,
-                _ => self.counters.alerts_resolved += 1,
-            }
-            if let Origin::Reaudit { .. } = origin {
-                transition.reason = Some(compliance::REASON_POLICY);
-            }
-            if self.options.queue_alerts {
-                let id = match origin {
-                    Origin::Event { source, index } => {
-                        format!("{}#{}.{}", self.sources[source.0].alert_name, index, n)
-                    }
-                    Origin::Reaudit { prefix } => {
-                        format!("{prefix}/{}#{n}", escaped_key(key))
-                    }
-                    Origin::Fixed { id } => (*id).to_owned(),
-                    Origin::Seed { prefix } => {
-                        let what = match transition.kind {
-                            compliance::AlertKind::Opened => "opened",
-                            compliance::AlertKind::Resolved => "resolved",
-                            compliance::AlertKind::Deleted => "removed",
-                        };
-                        format!(
-                            "{prefix}/{}/v{version}#{}.{what}",
-                            escaped_key(key),
-                            transition.rule_id
-                        )
-                    }
-                };
-                let alert = compliance::cloud_event(
-                    &id,
-                    key,
-                    &transition,
-                    time,
-                    transition.twin_version.unwrap_or(version),
-                    self.enqueued_time,
-                );
-                self.store
-                    .put_outbox(&mut self.batch, self.next_outbox_seq, &alert)?;
-                self.next_outbox_seq += 1;
-                self.outbox_grew = true;
-            }
-            n += 1;
-        }
-        Ok(n)
-    }
-
     fn dead_letter(
         &mut self,
         source: SourceHandle,
@@ -1089,184 +715,6 @@ impl State {
             .put_dead_letter(&mut self.batch, text, index, reason, raw)?;
         Ok(())
     }
-
-    fn after_message(&mut self) -> Result<(), PipelineError> {
-        self.n_in_batch += 1;
-        let started = *self.batch_started.get_or_insert_with(Instant::now);
-        if self.n_in_batch >= self.options.batch_messages
-            || started.elapsed() >= self.options.batch_interval
-        {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<(), PipelineError> {
-        let any_source_moved = self.sources.iter().any(|s| s.dirty);
-        if self.n_in_batch == 0 && !any_source_moved && self.batch.is_empty() {
-            self.batch_started = None;
-            return Ok(());
-        }
-        self.batch_no += 1;
-        let started = self.options.metrics.is_some().then(Instant::now);
-        let mut batch = std::mem::take(&mut self.batch);
-        let twins = self.snapshot.take_writes(self.batch_no);
-        if self.outbox_grew {
-            self.store
-                .put_outbox_next(&mut batch, self.next_outbox_seq)?;
-            self.outbox_grew = false;
-        }
-        if self.high_water_moved {
-            self.store.put_meta(
-                &mut batch,
-                META_HIGH_WATER,
-                &self.high_water.0.to_be_bytes(),
-            )?;
-            self.high_water_moved = false;
-        }
-        let mut positions = Vec::new();
-        for (i, source) in self.sources.iter_mut().enumerate().filter(|(_, s)| s.dirty) {
-            self.store
-                .put_checkpoint(&mut batch, &source.id, &source.checkpoint)?;
-            source.dirty = false;
-            positions.push((i, source.checkpoint.next_index));
-        }
-        self.uncommitted.push_back((self.batch_no, positions));
-        if let (Some(metrics), Some(started)) = (&self.options.metrics, started) {
-            let busy = std::mem::take(&mut self.busy) + started.elapsed();
-            metrics.apply_seconds.observe(busy.as_secs_f64());
-            metrics.batch_size.observe(self.n_in_batch as f64);
-        }
-        let to_writer = self.to_writer.as_ref().ok_or(PipelineError::WriterGone)?;
-        crate::failpoint::hit(crate::failpoint::APPLY_BEFORE_HANDOFF);
-        // A full channel blocks here: the backpressure that keeps the apply thread at most
-        // two batches ahead of RocksDB.
-        to_writer
-            .send((self.batch_no, batch, twins))
-            .map_err(|_| PipelineError::WriterGone)?;
-        self.counters.batches += 1;
-        self.n_in_batch = 0;
-        self.batch_started = None;
-        self.drain_acks(false)
-    }
-
-    /// Commits what is open and waits until the writer has written every batch, so that the
-    /// store holds all that was applied (the writer thread goes on).
-    fn flush(&mut self) -> Result<(), PipelineError> {
-        self.commit()?;
-        while !self.uncommitted.is_empty() {
-            let result = self
-                .from_writer
-                .recv()
-                .map_err(|_| PipelineError::WriterGone)?;
-            self.acknowledged(result?);
-        }
-        Ok(())
-    }
-
-    fn drain_acks(&mut self, until_closed: bool) -> Result<(), PipelineError> {
-        loop {
-            let result = if until_closed {
-                match self.from_writer.recv() {
-                    Ok(result) => result,
-                    Err(_) => return Ok(()),
-                }
-            } else {
-                match self.from_writer.try_recv() {
-                    Ok(result) => result,
-                    Err(crossbeam_channel::TryRecvError::Empty) => return Ok(()),
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        return Err(PipelineError::WriterGone)
-                    }
-                }
-            };
-            self.acknowledged(result?);
-        }
-    }
-
-    /// The writer wrote every batch up to `batch_no`, the last one's twins as `written`.
-    fn acknowledged(&mut self, (batch_no, written): (u64, Written)) {
-        self.snapshot.committed(batch_no, written);
-        while self
-            .uncommitted
-            .front()
-            .is_some_and(|(n, _)| *n <= batch_no)
-        {
-            if let Some((_, positions)) = self.uncommitted.pop_front() {
-                for (source, next_index) in positions {
-                    if self.committed.len() <= source {
-                        self.committed.resize(source + 1, None);
-                    }
-                    self.committed[source] = Some(next_index);
-                }
-            }
-        }
-    }
-}
-
-/// What caused an alert: its id derives from this (`docs/semantics.md` §4, §7, §8).
-enum Origin<'a> {
-    /// An event: the source and its position.
-    Event { source: SourceHandle, index: u64 },
-    /// A re-audit: `policy:<re-audits before it>:<fingerprint prefix>`.
-    Reaudit { prefix: &'a str },
-    /// A seed pass's evaluation or removal: `seed:<hub>@<as-of>`.
-    Seed { prefix: &'a str },
-    /// A pending violation opening: the id it was given when it became pending.
-    Fixed { id: &'a str },
-}
-
-/// A part of an alert id with `%`, `/` and `#` percent-escaped, so that distinct parts never
-/// give the same text.
-fn escape_id_part(part: &str) -> String {
-    part.replace('%', "%25")
-        .replace('/', "%2F")
-        .replace('#', "%23")
-}
-
-/// A twin key in an alert id: `hub/device[/module]`, each part escaped.
-fn escaped_key(key: TwinKey<'_>) -> String {
-    let mut out = format!(
-        "{}/{}",
-        escape_id_part(key.hub),
-        escape_id_part(key.device_id)
-    );
-    if !key.is_device_twin() {
-        out.push('/');
-        out.push_str(&escape_id_part(key.module_id));
-    }
-    out
-}
-
-/// A device twin's live modules (its `/$modules`); nothing for a module twin.
-fn device_modules(directory: &Directory, key: TwinKey<'_>) -> Vec<Box<str>> {
-    if key.is_device_twin() {
-        directory.live_modules(key.hub, key.device_id)
-    } else {
-        Vec::new()
-    }
-}
-
-/// Appends to `failing` the rules failing on the twin `key` at `version` with document `doc`;
-/// `modules` are a device twin's live modules (`/$modules`).
-fn failing_rules(
-    policy: &Policy,
-    modules: &[Box<str>],
-    key: TwinKey<'_>,
-    version: i64,
-    doc: &crate::value::Map,
-    failing: &mut Vec<usize>,
-) {
-    let modules: Vec<&str> = modules.iter().map(|m| &**m).collect();
-    let view = TwinView {
-        hub_name: key.hub,
-        device_id: key.device_id,
-        module_id: key.module_id,
-        version,
-        doc,
-        modules: &modules,
-    };
-    policy.evaluate(&view, failing);
 }
 
 /// An instant stored under a `meta` key (big-endian ticks), if any.
@@ -1283,77 +731,4 @@ fn decode_ticks(raw: &[u8], what: &'static str) -> Result<Ticks, StoreError> {
         detail: format!("{} bytes, not 8", raw.len()),
     })?;
     Ok(Ticks(i64::from_be_bytes(bytes)))
-}
-
-/// Counts the twins failing each rule; every rule of `policy` is listed, at 0 when none fails.
-fn failing_counts(violations: &ViolationSets, policy: &Policy) -> FailingCounts {
-    let mut out: FailingCounts = policy
-        .rules()
-        .iter()
-        .map(|rule| (rule.id.as_str().into(), (rule.severity, 0)))
-        .collect();
-    for violation in violations
-        .values()
-        .flatten()
-        .filter(|v| v.pending.is_none())
-    {
-        out.entry(violation.rule_id.clone())
-            .or_insert((violation.severity, 0))
-            .1 += 1;
-    }
-    out
-}
-
-/// Counts the pending violations by rule id.
-fn pending_counts(violations: &ViolationSets) -> BTreeMap<Box<str>, u64> {
-    let mut out = BTreeMap::new();
-    for violation in violations.values().flatten() {
-        if violation.pending.is_some() {
-            *out.entry(violation.rule_id.clone()).or_insert(0) += 1;
-        }
-    }
-    out
-}
-
-/// Indexes every pending violation by deadline (see [`State::deadlines`]).
-fn deadline_index(violations: &ViolationSets, policy: &Policy) -> Deadlines {
-    let mut out = Deadlines::new();
-    for (key, set) in violations {
-        for violation in set {
-            if let Some(pending) = &violation.pending {
-                let place = policy.rule_index(&violation.rule_id).unwrap_or(usize::MAX);
-                out.insert((pending.deadline, key.clone(), place));
-            }
-        }
-    }
-    out
-}
-
-/// Loads every twin's violations, open and pending, each twin's in the order of `policy` (rules no longer in it
-/// last, by id).
-fn load_violations(store: &Store, policy: &Policy) -> Result<ViolationSets, PipelineError> {
-    let mut out = ViolationSets::default();
-    for item in store.violations()?.chain(store.pending_violations()?) {
-        let (key, rule_id, value) = item?;
-        let violation = decode_violation(&rule_id, &value).ok_or_else(|| StoreError::Corrupt {
-            what: "violation",
-            detail: format!("{} {rule_id}", key.as_key()),
-        })?;
-        let mut encoded = Vec::new();
-        encode_twin_key(key.as_key(), &mut encoded);
-        out.entry(encoded.into_boxed_slice())
-            .or_default()
-            .push(violation);
-    }
-    let rules = policy.rules();
-    let place = |v: &Violation| {
-        rules
-            .iter()
-            .position(|r| *r.id == *v.rule_id)
-            .unwrap_or(usize::MAX)
-    };
-    for violations in out.values_mut() {
-        violations.sort_by(|a, b| (place(a), &a.rule_id).cmp(&(place(b), &b.rule_id)));
-    }
-    Ok(out)
 }

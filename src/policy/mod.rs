@@ -25,6 +25,9 @@ mod tests;
 
 use std::path::PathBuf;
 
+/// A rule's severity. It lives in `model` because stored violations carry it and the store
+/// sits below the policy; named here too, as the policy language's.
+pub use crate::model::Severity;
 use crate::value::{Map, Value};
 
 use condition::Condition;
@@ -76,45 +79,6 @@ pub struct Rule {
     target: Target,
     when: Option<Condition>,
     check: Condition,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Severity {
-    Info,
-    Low,
-    Medium,
-    High,
-    Critical,
-}
-
-impl Severity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Severity::Info => "info",
-            Severity::Low => "low",
-            Severity::Medium => "medium",
-            Severity::High => "high",
-            Severity::Critical => "critical",
-        }
-    }
-
-    /// The severity named exactly as [`Severity::as_str`] writes it.
-    pub fn parse(name: &str) -> Option<Severity> {
-        Some(match name {
-            "info" => Severity::Info,
-            "low" => Severity::Low,
-            "medium" => Severity::Medium,
-            "high" => Severity::High,
-            "critical" => Severity::Critical,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for Severity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// Which twins a rule applies to.

@@ -5,22 +5,31 @@
 //! `deadletters` (source and position → reason and raw bytes) and `meta` (the data format).
 //! Every change of one batch goes into one [`Batch`] and is written atomically with the
 //! sources' checkpoints, so a crash at any point leaves the snapshot at a batch boundary.
+//! Records are encoded in `codec` (violations too: readers get them decoded, typed), keys in
+//! [`keys`].
 
+mod codec;
 pub mod keys;
 
 use std::path::Path;
 
+use crate::model::Slot;
+use crate::model::{DeadLetterReason, OwnedTwinKey, SourceId, Violation};
+use crate::time::Ticks;
+use crate::value::CodecError;
+use codec::{
+    decode_tombstone, decode_violation, encode_tombstone, encode_violation, read_violation,
+    twin_header, OUTBOX_HEADER,
+};
+pub use codec::{
+    decode_twin, decode_twin_doc, encode_twin, Checkpoint, DeadLetterRecord, OutboxEntry,
+    StoredViolation, TwinAndViolations, TwinRecord, EXPIRED_REASON,
+};
+use keys::*;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
     IteratorMode, Options, WriteBatch, WriteOptions, DB,
 };
-use serde::{Deserialize, Serialize};
-
-use crate::model::Slot;
-use crate::model::{DeadLetterReason, OwnedTwinKey, SourceId};
-use crate::time::Ticks;
-use crate::value::{CodecError, Map};
-use keys::*;
 
 /// The data format this build reads and writes. A directory written by another format is
 /// refused rather than misread.
@@ -80,190 +89,13 @@ impl Default for StoreOptions {
     }
 }
 
-/// A source's position, committed with the state it produced.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// The index of the next record to read: record index in a file, or the last applied
-    /// sequence number plus one in a partition.
-    pub next_index: u64,
-    /// Files: the byte offset where the next record starts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub byte_offset: Option<u64>,
-    /// Partitions: the opaque offset of the last applied event.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<String>,
-}
-
-/// A twin as stored.
-#[derive(Debug)]
-pub struct TwinRecord {
-    pub version: i64,
-    pub created_at: Option<Ticks>,
-    /// The opTime of the last change (the epoch for a twin written before it was recorded).
-    pub last_change: Ticks,
-    pub doc: Map,
-}
-
-/// The header's flags byte: bit 0, `createdAt` is set; bit 1, the last change follows it.
-/// Records written before the last change was kept have only bit 0 and a 17-byte header.
-const FLAG_CREATED: u8 = 1;
-const FLAG_LAST_CHANGE: u8 = 2;
-
-/// Encodes a twin record: version, flags, `createdAt`, the last change, then the document.
-pub fn encode_twin(
-    version: i64,
-    created_at: Option<Ticks>,
-    last_change: Ticks,
-    doc: &Map,
-    out: &mut Vec<u8>,
-) {
-    out.extend_from_slice(&version.to_le_bytes());
-    let created_flag = if created_at.is_some() {
-        FLAG_CREATED
-    } else {
-        0
-    };
-    out.push(created_flag | FLAG_LAST_CHANGE);
-    out.extend_from_slice(&created_at.unwrap_or_default().0.to_le_bytes());
-    out.extend_from_slice(&last_change.0.to_le_bytes());
-    doc.encode(out);
-}
-
-/// The header of an encoded twin: version, `createdAt`, last change, and where the document
-/// starts.
-fn twin_header(bytes: &[u8]) -> Result<(i64, Option<Ticks>, Ticks, usize), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: "twin",
-        detail: format!("{} bytes, shorter than its header", bytes.len()),
-    };
-    let word = |at: usize| -> Result<i64, StoreError> {
-        let raw = bytes.get(at..at + 8).ok_or_else(corrupt)?;
-        Ok(i64::from_le_bytes(raw.try_into().map_err(|_| corrupt())?))
-    };
-    let version = word(0)?;
-    let flags = *bytes.get(8).ok_or_else(corrupt)?;
-    let created = word(9)?;
-    let created_at = (flags & FLAG_CREATED != 0).then_some(Ticks(created));
-    if flags & FLAG_LAST_CHANGE != 0 {
-        Ok((version, created_at, Ticks(word(17)?), 25))
-    } else {
-        Ok((version, created_at, Ticks(0), 17))
-    }
-}
-
-pub fn decode_twin(bytes: &[u8]) -> Result<TwinRecord, StoreError> {
-    let (version, created_at, last_change, start) = twin_header(bytes)?;
-    Ok(TwinRecord {
-        version,
-        created_at,
-        last_change,
-        doc: Map::decode(&bytes[start..])?,
-    })
-}
-
-/// Just the document of an encoded twin.
-pub fn decode_twin_doc(bytes: &[u8]) -> Result<Map, StoreError> {
-    let (_, _, _, start) = twin_header(bytes)?;
-    Ok(Map::decode(&bytes[start..])?)
-}
-
-fn encode_tombstone(version: i64, deleted_at: Ticks) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&version.to_le_bytes());
-    out[8..].copy_from_slice(&deleted_at.0.to_le_bytes());
-    out
-}
-
-fn decode_tombstone(bytes: &[u8]) -> Result<(i64, Ticks), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        what: "tombstone",
-        detail: format!("{} bytes, not 16", bytes.len()),
-    };
-    let raw: [u8; 16] = bytes.try_into().map_err(|_| corrupt())?;
-    let version = i64::from_le_bytes(raw[..8].try_into().map_err(|_| corrupt())?);
-    let deleted_at = i64::from_le_bytes(raw[8..].try_into().map_err(|_| corrupt())?);
-    Ok((version, Ticks(deleted_at)))
-}
-
 /// A `meta` entry: its key (a prefix cut off) and value.
 pub type MetaEntry = (Vec<u8>, Vec<u8>);
-
-/// A violation as stored: the twin, the rule id, and the encoded violation.
-pub type StoredViolation = (OwnedTwinKey, String, Vec<u8>);
-
-/// A twin and its violations: `(rule id, encoded violation)` by rule id.
-pub type TwinAndViolations = (TwinRecord, Vec<(String, Vec<u8>)>);
-
-/// The dead-letter reason of events that expired from a partition's retention before they
-/// were read (see [`Store::put_expired`]).
-pub const EXPIRED_REASON: &str = "expired";
-
-/// A dead letter as stored.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DeadLetterRecord {
-    pub reason: String,
-    /// The raw record: the JSON line, or the message body.
-    #[serde(with = "base64_bytes")]
-    pub raw: Vec<u8>,
-}
-
-mod base64_bytes {
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(text)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-/// The first bytes of an outbox value that carries its commit time: a NUL (no alert, a JSON
-/// object, starts with one) and a version. Values without it (written before the time was
-/// recorded) are the alert alone.
-const OUTBOX_HEADER: [u8; 2] = [0x00, 0x01];
 
 thread_local! {
     /// The value [`Store::put_outbox`] builds, reused (the pipeline queues alerts by the
     /// thousand in a storm).
     static OUTBOX_VALUE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// An outbox entry as read back.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboxEntry {
-    pub seq: u64,
-    /// When it was committed, Unix milliseconds (`None`: written by an older twinwatch).
-    pub committed_ms: Option<u64>,
-    /// The alert, a CloudEvent in JSON.
-    pub alert: Vec<u8>,
-}
-
-impl OutboxEntry {
-    fn decode(seq: u64, value: &[u8]) -> OutboxEntry {
-        match value.strip_prefix(&OUTBOX_HEADER[..]) {
-            Some(rest) if rest.len() >= 8 => {
-                let (time, alert) = rest.split_at(8);
-                let mut raw = [0u8; 8];
-                raw.copy_from_slice(time);
-                OutboxEntry {
-                    seq,
-                    committed_ms: Some(u64::from_be_bytes(raw)),
-                    alert: alert.to_vec(),
-                }
-            }
-            _ => OutboxEntry {
-                seq,
-                committed_ms: None,
-                alert: value.to_vec(),
-            },
-        }
-    }
 }
 
 /// One atomic write: build it with the `Store` methods, then [`Store::write`] it.
@@ -742,17 +574,23 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a violation of the twin `twin_key` in the column family of its state: `pending`
+    /// while it is pending (`docs/semantics.md` §9), else `violations`.
     pub fn put_violation(
         &self,
         batch: &mut Batch,
         twin_key: &[u8],
-        rule_id: &str,
-        value: &[u8],
+        violation: &Violation,
     ) -> Result<(), StoreError> {
+        let cf = if violation.pending.is_some() {
+            CF_PENDING
+        } else {
+            CF_VIOLATIONS
+        };
         batch.inner.put_cf(
-            self.cf(CF_VIOLATIONS)?,
-            violation_key(twin_key, rule_id),
-            value,
+            self.cf(cf)?,
+            violation_key(twin_key, &violation.rule_id),
+            encode_violation(violation),
         );
         Ok(())
     }
@@ -769,21 +607,6 @@ impl Store {
         Ok(())
     }
 
-    pub fn put_pending(
-        &self,
-        batch: &mut Batch,
-        twin_key: &[u8],
-        rule_id: &str,
-        value: &[u8],
-    ) -> Result<(), StoreError> {
-        batch.inner.put_cf(
-            self.cf(CF_PENDING)?,
-            violation_key(twin_key, rule_id),
-            value,
-        );
-        Ok(())
-    }
-
     pub fn delete_pending(
         &self,
         batch: &mut Batch,
@@ -796,7 +619,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every violation in twin-then-rule order: `(twin key, rule id, value)`.
+    /// Every violation in twin-then-rule order, decoded (a record that does not decode is
+    /// [`StoreError::Corrupt`]).
     pub fn violations(
         &self,
     ) -> Result<impl Iterator<Item = Result<StoredViolation, StoreError>> + '_, StoreError> {
@@ -821,7 +645,8 @@ impl Store {
                 what: "violation key",
                 detail: format!("{k:?}"),
             })?;
-            Ok((key, rule_id, v.into_vec()))
+            let violation = read_violation(&key.as_key(), &rule_id, &v)?;
+            Ok(StoredViolation { key, violation })
         }))
     }
 
@@ -1012,7 +837,7 @@ impl Store {
         Ok(())
     }
 
-    /// A twin and its violations (`(rule id, encoded violation)` by rule id), read from one
+    /// A twin and its violations (decoded, by rule id), read from one
     /// snapshot so that they agree; `None` when the twin does not exist (deleted or never
     /// seen). A device twin's key is a prefix of its own violations' keys but of none of its
     /// modules' (their key has the module id where the device's has the terminator).
@@ -1039,13 +864,18 @@ impl Store {
                 what: "violation key",
                 detail: format!("{k:?}"),
             })?;
-            violations.push((rule, v.into_vec()));
+            let violation = decode_violation(&rule, &v).ok_or_else(|| StoreError::Corrupt {
+                what: "violation",
+                detail: format!("{k:?}"),
+            })?;
+            violations.push(violation);
         }
         Ok(Some((twin, violations)))
     }
 
     /// Violations in key order from just after `after` (or from the start of `prefix`), those
-    /// under `prefix` only, that `keep` accepts: at most `limit` of them, looking at no more
+    /// under `prefix` only, that `keep` accepts (each is decoded first; one that does not decode
+    /// is [`StoreError::Corrupt`]): at most `limit` of them, looking at no more
     /// than `max_scan` entries. Also returns where to continue: `None` when nothing further
     /// matches, else the last key looked at.
     pub fn violations_page(
@@ -1054,7 +884,7 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
         max_scan: usize,
-        keep: impl FnMut(&str, &[u8]) -> bool,
+        keep: impl FnMut(&Violation) -> bool,
     ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
         self.page_of(CF_VIOLATIONS, prefix, after, limit, max_scan, keep)
     }
@@ -1066,7 +896,7 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
         max_scan: usize,
-        keep: impl FnMut(&str, &[u8]) -> bool,
+        keep: impl FnMut(&Violation) -> bool,
     ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
         self.page_of(CF_PENDING, prefix, after, limit, max_scan, keep)
     }
@@ -1078,7 +908,7 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
         max_scan: usize,
-        mut keep: impl FnMut(&str, &[u8]) -> bool,
+        mut keep: impl FnMut(&Violation) -> bool,
     ) -> Result<(Vec<StoredViolation>, Option<Vec<u8>>), StoreError> {
         let start = after.unwrap_or(prefix);
         let iter = self.db.iterator_cf(
@@ -1102,12 +932,16 @@ impl Store {
                 what: "violation key",
                 detail: format!("{k:?}"),
             })?;
-            if keep(&rule_id, &v) {
+            let violation = read_violation(&twin.as_key(), &rule_id, &v)?;
+            if keep(&violation) {
                 if out.len() == limit {
                     // One more matches: the page is full and there is more.
                     return Ok((out, last));
                 }
-                out.push((twin, rule_id, v.into_vec()));
+                out.push(StoredViolation {
+                    key: twin,
+                    violation,
+                });
             }
             last = Some(k.into_vec());
         }
@@ -1151,139 +985,4 @@ pub struct StoreStats {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Outbox entries carry their commit time; entries written before it was recorded (the
-    /// alert alone) are still read, without one. Per-sink cursors round-trip, and a range
-    /// deletion takes exactly the entries below its end.
-    #[test]
-    fn outbox_entries_carry_their_commit_time_and_old_entries_still_read() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis() as u64;
-        let mut batch = Batch::default();
-        store
-            .put_outbox(&mut batch, 1, b"{\"id\":\"new\"}")
-            .expect("put");
-        store.write(&mut batch).expect("write");
-        // The old format: the alert alone.
-        store
-            .db
-            .put_cf(
-                store.cf(CF_OUTBOX).expect("cf"),
-                outbox_key(0),
-                b"{\"id\":\"old\"}",
-            )
-            .expect("put");
-        let entries = store.outbox_entries(0, 10).expect("read");
-        assert_eq!(entries.len(), 2);
-        assert_eq!((entries[0].seq, entries[0].committed_ms), (0, None));
-        assert_eq!(entries[0].alert, b"{\"id\":\"old\"}");
-        assert_eq!(entries[1].alert, b"{\"id\":\"new\"}");
-        let at = entries[1].committed_ms.expect("a commit time");
-        assert!(at >= before && at < before + 60_000, "{at} vs {before}");
-        let plain = store.outbox_from(0, 10).expect("read");
-        assert_eq!(plain[1], (1, b"{\"id\":\"new\"}".to_vec()));
-
-        assert_eq!(store.sink_cursor("webhook").expect("cursor"), None);
-        let mut batch = Batch::default();
-        store
-            .put_sink_cursor(&mut batch, "webhook", 1)
-            .expect("put");
-        store.delete_outbox_range(&mut batch, 0, 1).expect("delete");
-        store.write(&mut batch).expect("write");
-        assert_eq!(store.sink_cursor("webhook").expect("cursor"), Some(1));
-        assert_eq!(store.sink_cursor("file").expect("cursor"), None);
-        let left: Vec<u64> = store
-            .outbox_entries(0, 10)
-            .expect("read")
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(left, [1]);
-    }
-
-    /// A directory written before the alert dead letters' column family existed opens
-    /// read-only (it has none) and gets the family at the next read-write open.
-    #[test]
-    fn a_directory_without_the_alert_dead_letter_family_opens() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let mut options = Options::default();
-            options.create_if_missing(true);
-            options.create_missing_column_families(true);
-            let old: Vec<&str> = ALL_CFS
-                .iter()
-                .copied()
-                .filter(|name| *name != CF_ALERT_DEAD_LETTERS)
-                .collect();
-            let db = DB::open_cf(&options, dir.path(), old).expect("create");
-            db.put_cf(db.cf_handle(CF_META).expect("meta"), META_FORMAT, FORMAT)
-                .expect("format");
-        }
-        let reader = Store::open_read_only(dir.path()).expect("read-only open");
-        assert_eq!(reader.alert_dead_letters().expect("read").count(), 0);
-        drop(reader);
-        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
-        let mut batch = Batch::default();
-        store
-            .put_alert_dead_letter(&mut batch, 7, "webhook", b"{}")
-            .expect("put");
-        store.write(&mut batch).expect("write");
-        let letters: Vec<Vec<u8>> = store
-            .alert_dead_letters()
-            .expect("read")
-            .collect::<Result<_, _>>()
-            .expect("read");
-        assert_eq!(letters, [b"{}".to_vec()]);
-    }
-
-    /// A data directory of another (say a newer) format is refused, by the writer and by the
-    /// readers, with both formats named; nothing in it is changed.
-    #[test]
-    fn a_directory_of_another_format_is_refused_clearly() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
-            let meta = store.cf(CF_META).expect("meta");
-            store
-                .db
-                .put_cf(meta, META_FORMAT, "twinwatch-snapshot-2")
-                .expect("put");
-        }
-        let refused = |result: Result<Store, StoreError>| {
-            let Err(error) = result else {
-                panic!("a directory of another format was opened");
-            };
-            assert_eq!(error.kind(), "format");
-            let text = error.to_string();
-            assert!(
-                text.contains("twinwatch-snapshot-2") && text.contains(FORMAT),
-                "{text}"
-            );
-        };
-        refused(Store::open(dir.path(), &StoreOptions::default()));
-        // Refused again: the writer's attempt left the marker as it was.
-        refused(Store::open_read_only(dir.path()));
-    }
-
-    #[test]
-    fn waiting_for_space_gives_up_when_told_to_stop() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), &StoreOptions::default()).expect("open");
-        assert!(store.wait_for_space(0).is_ok());
-        assert_eq!(store.space_problem(), None);
-        store.stop_waiting();
-        let error = store
-            .wait_for_space(u64::MAX)
-            .expect_err("no disk is that large");
-        assert_eq!(error.kind(), "no_space");
-        assert!(store
-            .space_problem()
-            .is_some_and(|p| p.contains("disk is full")));
-    }
-}
+mod tests;

@@ -187,8 +187,8 @@ fn alerts_of_file(file: &Path) -> Vec<(String, String)> {
         .expect("alerts")
         .lines()
         .map(|line| {
-            let event =
-                twinwatch::alert::wire::CloudEvent::parse(line.as_bytes()).expect("a CloudEvent");
+            let event = twinwatch::compliance::wire::CloudEvent::parse(line.as_bytes())
+                .expect("a CloudEvent");
             (event.id, event.data.rule_id)
         })
         .collect()

@@ -189,7 +189,7 @@ fn policy_alerts_by_rule(alerts: &BTreeMap<String, Value>) -> BTreeMap<String, (
         let entry = out
             .entry(alert["data"]["ruleId"].as_str().expect("rule").to_owned())
             .or_default();
-        if alert["type"] == "io.twinwatch.violation.opened" {
+        if alert["type"] == twinwatch::compliance::wire::OPENED_TYPE {
             entry.0 += 1;
         } else {
             entry.1 += 1;

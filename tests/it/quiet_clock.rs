@@ -95,7 +95,11 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
         opened_at.0 >= t0.0 + (GRACE_SECS + DELAY_SECS) * 10_000_000,
         "opened at {opened_at}, before the quiet clock could reach the deadline"
     );
-    assert_eq!(opened["type"], "io.twinwatch.violation.opened", "{opened}");
+    assert_eq!(
+        opened["type"],
+        twinwatch::compliance::wire::OPENED_TYPE,
+        "{opened}"
+    );
     assert_eq!(
         opened["data"]["ruleId"], "device.security-module-present",
         "{opened}"

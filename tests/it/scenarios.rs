@@ -168,9 +168,8 @@ fn violations(data_dir: &Path, pending: bool) -> Vec<Value> {
     items
         .into_iter()
         .map(|item| {
-            let (key, rule_id, value) = item.expect("violation");
-            let v = twinwatch::compliance::decode_violation(&rule_id, &value).expect("decodes");
-            let mut line = twinwatch::compliance::violation_line(key.as_key(), &rule_id, &v);
+            let twinwatch::store::StoredViolation { key, violation: v } = item.expect("violation");
+            let mut line = twinwatch::compliance::violation_line(key.as_key(), &v.rule_id, &v);
             if let Some(p) = &v.pending {
                 line["deadline"] = json!(p.deadline.to_string());
             }

@@ -337,7 +337,7 @@ impl Receiver {
             .lock()
             .expect("lock")
             .iter()
-            .filter_map(|b| twinwatch::alert::wire::CloudEvent::parse_body(b).ok())
+            .filter_map(|b| twinwatch::compliance::wire::CloudEvent::parse_body(b).ok())
             .flatten()
             .map(|event| event.id)
             .collect()
@@ -382,7 +382,7 @@ fn serve_requests(
             .expect("lock")
             .clone()
             .is_some_and(|rule| {
-                twinwatch::alert::wire::CloudEvent::parse_body(&body)
+                twinwatch::compliance::wire::CloudEvent::parse_body(&body)
                     .map(|events| events.iter().any(|e| e.data.rule_id == rule))
                     .unwrap_or(false)
             });

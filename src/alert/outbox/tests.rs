@@ -465,7 +465,7 @@ fn drain_rate(n: u64, delay: Duration) -> f64 {
         .received()
         .iter()
         .map(|r| {
-            crate::alert::wire::CloudEvent::parse_body(&r.body)
+            crate::compliance::wire::CloudEvent::parse_body(&r.body)
                 .expect("CloudEvents")
                 .len()
         })

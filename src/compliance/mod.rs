@@ -1,39 +1,19 @@
-//! Violations and alerts (`docs/semantics.md` §4, §6): from a twin's failing rules before and
-//! after an event to `opened` / `resolved` transitions, and from a transition to its CloudEvent.
+//! Violations and alerts (`docs/semantics.md` §4, §6): from a twin's failing rules before and after
+//! an event to `opened` / `resolved` transitions, and from a transition to its CloudEvent.
 //!
 //! Pure: the pipeline keeps the failing set of every twin and calls [`transitions`] after each
-//! evaluation; alerts are rendered here so that every sink sends the same bytes.
+//! evaluation; alerts are rendered here so that every sink sends the same bytes, and read back
+//! through the same type ([`wire`]).
 
-use serde_json::json;
+pub mod wire;
 
 use crate::model::TwinKey;
+/// The failing (twin, rule) and its pending state live in `model`: the store, below this
+/// module, encodes them.
+pub use crate::model::{Pending, Violation};
 use crate::policy::{Policy, Severity};
 use crate::time::Ticks;
-
-/// A rule failing on a twin, as kept in memory and stored: what its `opened` alert said.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Violation {
-    pub rule_id: Box<str>,
-    pub severity: Severity,
-    pub title: Box<str>,
-    /// The opTime of the event that opened it.
-    pub since: Ticks,
-    /// The twin's version after that event.
-    pub twin_version: i64,
-    /// Set while the rule's `for` has not yet run out (`docs/semantics.md` §9): the violation is
-    /// pending, and no alert said anything of it yet.
-    pub pending: Option<Pending>,
-}
-
-/// What a pending violation needs to open: when, and under which id.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pending {
-    /// `since` plus the rule's `for`.
-    pub deadline: Ticks,
-    /// The id its `opened` alert will carry: derived from the event that made it pending and
-    /// the rule, so it is the same however and whenever the deadline is reached.
-    pub alert_id: Box<str>,
-}
+use serde_json::json;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AlertKind {
@@ -221,10 +201,11 @@ pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) -> u64 {
     dropped
 }
 
-/// Renders one alert as a CloudEvents 1.0 structured JSON object (`docs/semantics.md` §6), one
-/// line (`data.reason` from the transition: `deleted`, `policy`);
+/// Renders one alert as a CloudEvents 1.0 structured JSON object (`docs/semantics.md` §6), one line
+/// (`data.reason` from the transition: `deleted`, `policy`);
 /// `enqueued`, the causing event's Event Hubs enqueued time, becomes the extension attribute
-/// `enqueuedtime`.
+/// `enqueuedtime`. Written from [`wire::CloudEvent`], whose fields are in the byte order the
+/// JSON object this used to build wrote them in: the bytes are those alerts always had.
 pub fn cloud_event(
     id: &str,
     key: TwinKey<'_>,
@@ -234,73 +215,37 @@ pub fn cloud_event(
     enqueued: Option<Ticks>,
 ) -> Vec<u8> {
     let kind = match transition.kind {
-        AlertKind::Opened => "io.twinwatch.violation.opened",
-        AlertKind::Resolved | AlertKind::Deleted => "io.twinwatch.violation.resolved",
+        AlertKind::Opened => wire::OPENED_TYPE,
+        AlertKind::Resolved | AlertKind::Deleted => wire::RESOLVED_TYPE,
     };
     let subject = if key.is_device_twin() {
         key.device_id.to_owned()
     } else {
         format!("{}/modules/{}", key.device_id, key.module_id)
     };
-    let mut data = json!({
-        "hubName": key.hub,
-        "deviceId": key.device_id,
-        "ruleId": &*transition.rule_id,
-        "title": &*transition.title,
-        "severity": transition.severity.as_str(),
-        "twinVersion": twin_version,
-    });
-    if !key.is_device_twin() {
-        data["moduleId"] = json!(key.module_id);
-    }
-    if let Some(reason) = transition.reason {
-        data["reason"] = json!(reason);
-    }
-    let mut event = json!({
-        "specversion": "1.0",
-        "id": id,
-        "type": kind,
-        "source": format!("/iothub/{}", key.hub),
-        "subject": subject,
-        "time": time.to_string(),
-        "datacontenttype": "application/json",
-        "data": data,
-    });
-    if let Some(enqueued) = enqueued {
+    let event = wire::CloudEvent {
+        data: wire::ViolationData {
+            device_id: key.device_id.to_owned(),
+            hub_name: key.hub.to_owned(),
+            module_id: (!key.is_device_twin()).then(|| key.module_id.to_owned()),
+            reason: transition.reason.map(str::to_owned),
+            rule_id: transition.rule_id.to_string(),
+            severity: transition.severity.as_str().to_owned(),
+            title: transition.title.to_string(),
+            twin_version,
+        },
+        datacontenttype: Some("application/json".to_owned()),
         // An extension attribute: when the causing event reached the Event Hub, so that the
         // time from enqueue to alert can be measured wherever the alert arrives.
-        event["enqueuedtime"] = json!(enqueued.to_string());
-    }
-    serde_json::to_vec(&event).expect("a JSON value always serializes")
-}
-
-/// Stored form of a [`Violation`] (the values of the `violations` column family, and of
-/// `pending` for a pending one, which also records its deadline and alert id): a JSON object
-/// with its keys in byte order, the form stored records have always had.
-pub fn encode_violation(v: &Violation) -> Vec<u8> {
-    /// The fields in the order of their names' bytes (as a `serde_json::Value` object writes
-    /// them), written without building a value first.
-    #[derive(serde::Serialize)]
-    struct Stored<'a> {
-        #[serde(rename = "alertId", skip_serializing_if = "Option::is_none")]
-        alert_id: Option<&'a str>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        deadline: Option<i64>,
-        severity: &'a str,
-        since: i64,
-        title: &'a str,
-        #[serde(rename = "twinVersion")]
-        twin_version: i64,
-    }
-    let stored = Stored {
-        alert_id: v.pending.as_ref().map(|p| &*p.alert_id),
-        deadline: v.pending.as_ref().map(|p| p.deadline.0),
-        severity: v.severity.as_str(),
-        since: v.since.0,
-        title: &v.title,
-        twin_version: v.twin_version,
+        enqueuedtime: enqueued.map(|enqueued| enqueued.to_string()),
+        id: id.to_owned(),
+        source: format!("/iothub/{}", key.hub),
+        specversion: "1.0".to_owned(),
+        subject,
+        time: time.to_string(),
+        kind: kind.to_owned(),
     };
-    serde_json::to_vec(&stored).expect("plain fields always serialize")
+    serde_json::to_vec(&event).expect("strings and integers always serialize")
 }
 
 /// A violation as `twinwatch violations` prints it and the query API answers it:
@@ -318,62 +263,108 @@ pub fn violation_line(key: TwinKey<'_>, rule_id: &str, v: &Violation) -> serde_j
     line
 }
 
-pub fn decode_violation(rule_id: &str, bytes: &[u8]) -> Option<Violation> {
-    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let pending = match (v.get("deadline"), v.get("alertId")) {
-        (Some(deadline), Some(id)) => Some(Pending {
-            deadline: Ticks(deadline.as_i64()?),
-            alert_id: id.as_str()?.into(),
-        }),
-        _ => None,
-    };
-    Some(Violation {
-        rule_id: rule_id.into(),
-        severity: Severity::parse(v["severity"].as_str()?)?,
-        title: v["title"].as_str()?.into(),
-        since: Ticks(v["since"].as_i64()?),
-        twin_version: v["twinVersion"].as_i64()?,
-        pending,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn stored_violations_keep_their_form() {
-        // The form records were written in before: a JSON value's object, keys sorted.
-        fn as_before(v: &super::Violation) -> Vec<u8> {
-            let mut value = serde_json::json!({
-                "severity": v.severity.as_str(),
-                "title": &*v.title,
-                "since": v.since.0,
-                "twinVersion": v.twin_version,
-            });
-            if let Some(pending) = &v.pending {
-                value["deadline"] = serde_json::json!(pending.deadline.0);
-                value["alertId"] = serde_json::json!(&*pending.alert_id);
-            }
-            serde_json::to_vec(&value).expect("serializes")
-        }
-        let mut v = super::Violation {
-            rule_id: "r".into(),
-            severity: crate::policy::Severity::High,
-            title: "A \"quoted\" title \u{e9}\n".into(),
-            since: crate::time::Ticks(-5),
-            twin_version: i64::MAX,
-            pending: None,
+    use super::*;
+
+    /// The renderer as it was, building a `serde_json::Value` (whose object keys come out
+    /// sorted): the bytes every alert has had, which the wire type must keep.
+    fn cloud_event_as_before(
+        id: &str,
+        key: TwinKey<'_>,
+        transition: &Transition,
+        time: Ticks,
+        twin_version: i64,
+        enqueued: Option<Ticks>,
+    ) -> Vec<u8> {
+        let kind = match transition.kind {
+            AlertKind::Opened => "io.twinwatch.violation.opened",
+            AlertKind::Resolved | AlertKind::Deleted => "io.twinwatch.violation.resolved",
         };
-        assert_eq!(super::encode_violation(&v), as_before(&v));
-        v.pending = Some(super::Pending {
-            deadline: crate::time::Ticks(638_000_000_000_000_000),
-            alert_id: "data/a#1/r%2F".into(),
+        let subject = if key.is_device_twin() {
+            key.device_id.to_owned()
+        } else {
+            format!("{}/modules/{}", key.device_id, key.module_id)
+        };
+        let mut data = json!({
+            "hubName": key.hub,
+            "deviceId": key.device_id,
+            "ruleId": &*transition.rule_id,
+            "title": &*transition.title,
+            "severity": transition.severity.as_str(),
+            "twinVersion": twin_version,
         });
-        assert_eq!(super::encode_violation(&v), as_before(&v));
-        let decoded = super::decode_violation("r", &super::encode_violation(&v)).expect("decodes");
-        assert_eq!(decoded, v);
+        if !key.is_device_twin() {
+            data["moduleId"] = json!(key.module_id);
+        }
+        if let Some(reason) = transition.reason {
+            data["reason"] = json!(reason);
+        }
+        let mut event = json!({
+            "specversion": "1.0",
+            "id": id,
+            "type": kind,
+            "source": format!("/iothub/{}", key.hub),
+            "subject": subject,
+            "time": time.to_string(),
+            "datacontenttype": "application/json",
+            "data": data,
+        });
+        if let Some(enqueued) = enqueued {
+            event["enqueuedtime"] = json!(enqueued.to_string());
+        }
+        serde_json::to_vec(&event).expect("serializes")
     }
 
-    use super::*;
+    /// Every shape of alert (device and module twins; opened, resolved, deleted and a
+    /// re-audit's; with and without an enqueued time; text that needs escaping) is written
+    /// byte for byte as the JSON value wrote it.
+    #[test]
+    fn cloud_events_keep_their_bytes() {
+        let keys = [
+            TwinKey {
+                hub: "hub-1",
+                device_id: "dev-1",
+                module_id: "",
+            },
+            TwinKey {
+                hub: "h\u{e9}b",
+                device_id: "d \"quoted\"/x",
+                module_id: "azureiotsecurity",
+            },
+        ];
+        let kinds = [
+            (AlertKind::Opened, None),
+            (AlertKind::Opened, Some(REASON_POLICY)),
+            (AlertKind::Resolved, None),
+            (AlertKind::Resolved, Some(REASON_POLICY)),
+            (AlertKind::Deleted, Some(REASON_DELETED)),
+        ];
+        let mut compared = 0;
+        for key in keys {
+            for (kind, reason) in kinds {
+                for enqueued in [None, Some(Ticks(638_000_000_000_000_001))] {
+                    for (version, time) in [(7, Ticks(638_000_000_000_000_000)), (-1, Ticks(0))] {
+                        let transition = Transition {
+                            kind,
+                            rule_id: "tls-required/\u{1F512}".into(),
+                            severity: Severity::Critical,
+                            title: "TLS \"must\" be required\n\t<&>".into(),
+                            reason,
+                            twin_version: None,
+                        };
+                        let id = "data/a.json#12.3";
+                        let new = cloud_event(id, key, &transition, time, version, enqueued);
+                        let old =
+                            cloud_event_as_before(id, key, &transition, time, version, enqueued);
+                        assert_eq!(String::from_utf8_lossy(&new), String::from_utf8_lossy(&old));
+                        compared += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(compared, 2 * 5 * 2 * 2);
+    }
 
     fn policy() -> Policy {
         let text = r#"

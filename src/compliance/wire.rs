@@ -1,8 +1,14 @@
 //! The one wire type of an alert: the CloudEvent (JSON, CloudEvents 1.0) that
-//! `compliance::cloud_event` renders and every sink, the latency metric and the tests read
-//! back. Reading alerts through this type (rather than through `serde_json::Value` lookups in
-//! each place) keeps every reader in step with the renderer: a renamed field fails here, in
-//! one place, instead of silently reading `null` in another.
+//! [`super::cloud_event`] renders and every sink, the latency metric and the tests read back.
+//! Reading alerts through this type (rather than through `serde_json::Value` lookups in each
+//! place) keeps every reader in step with the renderer: a renamed field fails here, in one
+//! place, instead of silently reading `null` in another. It lives in the sans-IO core, beside
+//! its renderer, so that `alert` (above) and the core share it without an upward arrow.
+//!
+//! The fields of both structs are declared in the byte order of their JSON names: alerts have
+//! always been written as `serde_json::Value` objects, whose keys come out sorted, and a struct
+//! serializes in declaration order, so this order keeps every alert byte for byte as it was
+//! (`compliance`'s tests compare the two).
 
 use serde::{Deserialize, Serialize};
 
@@ -11,45 +17,45 @@ pub const OPENED_TYPE: &str = "io.twinwatch.violation.opened";
 /// The `type` of an alert that resolves one (the rule passes again, or the twin was deleted).
 pub const RESOLVED_TYPE: &str = "io.twinwatch.violation.resolved";
 
-/// A twinwatch alert as a CloudEvent.
+/// A twinwatch alert as a CloudEvent. Fields in the byte order of their names (see above).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudEvent {
-    pub specversion: String,
-    /// Unique per alert; a re-delivery (at-least-once) carries the same id.
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// `/iothub/<hub>`.
-    pub source: String,
-    /// `<deviceId>` or `<deviceId>/modules/<moduleId>`.
-    pub subject: String,
-    /// When the violation opened or resolved (RFC 3339, UTC, seven fraction digits).
-    pub time: String,
+    pub data: ViolationData,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datacontenttype: Option<String>,
     /// Extension attribute: when the causing event reached the Event Hub (absent for alerts
     /// that no event caused, such as a restart's re-send of the open violations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueuedtime: Option<String>,
-    pub data: ViolationData,
+    /// Unique per alert; a re-delivery (at-least-once) carries the same id.
+    pub id: String,
+    /// `/iothub/<hub>`.
+    pub source: String,
+    pub specversion: String,
+    /// `<deviceId>` or `<deviceId>/modules/<moduleId>`.
+    pub subject: String,
+    /// When the violation opened or resolved (RFC 3339, UTC, seven fraction digits).
+    pub time: String,
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
-/// The `data` of an alert.
+/// The `data` of an alert. Fields in the byte order of their (camelCase) names.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ViolationData {
-    pub hub_name: String,
     pub device_id: String,
+    pub hub_name: String,
     /// Only for module twins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module_id: Option<String>,
-    pub rule_id: String,
-    pub title: String,
-    pub severity: String,
-    pub twin_version: i64,
-    /// `deleted` when the twin's deletion resolved the violation.
+    /// `deleted` when the twin's deletion resolved the violation, `policy` for a re-audit's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    pub rule_id: String,
+    pub severity: String,
+    pub title: String,
+    pub twin_version: i64,
 }
 
 /// What an alert says happened.
@@ -82,7 +88,7 @@ impl CloudEvent {
     pub fn change(&self) -> Option<AlertChange> {
         match self.kind.as_str() {
             OPENED_TYPE => Some(AlertChange::Opened),
-            RESOLVED_TYPE if self.data.reason.as_deref() == Some("deleted") => {
+            RESOLVED_TYPE if self.data.reason.as_deref() == Some(super::REASON_DELETED) => {
                 Some(AlertChange::Deleted)
             }
             RESOLVED_TYPE => Some(AlertChange::Resolved),
