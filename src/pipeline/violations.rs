@@ -301,6 +301,12 @@ impl State {
         version: i64,
         n_before: usize,
     ) -> Result<usize, PipelineError> {
+        // A re-audit's and a seed pass's alerts were caused by no event: they carry no
+        // enqueued time, whatever event the engine applied last.
+        let enqueued = match origin {
+            Origin::Event { .. } | Origin::Fixed { .. } => self.enqueued_time,
+            Origin::Reaudit { .. } | Origin::Seed { .. } => None,
+        };
         let mut n = n_before;
         for mut transition in std::mem::take(&mut self.transitions) {
             match transition.kind {
@@ -338,7 +344,7 @@ impl State {
                     &transition,
                     time,
                     transition.twin_version.unwrap_or(version),
-                    self.enqueued_time,
+                    enqueued,
                 );
                 self.store
                     .put_outbox(&mut self.batch, self.next_outbox_seq, &alert)?;

@@ -508,6 +508,60 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     );
 }
 
+/// A re-audit's alerts were caused by no event: they carry no `enqueuedtime`, not even the
+/// last applied event's. (Without rules with `for`, nothing else clears that time between
+/// the last event and the reload.)
+#[test]
+fn a_reaudit_in_the_service_carries_no_enqueued_time() {
+    let without_for = |text: String| {
+        text.lines()
+            .filter(|line| !line.trim_start().starts_with("for:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fleet = generate_fleet(dir.path(), 200, 2_000, 12, 0.0);
+    let hub = Hub::start(&fleet);
+    let policy = dir.path().join("policy.yaml");
+    write(&policy, &without_for(baseline()));
+    let alerts = dir.path().join("alerts.jsonl");
+    let port = free_port();
+    let mut child = KillOnDrop(spawn_run(
+        &hub,
+        &[
+            "run",
+            "--data-dir",
+            path(&dir.path().join("data")),
+            "--alerts-file",
+            path(&alerts),
+            "--policy",
+            path(&policy),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    ));
+    wait_consumed(port, hub.published, Duration::from_secs(120));
+    write(&policy, &without_for(changed_baseline()));
+    sighup(&child.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let by_id = loop {
+        let (by_id, _) = alerts_by_id(&std::fs::read(&alerts).unwrap_or_default());
+        if by_id.values().any(|a| a["data"]["reason"] == "policy") {
+            break by_id;
+        }
+        assert!(Instant::now() < deadline, "no re-audit alert delivered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    sigterm_and_wait(&mut child.0);
+    assert!(
+        by_id.values().any(|a| a.get("enqueuedtime").is_some()),
+        "the events' alerts carry their enqueued time"
+    );
+    for alert in by_id.values().filter(|a| a["data"]["reason"] == "policy") {
+        assert!(alert.get("enqueuedtime").is_none(), "{alert}");
+    }
+}
+
 /// The (twin, rule) pairs of `violations` output, without `since` and versions (a re-audit
 /// dates a new violation at the high-water mark, a replay at the event).
 fn rules_and_twins(output: &[u8]) -> Vec<(String, String, String)> {
