@@ -323,7 +323,8 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-async fn run(
+/// Runs `command` to its end within `limit` (killed past it), stdin closed.
+pub(super) async fn run(
     command: &mut tokio::process::Command,
     limit: Duration,
 ) -> Result<std::process::Output, String> {
@@ -336,14 +337,19 @@ async fn run(
     }
 }
 
-/// A virtual environment with `azure-eventhub` under the target directory (made once, then
-/// reused), or why there is none.
-async fn python_with_azure_eventhub() -> Result<PathBuf, String> {
-    let venv = target_dir().join("eventhub-venv");
+/// A virtual environment `name` under the target directory with `packages` from PyPI (made
+/// once, then reused while `module` imports), or why there is none. Microsoft's official
+/// clients, which the emulators are checked against, are Python packages.
+pub(super) async fn python_venv(
+    name: &str,
+    module: &str,
+    packages: &[&str],
+) -> Result<PathBuf, String> {
+    let venv = target_dir().join(name);
     let python = venv.join("bin").join("python");
     if python.exists() {
         let check = run(
-            tokio::process::Command::new(&python).args(["-c", "import azure.eventhub"]),
+            tokio::process::Command::new(&python).args(["-c", &format!("import {module}")]),
             Duration::from_secs(60),
         )
         .await?;
@@ -365,20 +371,22 @@ async fn python_with_azure_eventhub() -> Result<PathBuf, String> {
         ));
     }
     let installed = run(
-        tokio::process::Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "azure-eventhub",
-        ]),
+        tokio::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages),
         Duration::from_secs(600),
     )
     .await?;
     if !installed.status.success() {
         return Err(format!(
-            "pip install azure-eventhub failed: {}",
+            "pip install {} failed: {}",
+            packages.join(" "),
             String::from_utf8_lossy(&installed.stderr)
         ));
     }
@@ -398,7 +406,7 @@ fn annotation_json(value: &SystemValue) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_client_reads_partitions_and_events() {
     const START: i64 = 2;
-    let python = match python_with_azure_eventhub().await {
+    let python = match python_venv("eventhub-venv", "azure.eventhub", &["azure-eventhub"]).await {
         Ok(python) => python,
         Err(reason) => panic!("cannot set up Microsoft's Python client: {reason}"),
     };
@@ -580,6 +588,21 @@ mod wire_errors {
         builder.build()
     }
 
+    /// The text of the error that closes `receiver` within its next three receives (events
+    /// still in flight may come first), each within `LIMIT` (`who` it is, for the message).
+    async fn closing_error(receiver: &mut Receiver, who: &str) -> Option<String> {
+        for _ in 0..3 {
+            match tokio::time::timeout(LIMIT, receiver.recv::<Body<Value>>())
+                .await
+                .unwrap_or_else(|_| panic!("the {who} hears in time"))
+            {
+                Ok(_) => continue,
+                Err(error) => return Some(format!("{error:?}")),
+            }
+        }
+        None
+    }
+
     /// Attaches a receiver; `Ok` with the first sequence number it receives, or `Err` with
     /// the text of the error that closed it.
     async fn first_event(
@@ -716,20 +739,9 @@ mod wire_errors {
         )
         .await;
         assert_eq!(first, Ok(0));
-        let mut stolen = None;
-        for _ in 0..3 {
-            match tokio::time::timeout(LIMIT, owner.recv::<Body<Value>>())
-                .await
-                .expect("the owner hears in time")
-            {
-                Ok(_) => continue,
-                Err(error) => {
-                    stolen = Some(format!("{error:?}"));
-                    break;
-                }
-            }
-        }
-        let stolen = stolen.expect("the owner is disconnected");
+        let stolen = closing_error(&mut owner, "owner")
+            .await
+            .expect("the owner is disconnected");
         assert!(
             stolen.contains("Stolen") || stolen.contains("stolen"),
             "{stolen}"
@@ -757,20 +769,9 @@ mod wire_errors {
             1
         );
         let mut thief = thief.expect("attached");
-        let mut busy = None;
-        for _ in 0..3 {
-            match tokio::time::timeout(LIMIT, thief.recv::<Body<Value>>())
-                .await
-                .expect("the thief hears in time")
-            {
-                Ok(_) => continue,
-                Err(error) => {
-                    busy = Some(format!("{error:?}"));
-                    break;
-                }
-            }
-        }
-        let busy = busy.expect("the thief is detached");
+        let busy = closing_error(&mut thief, "thief")
+            .await
+            .expect("the thief is detached");
         assert!(busy.contains("com.microsoft:server-busy"), "{busy}");
         let _ = tokio::time::timeout(LIMIT, connection.close()).await;
         emulator.shutdown().await;

@@ -3,14 +3,12 @@
 //! alert files across replays, and at-least-once delivery across SIGKILLs.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::support::{
-    assert_every_alert_delivered, binary, data_path, expand, generate_fleet, ok, path, run,
-    write_lines,
+    assert_every_alert_delivered, data_path, expand, generate_fleet, ok, path, run, write_lines,
 };
 /// Runs one scenario; returns the alert file followed by the violations left at the end.
 fn scenario(file: &Path) -> String {
@@ -145,38 +143,21 @@ fn a_killed_replay_delivers_every_alert_at_least_once() {
     let killed_alerts = dir.path().join("killed.jsonl");
     let killed_data = dir.path().join("killed");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut kills = 0;
-    for attempt in 0..8 {
-        let mut child = Command::new(binary())
-            .args([
-                "replay",
-                "--data-dir",
-                path(&killed_data),
-                "--batch-size",
-                "500",
-                "--alerts-file",
-                path(&killed_alerts),
-                path(&fleet),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        if attempt == 7 {
-            assert!(
-                child.wait().expect("wait").success(),
-                "the final replay failed"
-            );
-            break;
-        }
-        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
-        if child.try_wait().expect("try_wait").is_none() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-            kills += 1;
-        }
-    }
+    let kills = crate::kill::kill_then_finish(
+        &[
+            "replay",
+            "--data-dir",
+            path(&killed_data),
+            "--batch-size",
+            "500",
+            "--alerts-file",
+            path(&killed_alerts),
+            path(&fleet),
+        ],
+        7,
+        &mut rng,
+        whole,
+    );
     assert!(kills >= 3, "only {kills} replays were killed mid-way");
     assert_every_alert_delivered(&clean_alerts, &killed_alerts, 1000);
 }
@@ -306,42 +287,26 @@ fn killed_replays_deliver_every_alert_to_every_sink() {
     let killed_alerts = dir.path().join("killed.jsonl");
     let killed_data = dir.path().join("killed");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut kills = 0;
-    for attempt in 0..6 {
-        let mut child = Command::new(binary())
-            .args([
-                "replay",
-                "--data-dir",
-                path(&killed_data),
-                "--batch-size",
-                "500",
-                "--alerts-file",
-                path(&killed_alerts),
-                "--webhook-url",
-                &format!("http://127.0.0.1:{port}/alerts"),
-                "--webhook-batch-max-alerts",
-                "50",
-                path(&fleet),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        if attempt == 5 {
-            assert!(
-                child.wait().expect("wait").success(),
-                "the final replay failed"
-            );
-            break;
-        }
-        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
-        if child.try_wait().expect("try_wait").is_none() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-            kills += 1;
-        }
-    }
+    let webhook = format!("http://127.0.0.1:{port}/alerts");
+    let kills = crate::kill::kill_then_finish(
+        &[
+            "replay",
+            "--data-dir",
+            path(&killed_data),
+            "--batch-size",
+            "500",
+            "--alerts-file",
+            path(&killed_alerts),
+            "--webhook-url",
+            &webhook,
+            "--webhook-batch-max-alerts",
+            "50",
+            path(&fleet),
+        ],
+        5,
+        &mut rng,
+        whole,
+    );
     assert!(kills >= 2, "only {kills} replays were killed mid-way");
     assert_every_alert_delivered(&clean_alerts, &killed_alerts, 500);
     let expected: std::collections::BTreeSet<String> = alerts_of_file(&clean_alerts)

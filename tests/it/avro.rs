@@ -20,6 +20,19 @@ fn summary(file: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(file).expect("summary")).expect("json")
 }
 
+/// Runs `command` (`what` it is, for the message) and requires success.
+fn succeeded(command: &mut Command, what: &str) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} did not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// A virtual environment with fastavro (and cramjam for snappy), made once per target dir.
 fn python_with_fastavro() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-fastavro");
@@ -31,21 +44,16 @@ fn python_with_fastavro() -> PathBuf {
             .status()
             .expect("python3 -m venv (Debian: python3-venv)");
         assert!(status.success(), "creating the virtual environment failed");
-        let output = Command::new(&python)
-            .args([
+        succeeded(
+            Command::new(&python).args([
                 "-m",
                 "pip",
                 "install",
                 "--quiet",
                 "fastavro==1.*",
                 "cramjam",
-            ])
-            .output()
-            .expect("pip");
-        assert!(
-            output.status.success(),
-            "pip install fastavro failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+            ]),
+            "pip install fastavro",
         );
         std::fs::write(&ready, "").expect("marker");
     }
@@ -58,14 +66,9 @@ fn fixtures_written_by_fastavro_replay_to_the_expected_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fixtures = dir.path().join("fixtures");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/write_avro_fixtures.py");
-    let output = Command::new(&python)
-        .args([path(&script), path(&fixtures)])
-        .output()
-        .expect("run the fixture script");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    succeeded(
+        Command::new(&python).args([path(&script), path(&fixtures)]),
+        "the fixture script",
     );
     let data = dir.path().join("data");
     let summary_file = dir.path().join("summary.json");

@@ -12,7 +12,10 @@ use crate::service::{
     consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
     Hub,
 };
-use crate::support::{assert_every_live_alert_delivered, generate_fleet, ok, path};
+use crate::support::{
+    assert_every_live_alert_delivered, assert_export_is_replays, generate_fleet, ok, path,
+    replay_export,
+};
 
 #[test]
 fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
@@ -26,15 +29,9 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     wait_quiet_clock(port, Duration::from_secs(60));
     sigterm_and_wait(&mut child);
 
+    assert!(replay_export(dir.path(), &file).len() > 10_000);
+    assert_export_is_replays(dir.path(), &file, &data, "of the live run");
     let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(live_export.len() > 10_000);
-    assert!(
-        live_export == replay_export,
-        "the live export differs from the replay's"
-    );
     // The replay ends with the clock at its last event: failures of `for` rules younger than
     // their grace period are pending. The live service's clock followed the wall clock once
     // caught up (`SEMANTICS.md` §9), long past every deadline: each of them opened, with the
@@ -167,13 +164,11 @@ fn dropped_connections_and_links_mid_stream_leave_no_gap_and_no_double_applicati
     );
     sigterm_and_wait(&mut child);
 
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        live_export == replay_export,
-        "the export after {faults} dropped connections and links differs from the replay's"
+    assert_export_is_replays(
+        dir.path(),
+        &file,
+        &data,
+        &format!("after {faults} dropped connections and links"),
     );
 }
 

@@ -10,25 +10,19 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::service::{
-    free_port, metric, metric_plain, readyz, sigterm_and_wait, spawn_run, wait_consumed, Hub,
+    free_port, metric, metric_plain, readyz, run_args, spawn_run, wait_consumed, wait_metric, Hub,
+    KillOnDrop,
 };
-use crate::support::{alerts_by_id, generate_fleet, ok, path, run};
+use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
-fn baseline() -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
-    )
-    .expect("the baseline pack")
-}
-
 /// The baseline with one rule dropped, one made critical, and one added that every module
 /// twin fails.
-fn changed_baseline() -> String {
-    let text = baseline()
+fn changed_baseline_text() -> String {
+    let text = baseline_text()
         .replacen(
             "  - id: device.security-module-present",
             "  - id: device.security-module-present-v2",
@@ -39,6 +33,21 @@ fn changed_baseline() -> String {
         "{}\n  - id: module.owner-tagged\n    severity: low\n    target: {{module: \"*\"}}\n    check: {{path: /tags/owner, op: exists}}\n",
         text.trim_end()
     )
+}
+
+/// `twinwatch seed` into `data` of hub `hub` as of `as_of`, then `more` (the files last).
+fn seed_args<'a>(data: &'a Path, as_of: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "seed",
+        "--data-dir",
+        path(data),
+        "--hub",
+        "hub",
+        "--as-of",
+        as_of,
+    ];
+    args.extend_from_slice(more);
+    args
 }
 
 #[test]
@@ -57,19 +66,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         "{\"deviceId\": \"d1\", \"moduleId\": \"azureiotsecurity\", \"version\": 3}\n",
     );
     let summary = dir.path().join("summary.json");
-    let output = ok(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    let output = ok(&seed_args(
+        &data,
         "2026-12-01T00:00:00Z",
-        "--summary",
-        path(&summary),
-        path(&array),
-        path(&lines),
-    ]);
+        &["--summary", path(&summary), path(&array), path(&lines)],
+    ));
     let line = String::from_utf8_lossy(&output.stdout);
     assert!(
         line.contains("complete") && line.contains("4 documents"),
@@ -99,18 +100,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         &cut,
         r#"[{"deviceId": "d1", "version": 5}, {"deviceId": "d9", "vers"#,
     );
-    let output = run(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    let output = run(&seed_args(
+        &data,
         "2026-12-02T00:00:00Z",
-        "--grace",
-        "0",
-        path(&cut),
-    ]);
+        &["--grace", "0", path(&cut)],
+    ));
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("INCOMPLETE"));
     let export =
@@ -128,18 +122,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         &whole,
         r#"[{"deviceId": "d1", "version": 5}, {"deviceId": "d9", "version": 1}]"#,
     );
-    ok(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    ok(&seed_args(
+        &data,
         "2026-12-02T00:00:00Z",
-        "--grace",
-        "0",
-        path(&whole),
-    ]);
+        &["--grace", "0", path(&whole)],
+    ));
     let export =
         String::from_utf8(ok(&["export", "--data-dir", path(&data)]).stdout).expect("utf-8");
     let devices: Vec<String> = export
@@ -165,16 +152,7 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
             "hub",
             path(&whole),
         ],
-        vec![
-            "seed",
-            "--data-dir",
-            path(&data),
-            "--hub",
-            "hub",
-            "--as-of",
-            "yesterday",
-            path(&whole),
-        ],
+        seed_args(&data, "yesterday", &[path(&whole)]),
     ] {
         let output = run(&bad);
         assert_eq!(output.status.code(), Some(2), "{bad:?}: {output:?}");
@@ -205,7 +183,7 @@ fn audit_counts_are_what_the_reaudit_then_does() {
     let data = dir.path().join("data");
     ok(&["replay", "--data-dir", path(&data), path(&fleet)]);
     let changed = dir.path().join("changed.yaml");
-    write(&changed, &changed_baseline());
+    write(&changed, &changed_baseline_text());
 
     let plan = ok(&[
         "audit",
@@ -374,32 +352,6 @@ fn violations_pending_lists_the_deadlines_of_rules_with_for() {
     }
 }
 
-/// Waits until `name{labels}` reaches `at_least`.
-fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let value = metric(port, name, labels).unwrap_or(0.0);
-        if value >= at_least {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{{{labels}}} stayed at {value}, below {at_least}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child process killed if the test fails before it stops it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn sighup(child: &std::process::Child) {
     let status = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
@@ -414,23 +366,17 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     let fleet = generate_fleet(dir.path(), 300, 5_000, 11, 0.0);
     let hub = Hub::start(&fleet);
     let policy = dir.path().join("policy.yaml");
-    write(&policy, &baseline());
+    write(&policy, &baseline_text());
     let data = dir.path().join("data");
     let alerts = dir.path().join("alerts.jsonl");
     let port = free_port();
-    let mut child = KillOnDrop(spawn_run(
+    let mut child = KillOnDrop::new(spawn_run(
         &hub,
-        &[
-            "run",
-            "--data-dir",
-            path(&data),
-            "--alerts-file",
-            path(&alerts),
-            "--policy",
-            path(&policy),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
+        &run_args(
+            &data,
+            port,
+            &[("--alerts-file", &alerts), ("--policy", &policy)],
+        ),
     ));
     wait_consumed(port, hub.published, Duration::from_secs(120));
 
@@ -438,12 +384,13 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
         &policy,
         "rules:\n  - {id: x, severity: loud, check: {path: /a, op: exists}}\n",
     );
-    sighup(&child.0);
+    sighup(child.child());
     wait_metric(
         port,
         "twinwatch_policy_reloads_total",
         "outcome=\"rejected\"",
         1.0,
+        Duration::from_secs(60),
     );
     assert_eq!(
         readyz(port).map(|(status, _)| status),
@@ -459,13 +406,14 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
         Some(0.0)
     );
 
-    write(&policy, &changed_baseline());
-    sighup(&child.0);
+    write(&policy, &changed_baseline_text());
+    sighup(child.child());
     wait_metric(
         port,
         "twinwatch_policy_reloads_total",
         "outcome=\"applied\"",
         1.0,
+        Duration::from_secs(60),
     );
     let twins = metric_plain(port, "twinwatch_reaudit_twins_total").unwrap_or(0.0);
     assert!(twins >= 300.0, "every twin is re-audited: {twins}");
@@ -479,7 +427,7 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
         assert!(Instant::now() < deadline, "no re-audit alert delivered");
         std::thread::sleep(Duration::from_millis(100));
     }
-    sigterm_and_wait(&mut child.0);
+    child.stop();
     // The snapshot now has the changed policy's violations: a replay of the same events
     // under it from scratch gives the same set, open and pending together. Which of them are
     // open differs (§9): the replay's clock is at its last event, the service's followed the

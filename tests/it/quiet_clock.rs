@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use twinwatch::time::Ticks;
 
-use crate::service::{free_port, metric, sigterm_and_wait, spawn_run, wait_consumed, Hub};
+use crate::service::{free_port, metric, run_args, spawn_run, wait_consumed, Hub, KillOnDrop};
 use crate::support::{alerts_by_id, expand, ok, path, write_lines};
 
 /// The grace period of the test's rule, seconds.
@@ -57,21 +57,17 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     let data = dir.path().join("data");
     let alerts = dir.path().join("alerts.jsonl");
     let port = free_port();
-    let mut child = KillOnDrop(spawn_run(
+    let mut child = KillOnDrop::new(spawn_run(
         &hub,
-        &[
-            "run",
-            "--config",
-            path(&config),
-            "--policy",
-            path(&policy),
-            "--data-dir",
-            path(&data),
-            "--alerts-file",
-            path(&alerts),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
+        &run_args(
+            &data,
+            port,
+            &[
+                ("--config", &config),
+                ("--policy", &policy),
+                ("--alerts-file", &alerts),
+            ],
+        ),
     ));
     wait_consumed(port, hub.published, Duration::from_secs(60));
 
@@ -117,7 +113,7 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
         Some(1.0)
     );
     assert_eq!(metric(port, "twinwatch_pending_violations", ""), Some(0.0));
-    sigterm_and_wait(&mut child.0);
+    child.stop();
 
     // One alert in all: `paired` passed within its grace period; nothing more was consumed.
     let (by_id, n) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
@@ -129,16 +125,4 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     assert!(ok(&["violations", "--pending", "--data-dir", path(&data)])
         .stdout
         .is_empty());
-}
-
-/// The service, killed if the test fails before it stops it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }

@@ -16,9 +16,10 @@ use twinwatch::store::keys::{ALL_CFS, CF_META, META_FORMAT};
 
 use crate::report;
 use crate::service::{
-    committed, consumed, free_port, readyz, sigterm_and_wait, spawn_run, Hub, SmallDisk,
+    committed, config_file, consumed, free_port, readyz, sigterm_and_wait, spawn_run, Hub,
+    SmallDisk,
 };
-use crate::support::{generate_fleet, ok, path, run};
+use crate::support::{assert_export_is_replays, generate_fleet, ok, path, run};
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -43,15 +44,12 @@ fn full_disk_campaign() {
     let disk = SmallDisk::mount(&dir.path().join("small"), 384);
     let data = disk.0.join("data");
     let port = free_port();
-    let config = dir.path().join("twinwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nmin_free_disk_mib = 64\n[batching]\nmax_messages = 200\n",
-            path(&data)
-        ),
-    )
-    .expect("config");
+    let config = config_file(
+        &dir.path().join("twinwatch.toml"),
+        &data,
+        port,
+        "min_free_disk_mib = 64\n[batching]\nmax_messages = 200\n",
+    );
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
     {
         let _guard = hub.runtime.enter();
@@ -120,13 +118,11 @@ fn full_disk_campaign() {
         "events counted (applied, stale, ignored, dead) != published"
     );
     sigterm_and_wait(&mut service);
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        live == reference,
-        "the export after {fills} full disks differs from a replay's"
+    assert_export_is_replays(
+        dir.path(),
+        &file,
+        &data,
+        &format!("after {fills} full disks"),
     );
     report::record(
         "storage-full-disk",
