@@ -337,14 +337,35 @@ pub(super) async fn run(
     }
 }
 
+/// Runs a check script of an official client (within 240 s) and returns what it printed, one
+/// JSON document, once it succeeded.
+pub(super) async fn run_check(command: &mut tokio::process::Command) -> Json {
+    let output = run(command, Duration::from_secs(240))
+        .await
+        .unwrap_or_else(|reason| panic!("{reason}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python client failed:\n{stderr}"
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "the Python client printed no JSON ({error}):\n{}\n{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 /// A virtual environment `name` under the target directory with `packages` from PyPI (made
-/// once, then reused while `module` imports), or why there is none. Microsoft's official
+/// once, then reused while `module` imports); the test fails where there can be none. Microsoft's official
 /// clients, which the emulators are checked against, are Python packages.
-pub(super) async fn python_venv(
-    name: &str,
-    module: &str,
-    packages: &[&str],
-) -> Result<PathBuf, String> {
+pub(super) async fn python_venv(name: &str, module: &str, packages: &[&str]) -> PathBuf {
+    try_python_venv(name, module, packages)
+        .await
+        .unwrap_or_else(|reason| panic!("cannot set up Microsoft's Python client: {reason}"))
+}
+
+async fn try_python_venv(name: &str, module: &str, packages: &[&str]) -> Result<PathBuf, String> {
     let venv = target_dir().join(name);
     let python = venv.join("bin").join("python");
     if python.exists() {
@@ -406,10 +427,7 @@ fn annotation_json(value: &SystemValue) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_client_reads_partitions_and_events() {
     const START: i64 = 2;
-    let python = match python_venv("eventhub-venv", "azure.eventhub", &["azure-eventhub"]).await {
-        Ok(python) => python,
-        Err(reason) => panic!("cannot set up Microsoft's Python client: {reason}"),
-    };
+    let python = python_venv("eventhub-venv", "azure.eventhub", &["azure-eventhub"]).await;
     let script = source_dir().join("../../tests/python/eventhub_client_check.py");
     assert!(script.exists(), "{} is missing", script.display());
 
@@ -420,27 +438,14 @@ async fn the_official_python_client_reads_partitions_and_events() {
     for event in events.iter().cloned() {
         emulator.publish(event);
     }
-    let output = run(
+    let seen = run_check(
         tokio::process::Command::new(&python)
             .arg(&script)
             .arg(emulator.connection_string())
             .arg(START.to_string())
             .arg("60"),
-        Duration::from_secs(240),
     )
-    .await
-    .unwrap_or_else(|reason| panic!("{reason}"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the Python client failed:\n{stderr}"
-    );
-    let seen: Json = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "the Python client printed no JSON ({error}):\n{}\n{stderr}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
+    .await;
 
     assert_eq!(seen["eventhub"]["name"], "fleet-hub");
     assert_eq!(
@@ -601,6 +606,27 @@ mod wire_errors {
             }
         }
         None
+    }
+
+    /// An emulator of one partition holding one event, and a receiver `name` that received
+    /// it, with its connection and its session (kept open).
+    async fn one_receiver(
+        name: &str,
+    ) -> (
+        Emulator,
+        ConnectionHandle<()>,
+        fe2o3_amqp::session::SessionHandle<()>,
+        Receiver,
+    ) {
+        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
+            .await
+            .expect("emulator starts");
+        emulator.publish(event_for("d", None));
+        let mut connection = connect(&emulator).await;
+        let mut session = Session::begin(&mut connection).await.expect("session");
+        let (receiver, first) = first_event(&mut session, name, &address("0"), None, None).await;
+        assert_eq!(first, Ok(0));
+        (emulator, connection, session, receiver.expect("attached"))
     }
 
     /// Attaches a receiver; `Ok` with the first sequence number it receives, or `Err` with
@@ -779,15 +805,7 @@ mod wire_errors {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_closes_live_connections() {
-        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
-            .await
-            .expect("emulator starts");
-        emulator.publish(event_for("d", None));
-        let mut connection = connect(&emulator).await;
-        let mut session = Session::begin(&mut connection).await.expect("session");
-        let (receiver, first) = first_event(&mut session, "live", &address("0"), None, None).await;
-        assert_eq!(first, Ok(0));
-        let mut receiver = receiver.expect("attached");
+        let (emulator, _connection, _session, mut receiver) = one_receiver("live").await;
         let started = std::time::Instant::now();
         emulator.shutdown().await;
         assert!(
@@ -803,15 +821,7 @@ mod wire_errors {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_connections_end_without_a_close_and_new_ones_are_served() {
-        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
-            .await
-            .expect("emulator starts");
-        emulator.publish(event_for("d", None));
-        let mut connection = connect(&emulator).await;
-        let mut session = Session::begin(&mut connection).await.expect("session");
-        let (receiver, first) = first_event(&mut session, "cut", &address("0"), None, None).await;
-        assert_eq!(first, Ok(0));
-        let mut receiver = receiver.expect("attached");
+        let (emulator, mut connection, _session, mut receiver) = one_receiver("cut").await;
 
         assert_eq!(emulator.drop_connections(), 1, "one receiver was carried");
         let after = tokio::time::timeout(LIMIT, receiver.recv::<Body<Value>>())

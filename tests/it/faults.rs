@@ -15,11 +15,9 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     let file = generate_fleet(dir.path(), 600, 6000, 23, 0.03);
     let hub = Hub::start(&file);
     let disk = SmallDisk::mount(&dir.path().join("small"), 64);
-    let data = disk.0.join("data");
     let port = free_port();
-    let config = config_file(
-        &dir.path().join("twinwatch.toml"),
-        &data,
+    let (data, config) = disk.service_config(
+        dir.path(),
         port,
         "min_free_disk_mib = 16\nshutdown_deadline_secs = 5\n[batching]\nmax_messages = 200\n",
     );

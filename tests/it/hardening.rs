@@ -14,7 +14,7 @@ use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocumen
 const IOTHUB_KEY: &str = "SU9USFVCLUtFWS1TRUNSRVQtOQ==";
 
 use crate::service::{
-    consumed, free_port, readyz, run_args, sigterm_within, wait_consumed, Hub, Receiver,
+    consumed, free_port, readyz, run_args, sigterm_within, wait_consumed, wait_ready, Hub, Receiver,
 };
 use crate::support::{assert_export_is_replays, binary, generate_fleet, path};
 
@@ -48,18 +48,6 @@ fn spawn_logged(
 fn stop(child: &mut Child, limit: Duration) -> (Duration, bool) {
     let (took, status) = sigterm_within(child, limit);
     (took, status.success())
-}
-
-fn wait_ready(port: u16, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while readyz(port).map(|(status, _)| status) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {limit:?}: {:?}",
-            readyz(port)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Issue 23: with `start_position = "latest"`, a receiver that reconnected before its first

@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::service::{
     consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
-    Hub,
+    wait_ready, Hub,
 };
 use crate::support::{
     assert_every_live_alert_delivered, assert_export_is_replays, generate_fleet, ok, path,
@@ -211,15 +211,8 @@ fn refused_credentials_are_reported_and_make_readyz_fail() {
     // Credentials fixed on the hub's side: the service connects and consumes everything.
     hub.emulator.as_ref().expect("running").refuse_tokens(false);
     wait_consumed(port, hub.published, Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz(port).map(|(status, _)| status) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz did not recover: {:?}",
-            readyz(port)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // /readyz recovers.
+    wait_ready(port, Duration::from_secs(30));
     sigterm_and_wait(&mut child);
 }
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::service::{
-    free_port, metric, metric_plain, readyz, run_args, spawn_run, wait_consumed, wait_metric, Hub,
-    KillOnDrop,
+    metric, metric_plain, readyz, service_paths, spawn_service_with, wait_consumed, wait_metric,
+    Hub, KillOnDrop,
 };
 use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run};
 
@@ -185,16 +185,20 @@ fn audit_counts_are_what_the_reaudit_then_does() {
     let changed = dir.path().join("changed.yaml");
     write(&changed, &changed_baseline_text());
 
-    let plan = ok(&[
-        "audit",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--format",
-        "json",
-    ]);
-    let plan: Value = serde_json::from_slice(&plan.stdout).expect("json");
+    // What `audit --format json` plans for the changed policy.
+    let audit_json = || -> Value {
+        let output = ok(&[
+            "audit",
+            "--data-dir",
+            path(&data),
+            "--policy",
+            path(&changed),
+            "--format",
+            "json",
+        ]);
+        serde_json::from_slice(&output.stdout).expect("json")
+    };
+    let plan = audit_json();
     let table = ok(&[
         "audit",
         "--data-dir",
@@ -206,16 +210,19 @@ fn audit_counts_are_what_the_reaudit_then_does() {
 
     // Replaying the same file again applies nothing: the alerts are the re-audit's.
     let alerts = dir.path().join("alerts.jsonl");
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--alerts-file",
-        path(&alerts),
-        path(&fleet),
-    ]);
+    let replay_changed = || {
+        ok(&[
+            "replay",
+            "--data-dir",
+            path(&data),
+            "--policy",
+            path(&changed),
+            "--alerts-file",
+            path(&alerts),
+            path(&fleet),
+        ])
+    };
+    replay_changed();
     let (by_id, n) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
     assert_eq!(n, by_id.len());
     let done = policy_alerts_by_rule(&by_id);
@@ -272,32 +279,14 @@ fn audit_counts_are_what_the_reaudit_then_does() {
         );
     }
     // Now it is the snapshot's policy: nothing would change, and nothing does.
-    let again = ok(&[
-        "audit",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--format",
-        "json",
-    ]);
-    let again: Value = serde_json::from_slice(&again.stdout).expect("json");
+    let again = audit_json();
     assert!(again["rules"]
         .as_array()
         .expect("rules")
         .iter()
         .all(|r| r["toOpen"] == 0 && r["toResolve"] == 0));
     let before = std::fs::read(&alerts).expect("alerts").len();
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--alerts-file",
-        path(&alerts),
-        path(&fleet),
-    ]);
+    replay_changed();
     assert_eq!(std::fs::read(&alerts).expect("alerts").len(), before);
 
     // A policy that does not load: exit 2, nothing changed.
@@ -367,16 +356,13 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     let hub = Hub::start(&fleet);
     let policy = dir.path().join("policy.yaml");
     write(&policy, &baseline_text());
-    let data = dir.path().join("data");
-    let alerts = dir.path().join("alerts.jsonl");
-    let port = free_port();
-    let mut child = KillOnDrop::new(spawn_run(
+    let (data, alerts, port) = service_paths(dir.path());
+    let mut child = KillOnDrop::new(spawn_service_with(
         &hub,
-        &run_args(
-            &data,
-            port,
-            &[("--alerts-file", &alerts), ("--policy", &policy)],
-        ),
+        &data,
+        &alerts,
+        port,
+        &[("--policy", &policy)],
     ));
     wait_consumed(port, hub.published, Duration::from_secs(120));
 

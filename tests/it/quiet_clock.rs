@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use twinwatch::time::Ticks;
 
-use crate::service::{free_port, metric, run_args, spawn_run, wait_consumed, Hub, KillOnDrop};
+use crate::service::{metric, service_paths, spawn_service_with, wait_consumed, Hub, KillOnDrop};
 use crate::support::{alerts_by_id, expand, ok, path, write_lines};
 
 /// The grace period of the test's rule, seconds.
@@ -54,20 +54,13 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     let hub = Hub::start(&file);
     assert_eq!(hub.published, 3);
 
-    let data = dir.path().join("data");
-    let alerts = dir.path().join("alerts.jsonl");
-    let port = free_port();
-    let mut child = KillOnDrop::new(spawn_run(
+    let (data, alerts, port) = service_paths(dir.path());
+    let mut child = KillOnDrop::new(spawn_service_with(
         &hub,
-        &run_args(
-            &data,
-            port,
-            &[
-                ("--config", &config),
-                ("--policy", &policy),
-                ("--alerts-file", &alerts),
-            ],
-        ),
+        &data,
+        &alerts,
+        port,
+        &[("--config", &config), ("--policy", &policy)],
     ));
     wait_consumed(port, hub.published, Duration::from_secs(60));
 

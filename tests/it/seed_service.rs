@@ -16,7 +16,8 @@ use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, QueryFault,
 use twinwatch::time::Ticks;
 
 use crate::service::{
-    free_port, metric, metric_plain, readyz, run_args, spawn_run_with, wait_metric, Hub, KillOnDrop,
+    free_port, metric, metric_plain, readyz, run_args, service_paths, spawn_run_with, wait_metric,
+    Hub, KillOnDrop,
 };
 use crate::support::{alerts_by_id, export, generate, generate_fleet, ok, path};
 
@@ -154,11 +155,7 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
         &endpoint,
         &format!("as_of = \"{as_of}\"\nreconcile_every_hours = 0"),
     );
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
+    let (data, alerts, port) = service_paths(dir.path());
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
     wait_pass(port, "complete");
     // The receivers may attach after the pass (readiness never waits for it).
@@ -283,11 +280,7 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
 
     // The feed alone, into the data directory (no [seed]).
     let hub = Hub::start(&fleet);
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
+    let (data, alerts, port) = service_paths(dir.path());
     let mut feed_only = KillOnDrop::new(crate::service::spawn_service(&hub, &data, &alerts, port));
     crate::service::wait_consumed(port, hub.published, Duration::from_secs(120));
     feed_only.stop();
@@ -400,11 +393,7 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
         &query.http_endpoint().expect("http"),
         "reconcile_every_hours = 0",
     );
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
+    let (data, alerts, port) = service_paths(dir.path());
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
     wait_throttled(port);
     let all = TwinDocuments::read(&documents).expect("documents");

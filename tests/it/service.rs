@@ -98,8 +98,27 @@ impl Drop for Hub {
     }
 }
 
+/// Where a test's service keeps its snapshot (`dir/data`) and its alerts
+/// (`dir/alerts.jsonl`), and a free port for it to listen on.
+pub fn service_paths(dir: &Path) -> (PathBuf, PathBuf, u16) {
+    (dir.join("data"), dir.join("alerts.jsonl"), free_port())
+}
+
 pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
-    spawn_run(hub, &run_args(data, port, &[("--alerts-file", alerts)]))
+    spawn_service_with(hub, data, alerts, port, &[])
+}
+
+/// [`spawn_service`] with `more` arguments (`("--policy", file)`, `("--config", file)`).
+pub fn spawn_service_with(
+    hub: &Hub,
+    data: &Path,
+    alerts: &Path,
+    port: u16,
+    more: &[(&str, &Path)],
+) -> Child {
+    let mut all = vec![("--alerts-file", alerts)];
+    all.extend_from_slice(more);
+    spawn_run(hub, &run_args(data, port, &all))
 }
 
 /// The arguments of `twinwatch run` on `data`, listening on loopback `port`, with `more`
@@ -219,7 +238,7 @@ pub fn eventhub_config(dir: &Path, name: &str, port: u16, eventhub: &str) -> Pat
 }
 
 /// The text of the service's /metrics (None while it is not listening).
-fn metrics_text(port: u16) -> Option<String> {
+pub fn metrics_text(port: u16) -> Option<String> {
     ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
         .call()
         .ok()?
@@ -315,6 +334,21 @@ pub fn wait_quiet_clock(port: u16, limit: Duration) {
             metric(port, "twinwatch_pending_violations", "")
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Waits until /readyz answers 200; fails with its last answer after `limit`.
+pub fn wait_ready(port: u16, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        match readyz(port) {
+            Some((200, _)) => return,
+            last => assert!(
+                Instant::now() < deadline,
+                "not ready within {limit:?}: {last:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -546,6 +580,14 @@ impl SmallDisk {
             "mounting a tmpfs failed: this campaign needs root"
         );
         SmallDisk(at.to_owned())
+    }
+
+    /// A service's data directory on this disk, and its configuration in
+    /// `dir/twinwatch.toml` (listening on loopback `port`, with `settings` after).
+    pub fn service_config(&self, dir: &Path, port: u16, settings: &str) -> (PathBuf, PathBuf) {
+        let data = self.0.join("data");
+        let config = config_file(&dir.join("twinwatch.toml"), &data, port, settings);
+        (data, config)
     }
 
     pub fn free_bytes(&self) -> u64 {

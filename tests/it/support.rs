@@ -197,6 +197,26 @@ pub fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// The arguments of a replay of `input` into `data`, alerts into the file `alerts`, with
+/// `more` before the input.
+pub fn replay_args<'a>(
+    data: &'a Path,
+    alerts: &'a Path,
+    input: &'a Path,
+    more: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "replay",
+        "--data-dir",
+        path(data),
+        "--alerts-file",
+        path(alerts),
+    ];
+    args.extend_from_slice(more);
+    args.push(path(input));
+    args
+}
+
 /// The export of `file` replayed into `scratch/replayed`: what a live run of the same events
 /// must end with.
 pub fn replay_export(scratch: &Path, file: &Path) -> Vec<u8> {

@@ -24,7 +24,7 @@ use crate::service::{
 };
 use crate::support::{
     alerts_by_id, baseline_rules_with_for, baseline_text, binary, generate_fleet, live_comparable,
-    ok, path, replay_export,
+    ok, path, replay_args, replay_export,
 };
 
 /// How an attempt is meant to die.
@@ -78,6 +78,24 @@ struct Plan {
     timer_hits: u32,
 }
 
+impl Plan {
+    /// `kills` at full and at CI scale, from outside after `outside_ms`, at a spot's hit 1 to
+    /// `hits` (no timer spot).
+    fn new(
+        scale: Scale,
+        kills: (u64, u64),
+        outside_ms: std::ops::RangeInclusive<u64>,
+        hits: u32,
+    ) -> Plan {
+        Plan {
+            kills: scale.pick(kills.0, kills.1),
+            outside_ms,
+            hits,
+            timer_hits: 0,
+        }
+    }
+}
+
 /// What a campaign's subject is: how to start it, and how to run it to the end.
 trait Subject {
     /// Starts a run on `data`, alerts into `alerts`, `FAILPOINTS` set to `failpoints`.
@@ -107,17 +125,10 @@ struct Replay {
 
 impl Subject for Replay {
     fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        let mut more = vec!["--batch-size", "500"];
+        more.extend(self.extra.iter().map(String::as_str));
         let mut command = Command::new(binary());
-        command.args([
-            "replay",
-            "--data-dir",
-            path(data),
-            "--batch-size",
-            "500",
-            "--alerts-file",
-            path(alerts),
-        ]);
-        command.args(&self.extra).arg(&self.fleet);
+        command.args(replay_args(data, alerts, &self.fleet, &more));
         start(command, failpoints, log)
     }
 
@@ -566,14 +577,9 @@ fn replay_crash_campaign() {
     };
     let (reference, whole) = setup.clean_run(&subject);
     assert!(reference.alerts.len() >= 500, "too few alerts to check");
-    let plan = Plan {
-        kills: setup.scale.pick(30, 10),
-        // From outside: anywhere from the start-up to a tenth of an uninterrupted run.
-        outside_ms: 20..=(whole / 10).max(60),
-        // A batch is 500 events.
-        hits: 6,
-        timer_hits: 0,
-    };
+    // From outside: anywhere from the start-up to a tenth of an uninterrupted run; a batch
+    // is 500 events.
+    let plan = Plan::new(setup.scale, (30, 10), 20..=(whole / 10).max(60), 6);
     setup.run("crash-replay", &subject, &reference, &plan);
 }
 
@@ -598,15 +604,10 @@ fn live_crash_campaign() {
         "the uninterrupted live run's export differs from a replay's"
     );
 
-    let plan = Plan {
-        kills: setup.scale.pick(30, 10),
-        // The service starts consuming about 200 ms after it is started, and then takes
-        // 3 to 5 s for the whole hub at full scale.
-        outside_ms: 100..=800,
-        // A batch is 500 events (the configuration) or what arrived in 50 ms.
-        hits: 6,
-        timer_hits: 0,
-    };
+    // The service starts consuming about 200 ms after it is started, and then takes 3 to 5 s
+    // for the whole hub at full scale. A batch is 500 events (the configuration) or what
+    // arrived in 50 ms.
+    let plan = Plan::new(setup.scale, (30, 10), 100..=800, 6);
     setup.run("crash-live", &subject, &reference, &plan);
 }
 
@@ -653,13 +654,8 @@ fn reaudit_crash_campaign() {
             .all(|a| a["data"]["reason"] == "policy"),
         "every alert of a re-audit carries reason policy"
     );
-    let plan = Plan {
-        kills: setup.scale.pick(20, 6),
-        outside_ms: 20..=whole.max(60),
-        // A batch is 500 twins.
-        hits: 6,
-        timer_hits: 0,
-    };
+    // A batch is 500 twins.
+    let plan = Plan::new(setup.scale, (20, 6), 20..=whole.max(60), 6);
     setup.run("crash-reaudit", &subject, &reference, &plan);
 }
 
@@ -704,13 +700,8 @@ fn seed_crash_campaign() {
     };
     let (reference, whole) = setup.clean_run(&subject);
     assert!(reference.alerts.len() >= 100, "too few alerts to check");
-    let plan = Plan {
-        kills: setup.scale.pick(20, 6),
-        outside_ms: 20..=whole.max(60),
-        // The spot is passed once per run.
-        hits: 1,
-        timer_hits: 0,
-    };
+    // The spot is passed once per run.
+    let plan = Plan::new(setup.scale, (20, 6), 20..=whole.max(60), 1);
     setup.run("crash-seed", &subject, &reference, &plan);
 }
 
@@ -756,12 +747,10 @@ fn grace_crash_campaign() {
     );
 
     let plan = Plan {
-        kills: setup.scale.pick(30, 10),
-        outside_ms: 20..=(whole / 10).max(60),
-        // A batch is 500 events.
-        hits: 6,
         // Anywhere in the first half of the run's timers.
         timer_hits: (fired / 2) as u32,
+        // A batch is 500 events.
+        ..Plan::new(setup.scale, (30, 10), 20..=(whole / 10).max(60), 6)
     };
     eprintln!("crash-grace: {fired} timers fired in the uninterrupted run");
     setup.run("crash-grace", &subject, &reference, &plan);

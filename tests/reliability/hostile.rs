@@ -275,12 +275,7 @@ fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Every hostile line that is not applied is a dead letter at its own record index.
-    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).expect("dead letter"))
-        .collect();
+    let dead = dead_letter_lines(&data);
     let expected: Vec<(u64, &str)> = lines
         .iter()
         .enumerate()
@@ -365,6 +360,16 @@ fn hostile_policy_files_are_policy_errors() {
         "hostile-policies",
         &[("inputs", n), ("panics", 0), ("stalls", 0), ("accepted", 0)],
     );
+}
+
+/// `deadletters` of a data directory, a JSON object a line.
+fn dead_letter_lines(data: &Path) -> Vec<Value> {
+    ok(&["deadletters", "--data-dir", path(data)])
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("dead letter"))
+        .collect()
 }
 
 /// The highest resident set (VmHWM, KiB) of a running process, or 0 once it is gone.
@@ -564,12 +569,7 @@ fn a_line_longer_than_the_bound_is_a_dead_letter_and_the_file_goes_on() {
         .expect("spawn");
     let (status, peak) = wait_watching_rss(&mut child, "the long lines");
     assert!(status.success(), "replay failed");
-    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).expect("dead letter"))
-        .collect();
+    let dead = dead_letter_lines(&data);
     let at: Vec<(u64, &str)> = dead
         .iter()
         .map(|d| {

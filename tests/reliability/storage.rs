@@ -16,8 +16,7 @@ use twinwatch::store::keys::{ALL_CFS, CF_META, META_FORMAT};
 
 use crate::report;
 use crate::service::{
-    committed, config_file, consumed, free_port, readyz, sigterm_and_wait, spawn_run, Hub,
-    SmallDisk,
+    committed, consumed, free_port, readyz, sigterm_and_wait, spawn_run, wait_ready, Hub, SmallDisk,
 };
 use crate::support::{assert_export_is_replays, generate_fleet, ok, path, run};
 
@@ -42,11 +41,9 @@ fn full_disk_campaign() {
     // RocksDB preallocates its write-ahead log (tens of MiB): the disk is roomy enough for that
     // and the snapshot, and the filler takes the rest.
     let disk = SmallDisk::mount(&dir.path().join("small"), 384);
-    let data = disk.0.join("data");
     let port = free_port();
-    let config = config_file(
-        &dir.path().join("twinwatch.toml"),
-        &data,
+    let (data, config) = disk.service_config(
+        dir.path(),
         port,
         "min_free_disk_mib = 64\n[batching]\nmax_messages = 200\n",
     );
@@ -94,17 +91,8 @@ fn full_disk_campaign() {
             "it committed with a full disk"
         );
         std::fs::remove_file(&filler).expect("free the space");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match readyz(port) {
-                Some((200, _)) => break,
-                last => assert!(
-                    Instant::now() < deadline,
-                    "not ready 30 s after space was freed: {last:?}"
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Ready again once the space is freed.
+        wait_ready(port, Duration::from_secs(30));
     }
 
     // Every event counted once by the one process, all committed.
