@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::service::{
-    metric, metric_plain, readyz, service_paths, spawn_service_with, wait_consumed, wait_metric,
-    Hub, KillOnDrop,
-};
+use crate::service::{metric, metric_plain, readyz, wait_metric, Hub, Running};
 use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run};
 
 fn write(path: &Path, text: &str) {
@@ -356,15 +353,17 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     let hub = Hub::start(&fleet);
     let policy = dir.path().join("policy.yaml");
     write(&policy, &baseline_text());
-    let (data, alerts, port) = service_paths(dir.path());
-    let mut child = KillOnDrop::new(spawn_service_with(
-        &hub,
-        &data,
-        &alerts,
+    let Running {
+        mut child,
+        data,
+        alerts,
         port,
+    } = Running::consume(
+        &hub,
+        dir.path(),
         &[("--policy", &policy)],
-    ));
-    wait_consumed(port, hub.published, Duration::from_secs(120));
+        Duration::from_secs(120),
+    );
 
     write(
         &policy,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use twinwatch::time::Ticks;
 
-use crate::service::{metric, service_paths, spawn_service_with, wait_consumed, Hub, KillOnDrop};
+use crate::service::{metric, Hub, Running};
 use crate::support::{alerts_by_id, expand, ok, path, write_lines};
 
 /// The grace period of the test's rule, seconds.
@@ -54,15 +54,17 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     let hub = Hub::start(&file);
     assert_eq!(hub.published, 3);
 
-    let (data, alerts, port) = service_paths(dir.path());
-    let mut child = KillOnDrop::new(spawn_service_with(
-        &hub,
-        &data,
-        &alerts,
+    let Running {
+        mut child,
+        data,
+        alerts,
         port,
+    } = Running::consume(
+        &hub,
+        dir.path(),
         &[("--config", &config), ("--policy", &policy)],
-    ));
-    wait_consumed(port, hub.published, Duration::from_secs(60));
+        Duration::from_secs(60),
+    );
 
     // The alert comes from the wall clock: the deadline t0 + GRACE passes the quiet clock
     // (now - DELAY) at about t0 + GRACE + DELAY.

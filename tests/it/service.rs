@@ -175,6 +175,31 @@ pub fn spawn_quiet(command: &mut Command) -> Child {
         .expect("spawn twinwatch")
 }
 
+/// A service a test started with [`Running::consume`].
+pub struct Running {
+    pub child: KillOnDrop,
+    pub data: PathBuf,
+    pub alerts: PathBuf,
+    pub port: u16,
+}
+
+impl Running {
+    /// Starts `twinwatch run` on `hub` with `more` arguments, its snapshot and alerts in `dir`
+    /// ([`service_paths`]), and waits (at most `limit`) until it has consumed what the hub
+    /// holds.
+    pub fn consume(hub: &Hub, dir: &Path, more: &[(&str, &Path)], limit: Duration) -> Running {
+        let (data, alerts, port) = service_paths(dir);
+        let child = KillOnDrop::new(spawn_service_with(hub, &data, &alerts, port, more));
+        wait_consumed(port, hub.published, limit);
+        Running {
+            child,
+            data,
+            alerts,
+            port,
+        }
+    }
+}
+
 /// A child process killed if the test fails before it stops it.
 pub struct KillOnDrop(pub Option<Child>);
 
