@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::service::{
     committed, config_file, consumed, eventhub_config, free_port, metric, metric_plain, readyz,
-    sigterm_and_wait, spawn_run, wait_consumed, Hub, Receiver, SmallDisk,
+    sigterm_and_wait, spawn_run, wait_consumed, wait_readyz, Hub, Receiver, SmallDisk,
 };
 use crate::support::{assert_export_is_replays, generate_fleet, path};
 
@@ -27,16 +27,12 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
 
     // Paused: not ready, saying why; nothing committed; consuming stops short.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let problem = loop {
-        if let Some((503, body)) = readyz(port) {
-            if body.contains("disk is full") {
-                break body;
-            }
-        }
-        assert!(Instant::now() < deadline, "never reported the full disk");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let problem = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the full disk",
+        |status, body| status == 503 && body.contains("disk is full"),
+    );
     assert!(problem.contains("consuming is paused"), "{problem}");
     std::thread::sleep(Duration::from_secs(2));
     let before = consumed(port).expect("metrics");

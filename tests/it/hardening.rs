@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use twinwatch::app::emulator::events_of_file;
 use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocuments};
@@ -14,7 +14,8 @@ use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocumen
 const IOTHUB_KEY: &str = "SU9USFVCLUtFWS1TRUNSRVQtOQ==";
 
 use crate::service::{
-    consumed, free_port, readyz, run_args, sigterm_within, wait_consumed, wait_ready, Hub, Receiver,
+    consumed, free_port, run_args, sigterm_within, wait_consumed, wait_ready, wait_readyz, Hub,
+    Receiver,
 };
 use crate::support::{assert_export_is_replays, binary, generate_fleet, path};
 
@@ -205,39 +206,26 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         ],
         &log,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((503, body)) = readyz(port) {
-            if body.to_lowercase().contains("authoriz") {
-                assert_clean("/readyz", &body);
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never reported the refusal"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the refusal",
+        |status, body| status == 503 && body.to_lowercase().contains("authoriz"),
+    );
+    assert_clean("/readyz", &body);
     emulator.refuse_tokens(false);
     wait_consumed(port, hub.published, Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let body = readyz(port).map(|(_, body)| body).unwrap_or_default();
-        if body.contains("\"outcome\":\"failed\"") {
-            assert!(
-                body.contains("contoso-hub"),
-                "the refusal names the hub: {body}"
-            );
-            assert_clean("/readyz's seed details", &body);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the seed pass never failed: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "a failed seed pass",
+        |_, body| body.contains("\"outcome\":\"failed\""),
+    );
+    assert!(
+        body.contains("contoso-hub"),
+        "the refusal names the hub: {body}"
+    );
+    assert_clean("/readyz's seed details", &body);
     assert!(query.refused() > 0, "the twin query was never asked");
     let (_, success) = stop(&mut child, Duration::from_secs(40));
     assert!(success);

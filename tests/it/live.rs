@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::service::{
-    consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
-    wait_ready, Hub,
+    consumed, free_port, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
+    wait_ready, wait_readyz, Hub,
 };
 use crate::support::{
     assert_every_live_alert_delivered, assert_export_is_replays, generate_fleet, ok, path,
-    replay_export,
 };
 
 #[test]
@@ -29,8 +28,8 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     wait_quiet_clock(port, Duration::from_secs(60));
     sigterm_and_wait(&mut child);
 
-    assert!(replay_export(dir.path(), &file).len() > 10_000);
-    assert_export_is_replays(dir.path(), &file, &data, "of the live run");
+    let live_export = assert_export_is_replays(dir.path(), &file, &data, "of the live run");
+    assert!(live_export.len() > 10_000);
     let replayed = dir.path().join("replayed");
     // The replay ends with the clock at its last event: failures of `for` rules younger than
     // their grace period are pending. The live service's clock followed the wall clock once
@@ -181,20 +180,17 @@ fn refused_credentials_are_reported_and_make_readyz_fail() {
     let data = dir.path().join("live");
     let port = free_port();
     let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let body = loop {
-        if let Some((503, body)) = readyz(port) {
-            // Not the initial "connecting": the client's refusal, in its own words.
-            if body.contains("not connected") && body.to_lowercase().contains("authoriz") {
-                break body;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never reported the refused credentials"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // Not the initial "connecting": the client's refusal, in its own words.
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the refused credentials",
+        |status, body| {
+            status == 503
+                && body.contains("not connected")
+                && body.to_lowercase().contains("authoriz")
+        },
+    );
     assert!(
         !body.contains("SAS_KEY_VALUE"),
         "the key leaked into /readyz: {body}"

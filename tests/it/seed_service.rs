@@ -17,7 +17,7 @@ use twinwatch::time::Ticks;
 
 use crate::service::{
     free_port, metric, metric_plain, readyz, run_args, service_paths, spawn_run_with, wait_metric,
-    Hub, KillOnDrop,
+    wait_readyz, Hub, KillOnDrop,
 };
 use crate::support::{alerts_by_id, export, generate, generate_fleet, ok, path};
 
@@ -159,16 +159,10 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
     wait_pass(port, "complete");
     // The receivers may attach after the pass (readiness never waits for it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        let (status, body) = readyz(port).expect("/readyz");
-        let body: Value = serde_json::from_str(&body).expect("json");
-        if status == 200 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "not ready: {body}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let body = wait_readyz(port, Duration::from_secs(30), "readiness", |status, _| {
+        status == 200
+    });
+    let body: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(body["seed"]["last"]["outcome"], "complete", "{body}");
     assert_eq!(body["seed"]["lastComplete"], as_of.to_string(), "{body}");
     let n_documents = TwinDocuments::read(&documents).expect("documents");
@@ -399,17 +393,17 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
     let all = TwinDocuments::read(&documents).expect("documents");
     let total = all.device_count() + all.module_count();
     // The apply thread reports the pages it has applied.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let (status, body) = readyz(port).expect("/readyz");
-        let body: Value = serde_json::from_str(&body).expect("json");
-        assert_eq!(status, 200, "readiness does not wait for the pass: {body}");
-        if body["seed"]["running"]["documents"].as_u64().unwrap_or(0) > 0 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "{body}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(20),
+        "applied pages",
+        |status, body| {
+            assert_eq!(status, 200, "readiness does not wait for the pass: {body}");
+            let body: Value = serde_json::from_str(body).expect("json");
+            body["seed"]["running"]["documents"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    let body: Value = serde_json::from_str(&body).expect("json");
     let running = &body["seed"]["running"];
     let read = running["documents"].as_u64().expect("documents") as usize;
     assert!(read < total, "{read} of {total} read before the throttling");

@@ -364,15 +364,29 @@ pub fn wait_quiet_clock(port: u16, limit: Duration) {
 
 /// Waits until /readyz answers 200; fails with its last answer after `limit`.
 pub fn wait_ready(port: u16, limit: Duration) {
+    wait_readyz(port, limit, "readiness", |status, _| status == 200);
+}
+
+/// Polls /readyz until `done(status, body)` holds, and returns that body; fails after
+/// `limit`, naming `what` it waited for and the last answer.
+pub fn wait_readyz(
+    port: u16,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(u16, &str) -> bool,
+) -> String {
     let deadline = Instant::now() + limit;
     loop {
-        match readyz(port) {
-            Some((200, _)) => return,
-            last => assert!(
-                Instant::now() < deadline,
-                "not ready within {limit:?}: {last:?}"
-            ),
+        let answer = readyz(port);
+        if let Some((status, body)) = &answer {
+            if done(*status, body) {
+                return body.clone();
+            }
         }
+        assert!(
+            Instant::now() < deadline,
+            "waited {limit:?} for {what}; the last /readyz: {answer:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

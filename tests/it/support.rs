@@ -226,14 +226,15 @@ pub fn replay_export(scratch: &Path, file: &Path) -> Vec<u8> {
 }
 
 /// Requires the export of `data` to be [`replay_export`]'s of `file`: nothing lost, nothing
-/// applied twice. `after` says what the run went through, for the message.
-pub fn assert_export_is_replays(scratch: &Path, file: &Path, data: &Path, after: &str) {
+/// applied twice. `after` says what the run went through, for the message. Returns the export.
+pub fn assert_export_is_replays(scratch: &Path, file: &Path, data: &Path, after: &str) -> Vec<u8> {
     let reference = replay_export(scratch, file);
     let live = ok(&["export", "--data-dir", path(data)]).stdout;
     assert!(
         live == reference,
         "the export {after} differs from a replay's"
     );
+    live
 }
 
 /// The alerts of a file sink's content by id, and how many lines there were; the same id
@@ -267,21 +268,31 @@ pub fn assert_every_alert_delivered(clean: &Path, killed: &Path, at_least: usize
         n_expected >= at_least,
         "only {n_expected} alerts: the fleet should raise more"
     );
+    assert_same_alerts(&expected, &delivered, "");
+    assert!(n_delivered >= n_expected);
+}
+
+/// Requires `delivered` to hold every alert of `expected` under the same id, and nothing else;
+/// `context` starts the messages.
+pub fn assert_same_alerts(
+    expected: &BTreeMap<String, Value>,
+    delivered: &BTreeMap<String, Value>,
+    context: &str,
+) {
     let missing: Vec<&String> = expected
         .keys()
         .filter(|id| !delivered.contains_key(*id))
         .collect();
     assert!(
         missing.is_empty(),
-        "{} alerts never delivered, e.g. {:?}",
+        "{context}{} alerts never delivered, e.g. {:?}",
         missing.len(),
         missing.first()
     );
     assert_eq!(
         expected, delivered,
-        "the delivered alerts differ from the uninterrupted run's"
+        "{context}the delivered alerts differ from the uninterrupted run's"
     );
-    assert!(n_delivered >= n_expected);
 }
 
 /// [`assert_every_alert_delivered`] for two live runs of the built-in baseline: alerts of its

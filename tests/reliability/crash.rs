@@ -23,8 +23,8 @@ use crate::service::{
     committed, free_port, metric_plain, run_args, sigterm_and_wait, wait_quiet_clock, Hub,
 };
 use crate::support::{
-    alerts_by_id, baseline_rules_with_for, baseline_text, binary, generate_fleet, live_comparable,
-    ok, path, replay_args, replay_export,
+    alerts_by_id, assert_same_alerts, baseline_rules_with_for, baseline_text, binary,
+    generate_fleet, live_comparable, ok, path, replay_args, replay_export,
 };
 
 /// How an attempt is meant to die.
@@ -133,11 +133,7 @@ impl Subject for Replay {
     }
 
     fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
-        let mut child = self.spawn(data, alerts, None, log);
-        let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .expect("a replay did not finish within 300 s");
-        assert!(status.success(), "a replay failed: {status}");
-        assert_no_panic(log);
+        finish(self.spawn(data, alerts, None, log), "replay", log);
     }
 
     fn patience(&self) -> Duration {
@@ -174,11 +170,7 @@ impl Subject for OnCopy {
     }
 
     fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
-        let mut child = self.spawn(data, alerts, None, log);
-        let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .unwrap_or_else(|| panic!("`{}` did not finish within 300 s", self.args[0]));
-        assert!(status.success(), "`{}` failed: {status}", self.args[0]);
-        assert_no_panic(log);
+        finish(self.spawn(data, alerts, None, log), &self.args[0], log);
     }
 
     fn patience(&self) -> Duration {
@@ -286,6 +278,15 @@ fn start(mut command: Command, failpoints: Option<&str>, log: &Path) -> Child {
         command.env("FAILPOINTS", failpoints);
     }
     command.spawn().expect("spawn twinwatch")
+}
+
+/// Waits for a run of `command` to end by itself within 300 s, successfully, without a panic
+/// in its `log`.
+fn finish(mut child: Child, command: &str, log: &Path) {
+    let status = wait_at_most(&mut child, Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("`{command}` did not finish within 300 s"));
+    assert!(status.success(), "`{command}` failed: {status}");
+    assert_no_panic(log);
 }
 
 /// The child's exit status, or `None` if it is still running after `limit`.
@@ -462,21 +463,7 @@ fn check_round(reference: &Reference, data: &Path, alerts: &Path, tally: &mut Ta
         bytes = live_comparable(&bytes, &reference.skip);
     }
     let (delivered, n_delivered) = alerts_by_id(&bytes);
-    let missing: Vec<&String> = reference
-        .alerts
-        .keys()
-        .filter(|id| !delivered.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "round {round}: {} alerts never delivered, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
-    assert_eq!(
-        delivered, reference.alerts,
-        "round {round}: the delivered alerts differ from the uninterrupted run's"
-    );
+    assert_same_alerts(&reference.alerts, &delivered, &format!("round {round}: "));
     tally.alerts_expected += reference.alerts.len() as u64;
     tally.alerts_delivered += n_delivered as u64;
 }
