@@ -54,12 +54,7 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     let hub = Hub::start(&file);
     assert_eq!(hub.published, 3);
 
-    let Running {
-        mut child,
-        data,
-        alerts,
-        port,
-    } = Running::consume(
+    let mut service = Running::consume(
         &hub,
         dir.path(),
         &[("--config", &config), ("--policy", &policy)],
@@ -70,14 +65,14 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     // (now - DELAY) at about t0 + GRACE + DELAY.
     let deadline = Instant::now() + Duration::from_secs(30);
     let opened = loop {
-        let (by_id, _) = alerts_by_id(&std::fs::read(&alerts).unwrap_or_default());
+        let (by_id, _) = alerts_by_id(&std::fs::read(&service.alerts).unwrap_or_default());
         if let Some(alert) = by_id.into_values().next() {
             break alert;
         }
         assert!(
             Instant::now() < deadline,
             "no alert within 30 s of a quiet feed (pending: {:?})",
-            metric(port, "twinwatch_pending_violations", "")
+            metric(service.port, "twinwatch_pending_violations", "")
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -100,24 +95,34 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     // Timed at the deadline, not at the wall clock that reached it.
     assert_eq!(opened["time"], at(GRACE_SECS), "{opened}");
     assert_eq!(
-        metric(port, "twinwatch_pending_violations_total", "opened"),
+        metric(service.port, "twinwatch_pending_violations_total", "opened"),
         Some(1.0)
     );
     assert_eq!(
-        metric(port, "twinwatch_pending_violations_total", "dropped"),
+        metric(
+            service.port,
+            "twinwatch_pending_violations_total",
+            "dropped"
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(port, "twinwatch_pending_violations", ""), Some(0.0));
-    child.stop();
+    assert_eq!(
+        metric(service.port, "twinwatch_pending_violations", ""),
+        Some(0.0)
+    );
+    service.child.stop();
 
     // One alert in all: `paired` passed within its grace period; nothing more was consumed.
-    let (by_id, n) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
+    let (by_id, n) = alerts_by_id(&std::fs::read(&service.alerts).expect("alerts"));
     assert_eq!((by_id.len(), n), (1, 1), "{by_id:?}");
     let violations =
-        String::from_utf8(ok(&["violations", "--data-dir", path(&data)]).stdout).expect("utf-8");
+        String::from_utf8(ok(&["violations", "--data-dir", path(&service.data)]).stdout)
+            .expect("utf-8");
     assert_eq!(violations.lines().count(), 1, "{violations}");
     assert!(violations.contains("lonely"), "{violations}");
-    assert!(ok(&["violations", "--pending", "--data-dir", path(&data)])
-        .stdout
-        .is_empty());
+    assert!(
+        ok(&["violations", "--pending", "--data-dir", path(&service.data)])
+            .stdout
+            .is_empty()
+    );
 }
