@@ -34,6 +34,16 @@ fn start_query(hub: &Hub, documents: TwinDocuments) -> QueryEmulator {
         .expect("the twin query emulator")
 }
 
+/// The twin documents of a fleet of `(devices, events, seed)` as of its last event, served by
+/// the twin query emulator beside an Event Hubs emulator named `hub` with nothing published.
+fn serving(dir: &Path, fleet: (u64, u64, u64), hub: &str) -> (PathBuf, Hub, QueryEmulator) {
+    let (devices, events, seed) = fleet;
+    let documents = documents_file(dir, devices, events, seed, events);
+    let hub = Hub::empty(hub);
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    (documents, hub, query)
+}
+
 /// `generate --format twin-documents` of the fleet as of its first `as_of_event` messages.
 fn documents_file(dir: &Path, devices: u64, events: u64, seed: u64, as_of_event: u64) -> PathBuf {
     let out = dir.join(format!("twins-{as_of_event}.json"));
@@ -369,10 +379,7 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
 #[test]
 fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (devices, events, seed) = (60, 1_500, 23);
-    let documents = documents_file(dir.path(), devices, events, seed, events);
-    let hub = Hub::empty("iothub-ehub-stop");
-    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    let (documents, hub, query) = serving(dir.path(), (60, 1_500, 23), "iothub-ehub-stop");
     // After two pages, the hub throttles for longer than the stop may take.
     query.inject_after(
         2,
@@ -434,10 +441,7 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
 #[test]
 fn a_service_killed_mid_pass_ends_as_one_never_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (devices, events, seed) = (90, 2_500, 29);
-    let documents = documents_file(dir.path(), devices, events, seed, events);
-    let hub = Hub::empty("iothub-ehub-kill");
-    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    let (_, hub, query) = serving(dir.path(), (90, 2_500, 29), "iothub-ehub-kill");
     // A fixed as-of time, so that both runs' alert ids are comparable.
     let config = config_file(
         dir.path(),
