@@ -393,37 +393,33 @@ pub fn test_ca(dir: &std::path::Path) -> (std::path::PathBuf, Arc<rustls::Server
             String::from_utf8_lossy(&output.stderr)
         );
     };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
+    // A new P-256 key in `key` and a request for `subject` in `out`, with `more` arguments.
+    let request = |key: &str, out: &str, subject: &str, more: &[&str]| {
+        let mut args = vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            out,
+            "-subj",
+            subject,
+        ];
+        args.extend_from_slice(more);
+        run(&args);
+    };
+    // The CA: self-signed.
+    request(
         "ca.key",
-        "-out",
         "ca.pem",
-        "-days",
-        "2",
-        "-subj",
         "/CN=twinwatch test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
+        &["-x509", "-days", "2"],
+    );
+    request("server.key", "server.csr", "/CN=127.0.0.1", &[]);
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",

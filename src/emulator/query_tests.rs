@@ -2,87 +2,13 @@
 //! (`azure-iot-hub` from PyPI, `IoTHubRegistryManager.query_iot_hub`), over HTTPS with the
 //! emulator's generated certificate trusted through `REQUESTS_CA_BUNDLE`.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::Path;
 
 use serde_json::Value as Json;
 
 use super::query::{QueryEmulator, QueryEmulatorConfig, QueryFault, TwinDocuments};
+use super::tests::{python_venv, run_check};
 use crate::generate::GenerateOptions;
-
-/// The Cargo target directory: the test binary is `<target>/<profile>/deps/<name>`.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    exe.ancestors()
-        .nth(3)
-        .expect("the test binary lies under the target directory")
-        .to_path_buf()
-}
-
-async fn run(
-    command: &mut tokio::process::Command,
-    limit: Duration,
-) -> Result<std::process::Output, String> {
-    command.kill_on_drop(true).stdin(Stdio::null());
-    let description = format!("{command:?}");
-    match tokio::time::timeout(limit, command.output()).await {
-        Err(_) => Err(format!("{description} did not finish within {limit:?}")),
-        Ok(Err(error)) => Err(format!("{description} could not run: {error}")),
-        Ok(Ok(output)) => Ok(output),
-    }
-}
-
-/// A virtual environment with `azure-iot-hub` 2.x under the target directory (made once,
-/// then reused), or why there is none.
-async fn python_with_azure_iot_hub() -> Result<PathBuf, String> {
-    let venv = target_dir().join("iothub-venv");
-    let python = venv.join("bin").join("python");
-    if python.exists() {
-        let check = run(
-            tokio::process::Command::new(&python).args(["-c", "import azure.iot.hub"]),
-            Duration::from_secs(60),
-        )
-        .await?;
-        if check.status.success() {
-            return Ok(python);
-        }
-    }
-    let created = run(
-        tokio::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv),
-        Duration::from_secs(180),
-    )
-    .await?;
-    if !created.status.success() {
-        return Err(format!(
-            "python3 -m venv failed (on Debian, install python3-venv): {}",
-            String::from_utf8_lossy(&created.stderr)
-        ));
-    }
-    let installed = run(
-        tokio::process::Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "azure-iot-hub==2.*",
-            // azure-iot-hub 2.7 imports `six` without declaring it.
-            "six",
-        ]),
-        Duration::from_secs(600),
-    )
-    .await?;
-    if !installed.status.success() {
-        return Err(format!(
-            "pip install azure-iot-hub failed: {}",
-            String::from_utf8_lossy(&installed.stderr)
-        ));
-    }
-    Ok(python)
-}
 
 /// What the check script prints of a twin, reduced to what the emulator must carry over
 /// unchanged.
@@ -102,10 +28,13 @@ fn essentials(twin: &Json) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_client_reads_every_twin_page_by_page() {
     const PAGE: usize = 25;
-    let python = match python_with_azure_iot_hub().await {
-        Ok(python) => python,
-        Err(reason) => panic!("cannot set up Microsoft's Python client: {reason}"),
-    };
+    // azure-iot-hub 2.7 imports `six` without declaring it.
+    let python = python_venv(
+        "iothub-venv",
+        "azure.iot.hub",
+        &["azure-iot-hub==2.*", "six"],
+    )
+    .await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/iothub_query_check.py");
     assert!(script.exists(), "{} is missing", script.display());
 
@@ -147,28 +76,15 @@ async fn the_official_python_client_reads_every_twin_page_by_page() {
         1,
     );
 
-    let output = run(
+    let seen = run_check(
         tokio::process::Command::new(&python)
             .arg(&script)
             .arg(emulator.connection_string().to_secret_string())
             .arg(emulator.https_addr().expect("https").to_string())
             .arg(PAGE.to_string())
             .env("REQUESTS_CA_BUNDLE", &ca),
-        Duration::from_secs(240),
     )
-    .await
-    .unwrap_or_else(|reason| panic!("{reason}"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the Python client failed:\n{stderr}"
-    );
-    let seen: Json = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "the Python client printed no JSON ({error}):\n{}\n{stderr}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
+    .await;
 
     for (name, expected) in [
         ("devices", &expected_devices),

@@ -323,7 +323,8 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-async fn run(
+/// Runs `command` to its end within `limit` (killed past it), stdin closed.
+pub(super) async fn run(
     command: &mut tokio::process::Command,
     limit: Duration,
 ) -> Result<std::process::Output, String> {
@@ -336,14 +337,40 @@ async fn run(
     }
 }
 
-/// A virtual environment with `azure-eventhub` under the target directory (made once, then
-/// reused), or why there is none.
-async fn python_with_azure_eventhub() -> Result<PathBuf, String> {
-    let venv = target_dir().join("eventhub-venv");
+/// Runs a check script of an official client (within 240 s) and returns what it printed, one
+/// JSON document, once it succeeded.
+pub(super) async fn run_check(command: &mut tokio::process::Command) -> Json {
+    let output = run(command, Duration::from_secs(240))
+        .await
+        .unwrap_or_else(|reason| panic!("{reason}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the Python client failed:\n{stderr}"
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "the Python client printed no JSON ({error}):\n{}\n{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// A virtual environment `name` under the target directory with `packages` from PyPI (made
+/// once, then reused while `module` imports); the test fails where there can be none. Microsoft's official
+/// clients, which the emulators are checked against, are Python packages.
+pub(super) async fn python_venv(name: &str, module: &str, packages: &[&str]) -> PathBuf {
+    try_python_venv(name, module, packages)
+        .await
+        .unwrap_or_else(|reason| panic!("cannot set up Microsoft's Python client: {reason}"))
+}
+
+async fn try_python_venv(name: &str, module: &str, packages: &[&str]) -> Result<PathBuf, String> {
+    let venv = target_dir().join(name);
     let python = venv.join("bin").join("python");
     if python.exists() {
         let check = run(
-            tokio::process::Command::new(&python).args(["-c", "import azure.eventhub"]),
+            tokio::process::Command::new(&python).args(["-c", &format!("import {module}")]),
             Duration::from_secs(60),
         )
         .await?;
@@ -365,20 +392,22 @@ async fn python_with_azure_eventhub() -> Result<PathBuf, String> {
         ));
     }
     let installed = run(
-        tokio::process::Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "azure-eventhub",
-        ]),
+        tokio::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages),
         Duration::from_secs(600),
     )
     .await?;
     if !installed.status.success() {
         return Err(format!(
-            "pip install azure-eventhub failed: {}",
+            "pip install {} failed: {}",
+            packages.join(" "),
             String::from_utf8_lossy(&installed.stderr)
         ));
     }
@@ -398,10 +427,7 @@ fn annotation_json(value: &SystemValue) -> Json {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_python_client_reads_partitions_and_events() {
     const START: i64 = 2;
-    let python = match python_with_azure_eventhub().await {
-        Ok(python) => python,
-        Err(reason) => panic!("cannot set up Microsoft's Python client: {reason}"),
-    };
+    let python = python_venv("eventhub-venv", "azure.eventhub", &["azure-eventhub"]).await;
     let script = source_dir().join("../../tests/python/eventhub_client_check.py");
     assert!(script.exists(), "{} is missing", script.display());
 
@@ -412,27 +438,14 @@ async fn the_official_python_client_reads_partitions_and_events() {
     for event in events.iter().cloned() {
         emulator.publish(event);
     }
-    let output = run(
+    let seen = run_check(
         tokio::process::Command::new(&python)
             .arg(&script)
             .arg(emulator.connection_string())
             .arg(START.to_string())
             .arg("60"),
-        Duration::from_secs(240),
     )
-    .await
-    .unwrap_or_else(|reason| panic!("{reason}"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the Python client failed:\n{stderr}"
-    );
-    let seen: Json = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "the Python client printed no JSON ({error}):\n{}\n{stderr}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
+    .await;
 
     assert_eq!(seen["eventhub"]["name"], "fleet-hub");
     assert_eq!(
@@ -580,6 +593,42 @@ mod wire_errors {
         builder.build()
     }
 
+    /// The text of the error that closes `receiver` within its next three receives (events
+    /// still in flight may come first), each within `LIMIT` (`who` it is, for the message).
+    async fn closing_error(receiver: &mut Receiver, who: &str) -> Option<String> {
+        for _ in 0..3 {
+            match tokio::time::timeout(LIMIT, receiver.recv::<Body<Value>>())
+                .await
+                .unwrap_or_else(|_| panic!("the {who} hears in time"))
+            {
+                Ok(_) => continue,
+                Err(error) => return Some(format!("{error:?}")),
+            }
+        }
+        None
+    }
+
+    /// An emulator of one partition holding one event, and a receiver `name` that received
+    /// it, with its connection and its session (kept open).
+    async fn one_receiver(
+        name: &str,
+    ) -> (
+        Emulator,
+        ConnectionHandle<()>,
+        fe2o3_amqp::session::SessionHandle<()>,
+        Receiver,
+    ) {
+        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
+            .await
+            .expect("emulator starts");
+        emulator.publish(event_for("d", None));
+        let mut connection = connect(&emulator).await;
+        let mut session = Session::begin(&mut connection).await.expect("session");
+        let (receiver, first) = first_event(&mut session, name, &address("0"), None, None).await;
+        assert_eq!(first, Ok(0));
+        (emulator, connection, session, receiver.expect("attached"))
+    }
+
     /// Attaches a receiver; `Ok` with the first sequence number it receives, or `Err` with
     /// the text of the error that closed it.
     async fn first_event(
@@ -716,20 +765,9 @@ mod wire_errors {
         )
         .await;
         assert_eq!(first, Ok(0));
-        let mut stolen = None;
-        for _ in 0..3 {
-            match tokio::time::timeout(LIMIT, owner.recv::<Body<Value>>())
-                .await
-                .expect("the owner hears in time")
-            {
-                Ok(_) => continue,
-                Err(error) => {
-                    stolen = Some(format!("{error:?}"));
-                    break;
-                }
-            }
-        }
-        let stolen = stolen.expect("the owner is disconnected");
+        let stolen = closing_error(&mut owner, "owner")
+            .await
+            .expect("the owner is disconnected");
         assert!(
             stolen.contains("Stolen") || stolen.contains("stolen"),
             "{stolen}"
@@ -757,20 +795,9 @@ mod wire_errors {
             1
         );
         let mut thief = thief.expect("attached");
-        let mut busy = None;
-        for _ in 0..3 {
-            match tokio::time::timeout(LIMIT, thief.recv::<Body<Value>>())
-                .await
-                .expect("the thief hears in time")
-            {
-                Ok(_) => continue,
-                Err(error) => {
-                    busy = Some(format!("{error:?}"));
-                    break;
-                }
-            }
-        }
-        let busy = busy.expect("the thief is detached");
+        let busy = closing_error(&mut thief, "thief")
+            .await
+            .expect("the thief is detached");
         assert!(busy.contains("com.microsoft:server-busy"), "{busy}");
         let _ = tokio::time::timeout(LIMIT, connection.close()).await;
         emulator.shutdown().await;
@@ -778,15 +805,7 @@ mod wire_errors {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_closes_live_connections() {
-        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
-            .await
-            .expect("emulator starts");
-        emulator.publish(event_for("d", None));
-        let mut connection = connect(&emulator).await;
-        let mut session = Session::begin(&mut connection).await.expect("session");
-        let (receiver, first) = first_event(&mut session, "live", &address("0"), None, None).await;
-        assert_eq!(first, Ok(0));
-        let mut receiver = receiver.expect("attached");
+        let (emulator, _connection, _session, mut receiver) = one_receiver("live").await;
         let started = std::time::Instant::now();
         emulator.shutdown().await;
         assert!(
@@ -802,15 +821,7 @@ mod wire_errors {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_connections_end_without_a_close_and_new_ones_are_served() {
-        let emulator = Emulator::start(EmulatorConfig::new(localhost(), "hub1", 1))
-            .await
-            .expect("emulator starts");
-        emulator.publish(event_for("d", None));
-        let mut connection = connect(&emulator).await;
-        let mut session = Session::begin(&mut connection).await.expect("session");
-        let (receiver, first) = first_event(&mut session, "cut", &address("0"), None, None).await;
-        assert_eq!(first, Ok(0));
-        let mut receiver = receiver.expect("attached");
+        let (emulator, mut connection, _session, mut receiver) = one_receiver("cut").await;
 
         assert_eq!(emulator.drop_connections(), 1, "one receiver was carried");
         let after = tokio::time::timeout(LIMIT, receiver.recv::<Body<Value>>())

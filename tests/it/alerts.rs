@@ -3,13 +3,12 @@
 //! alert files across replays, and at-least-once delivery across SIGKILLs.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::support::{
-    assert_every_alert_delivered, binary, data_path, expand, generate_fleet, ok, path, run,
+    assert_every_alert_delivered, data_path, expand, generate_fleet, ok, path, replay_args, run,
     write_lines,
 };
 /// Runs one scenario; returns the alert file followed by the violations left at the end.
@@ -109,14 +108,7 @@ fn replaying_twice_gives_byte_identical_alert_files() {
     for run in ["a", "b"] {
         let alerts = dir.path().join(format!("{run}.jsonl"));
         let data = dir.path().join(run);
-        ok(&[
-            "replay",
-            "--data-dir",
-            path(&data),
-            "--alerts-file",
-            path(&alerts),
-            path(&fleet),
-        ]);
+        ok(&replay_args(&data, &alerts, &fleet, &[]));
         files.push(std::fs::read(&alerts).expect("alerts"));
     }
     assert!(files[0].len() > 1000, "the fleet should raise alerts");
@@ -125,58 +117,48 @@ fn replaying_twice_gives_byte_identical_alert_files() {
         "two replays of the same input wrote different alert files"
     );
 }
+/// An uninterrupted replay of `fleet` into `dir/clean`: its alert file, and how long it took.
+fn clean_replay(dir: &Path, fleet: &Path) -> (std::path::PathBuf, std::time::Duration) {
+    let alerts = dir.join("clean.jsonl");
+    let started = std::time::Instant::now();
+    ok(&replay_args(
+        &dir.join("clean"),
+        &alerts,
+        fleet,
+        &["--batch-size", "500"],
+    ));
+    (alerts, started.elapsed())
+}
+
+/// The same replay into `dir/killed` (with `more`: the batch size and the sinks), killed `attempts` times at random moments
+/// (seeded with `seed`) early in a run that takes `whole`, then run to its end: its alert
+/// file, and how many runs were killed.
+fn killed_replays(
+    dir: &Path,
+    fleet: &Path,
+    more: &[&str],
+    attempts: usize,
+    seed: u64,
+    whole: std::time::Duration,
+) -> (std::path::PathBuf, usize) {
+    let alerts = dir.join("killed.jsonl");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let kills = crate::kill::kill_then_finish(
+        &replay_args(&dir.join("killed"), &alerts, fleet, more),
+        attempts,
+        &mut rng,
+        whole,
+    );
+    (alerts, kills)
+}
+
 #[test]
 fn a_killed_replay_delivers_every_alert_at_least_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = generate_fleet(dir.path(), 10_000, 120_000, 11, 0.05);
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = std::time::Instant::now();
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&dir.path().join("clean")),
-        "--batch-size",
-        "500",
-        "--alerts-file",
-        path(&clean_alerts),
-        path(&fleet),
-    ]);
-    let whole = started.elapsed();
-    let killed_alerts = dir.path().join("killed.jsonl");
-    let killed_data = dir.path().join("killed");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let mut kills = 0;
-    for attempt in 0..8 {
-        let mut child = Command::new(binary())
-            .args([
-                "replay",
-                "--data-dir",
-                path(&killed_data),
-                "--batch-size",
-                "500",
-                "--alerts-file",
-                path(&killed_alerts),
-                path(&fleet),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        if attempt == 7 {
-            assert!(
-                child.wait().expect("wait").success(),
-                "the final replay failed"
-            );
-            break;
-        }
-        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
-        if child.try_wait().expect("try_wait").is_none() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-            kills += 1;
-        }
-    }
+    let (clean_alerts, whole) = clean_replay(dir.path(), &fleet);
+    let (killed_alerts, kills) =
+        killed_replays(dir.path(), &fleet, &["--batch-size", "500"], 7, 5, whole);
     assert!(kills >= 3, "only {kills} replays were killed mid-way");
     assert_every_alert_delivered(&clean_alerts, &killed_alerts, 1000);
 }
@@ -228,18 +210,18 @@ fn a_webhook_refusing_one_rule_for_good_holds_back_nothing_else() {
     receiver.refuse_rule(&refused_rule);
     let alerts = dir.path().join("alerts.jsonl");
     let data = dir.path().join("data");
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--alerts-file",
-        path(&alerts),
-        "--webhook-url",
-        &format!("http://127.0.0.1:{port}/alerts"),
-        "--webhook-batch-max-alerts",
-        "100",
-        path(&fleet),
-    ]);
+    let webhook = format!("http://127.0.0.1:{port}/alerts");
+    ok(&replay_args(
+        &data,
+        &alerts,
+        &fleet,
+        &[
+            "--webhook-url",
+            &webhook,
+            "--webhook-batch-max-alerts",
+            "100",
+        ],
+    ));
     let delivered = alerts_of_file(&alerts);
     assert_eq!(
         delivered, clean_alerts,
@@ -288,60 +270,25 @@ fn a_webhook_refusing_one_rule_for_good_holds_back_nothing_else() {
 fn killed_replays_deliver_every_alert_to_every_sink() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = generate_fleet(dir.path(), 5_000, 50_000, 13, 0.05);
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = std::time::Instant::now();
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&dir.path().join("clean")),
-        "--batch-size",
-        "500",
-        "--alerts-file",
-        path(&clean_alerts),
-        path(&fleet),
-    ]);
-    let whole = started.elapsed();
+    let (clean_alerts, whole) = clean_replay(dir.path(), &fleet);
     let port = crate::service::free_port();
     let receiver = crate::service::Receiver::start(port);
-    let killed_alerts = dir.path().join("killed.jsonl");
-    let killed_data = dir.path().join("killed");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let mut kills = 0;
-    for attempt in 0..6 {
-        let mut child = Command::new(binary())
-            .args([
-                "replay",
-                "--data-dir",
-                path(&killed_data),
-                "--batch-size",
-                "500",
-                "--alerts-file",
-                path(&killed_alerts),
-                "--webhook-url",
-                &format!("http://127.0.0.1:{port}/alerts"),
-                "--webhook-batch-max-alerts",
-                "50",
-                path(&fleet),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        if attempt == 5 {
-            assert!(
-                child.wait().expect("wait").success(),
-                "the final replay failed"
-            );
-            break;
-        }
-        std::thread::sleep(crate::kill::kill_delay(&mut rng, whole));
-        if child.try_wait().expect("try_wait").is_none() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-            kills += 1;
-        }
-    }
+    let webhook = format!("http://127.0.0.1:{port}/alerts");
+    let (killed_alerts, kills) = killed_replays(
+        dir.path(),
+        &fleet,
+        &[
+            "--batch-size",
+            "500",
+            "--webhook-url",
+            &webhook,
+            "--webhook-batch-max-alerts",
+            "50",
+        ],
+        5,
+        7,
+        whole,
+    );
     assert!(kills >= 2, "only {kills} replays were killed mid-way");
     assert_every_alert_delivered(&clean_alerts, &killed_alerts, 500);
     let expected: std::collections::BTreeSet<String> = alerts_of_file(&clean_alerts)

@@ -20,6 +20,31 @@ fn summary(file: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(file).expect("summary")).expect("json")
 }
 
+/// The arguments of a replay of `input` into `data` writing its summary to `summary`.
+fn replay_summarized<'a>(data: &'a Path, summary: &'a Path, input: &'a Path) -> [&'a str; 6] {
+    [
+        "replay",
+        "--data-dir",
+        path(data),
+        "--summary",
+        path(summary),
+        path(input),
+    ]
+}
+
+/// Runs `command` (`what` it is, for the message) and requires success.
+fn succeeded(command: &mut Command, what: &str) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} did not run: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// A virtual environment with fastavro (and cramjam for snappy), made once per target dir.
 fn python_with_fastavro() -> PathBuf {
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyvenv-fastavro");
@@ -31,21 +56,16 @@ fn python_with_fastavro() -> PathBuf {
             .status()
             .expect("python3 -m venv (Debian: python3-venv)");
         assert!(status.success(), "creating the virtual environment failed");
-        let output = Command::new(&python)
-            .args([
+        succeeded(
+            Command::new(&python).args([
                 "-m",
                 "pip",
                 "install",
                 "--quiet",
                 "fastavro==1.*",
                 "cramjam",
-            ])
-            .output()
-            .expect("pip");
-        assert!(
-            output.status.success(),
-            "pip install fastavro failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+            ]),
+            "pip install fastavro",
         );
         std::fs::write(&ready, "").expect("marker");
     }
@@ -58,25 +78,13 @@ fn fixtures_written_by_fastavro_replay_to_the_expected_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
     let fixtures = dir.path().join("fixtures");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/write_avro_fixtures.py");
-    let output = Command::new(&python)
-        .args([path(&script), path(&fixtures)])
-        .output()
-        .expect("run the fixture script");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    succeeded(
+        Command::new(&python).args([path(&script), path(&fixtures)]),
+        "the fixture script",
     );
     let data = dir.path().join("data");
     let summary_file = dir.path().join("summary.json");
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--summary",
-        path(&summary_file),
-        path(&fixtures),
-    ]);
+    ok(&replay_summarized(&data, &summary_file, &fixtures));
     let export = lines(&ok(&["export", "--data-dir", path(&data)]));
     assert_eq!(
         Value::Array(export),
@@ -145,14 +153,7 @@ fn one_fleet_from_three_containers_gives_the_same_snapshot() {
         ]);
         let data = dir.path().join(format!("data-{format}"));
         let summary_file = dir.path().join(format!("summary-{format}.json"));
-        ok(&[
-            "replay",
-            "--data-dir",
-            path(&data),
-            "--summary",
-            path(&summary_file),
-            path(&fleet),
-        ]);
+        ok(&replay_summarized(&data, &summary_file, &fleet));
         let export = ok(&["export", "--data-dir", path(&data)]).stdout;
         let violations = ok(&["violations", "--data-dir", path(&data)]).stdout;
         let mut s = summary(&summary_file);
@@ -235,14 +236,7 @@ fn damaged_files_are_reported_and_skipped() {
 
     let data = dir.path().join("data");
     let summary_file = dir.path().join("summary.json");
-    let output = run(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--summary",
-        path(&summary_file),
-        path(&input),
-    ]);
+    let output = run(&replay_summarized(&data, &summary_file, &input));
     assert_eq!(
         output.status.code(),
         Some(1),
@@ -275,14 +269,7 @@ fn damaged_files_are_reported_and_skipped() {
     std::fs::copy(&good, only_good.join("a-good.avro")).expect("copy");
     std::fs::copy(&also_good, only_good.join("d-also-good.json")).expect("copy");
     let alone_summary = dir.path().join("alone.json");
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&alone),
-        "--summary",
-        path(&alone_summary),
-        path(&only_good),
-    ]);
+    ok(&replay_summarized(&alone, &alone_summary, &only_good));
     let good_messages = summary(&alone_summary)["messages"]
         .as_u64()
         .expect("messages");

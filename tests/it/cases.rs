@@ -9,7 +9,9 @@
 use serde_json::Value;
 use twinwatch::pipeline::EngineOptions;
 
-use crate::support::{data_path, dead_letters, expand, export, replay_files, summary, write_lines};
+use crate::support::{
+    check_every_file, dead_letters, expand, export, replay_files, summary, write_lines,
+};
 
 /// Runs one case file; returns what differs.
 fn check(path: &std::path::Path) -> Result<(), String> {
@@ -68,25 +70,7 @@ fn check(path: &std::path::Path) -> Result<(), String> {
 }
 
 fn run_dir(relative: &str) {
-    let dir = data_path(relative);
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .expect("case directory")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no cases in {}", dir.display());
-    let failures: Vec<String> = paths
-        .iter()
-        .filter_map(|p| check(p).err().map(|e| format!("{}:\n{e}", p.display())))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n\n{}",
-        failures.len(),
-        paths.len(),
-        failures.join("\n\n")
-    );
+    check_every_file(relative, "cases", check);
 }
 
 #[test]

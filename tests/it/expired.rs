@@ -9,7 +9,9 @@ use std::time::Duration;
 use serde_json::Value;
 use twinwatch::app::emulator::events_of_file;
 
-use crate::service::{free_port, metric, sigterm_and_wait, spawn_service, wait_consumed, Hub};
+use crate::service::{
+    free_port, metric, sigterm_and_wait, spawn_service, wait_consumed, Hub, Running,
+};
 use crate::support::{generate_fleet, ok, path};
 
 #[test]
@@ -17,14 +19,14 @@ fn events_expired_while_the_service_was_down_are_dead_letters_of_their_gap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = generate_fleet(dir.path(), 100, 800, 41, 0.0);
     let hub = Hub::start(&first);
-    let data = dir.path().join("data");
-    let alerts = dir.path().join("alerts.jsonl");
-
     // The service reads everything there is, and stops.
-    let port = free_port();
-    let mut child = spawn_service(&hub, &data, &alerts, port);
-    wait_consumed(port, hub.published, Duration::from_secs(120));
-    sigterm_and_wait(&mut child);
+    let Running {
+        mut child,
+        data,
+        alerts,
+        ..
+    } = Running::consume(&hub, dir.path(), &[], Duration::from_secs(120));
+    child.stop();
 
     // While it is down, more arrives, and partition 2's retention drops the first 25 of them.
     let emulator = hub.emulator.as_ref().expect("running");

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use crate::service::{
-    committed, consumed, free_port, metric, metric_plain, readyz, sigterm_and_wait, spawn_run, Hub,
-    Receiver, SmallDisk,
+    committed, config_file, consumed, eventhub_config, free_port, metric, metric_plain, readyz,
+    sigterm_and_wait, spawn_run, wait_consumed, wait_readyz, Hub, Receiver, SmallDisk,
 };
-use crate::support::{generate_fleet, ok, path};
+use crate::support::{assert_export_is_replays, generate_fleet, path};
 
 #[test]
 fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
@@ -15,33 +15,24 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     let file = generate_fleet(dir.path(), 600, 6000, 23, 0.03);
     let hub = Hub::start(&file);
     let disk = SmallDisk::mount(&dir.path().join("small"), 64);
-    let data = disk.0.join("data");
     let port = free_port();
-    let config = dir.path().join("twinwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nmin_free_disk_mib = 16\nshutdown_deadline_secs = 5\n[batching]\nmax_messages = 200\n",
-            path(&data)
-        ),
-    )
-    .expect("config");
+    let (data, config) = disk.service_config(
+        dir.path(),
+        port,
+        "min_free_disk_mib = 16\nshutdown_deadline_secs = 5\n[batching]\nmax_messages = 200\n",
+    );
 
     // Fill the disk to 8 MiB free, below the 16 the service keeps.
     let filler = disk.fill_to(8 << 20);
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
 
     // Paused: not ready, saying why; nothing committed; consuming stops short.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let problem = loop {
-        if let Some((503, body)) = readyz(port) {
-            if body.contains("disk is full") {
-                break body;
-            }
-        }
-        assert!(Instant::now() < deadline, "never reported the full disk");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let problem = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the full disk",
+        |status, body| status == 503 && body.contains("disk is full"),
+    );
     assert!(problem.contains("consuming is paused"), "{problem}");
     std::thread::sleep(Duration::from_secs(2));
     let before = consumed(port).expect("metrics");
@@ -71,11 +62,7 @@ fn a_full_disk_pauses_consuming_and_it_resumes_once_space_is_freed() {
     sigterm_and_wait(&mut service);
 
     // Nothing lost, nothing applied twice: the snapshot of a replay of the same events.
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(live == reference, "the export after the full disk differs");
+    assert_export_is_replays(dir.path(), &file, &data, "after the full disk");
 }
 
 /// A consumer with a higher owner level (epoch) steals a partition mid-stream: the service
@@ -87,18 +74,8 @@ fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
     let file = generate_fleet(dir.path(), 600, 6000, 24, 0.03);
     let hub = Hub::publishing("iothub-ehub-stolen", &file, 800.0);
     let total = hub.published;
-    let config = |name: &str, port: u16, extra: &str| {
-        let file = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[eventhub]\n{extra}\n",
-                path(&dir.path().join(name))
-            ),
-        )
-        .expect("config");
-        file
-    };
+    let config =
+        |name: &str, port: u16, extra: &str| eventhub_config(dir.path(), name, port, extra);
     let port = free_port();
     let ours = config("ours", port, "owner_level = 1");
     let mut service = spawn_run(&hub, &["run", "--config", path(&ours)]);
@@ -141,23 +118,12 @@ fn a_partition_stolen_by_a_higher_owner_level_comes_back_with_no_gap() {
     sigterm_and_wait(&mut thief);
 
     // The partition comes back: every event counted exactly once, no gap.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while consumed(port).unwrap_or(0) < total {
-        assert!(
-            Instant::now() < deadline,
-            "only {:?} of {total} consumed after the thief left",
-            consumed(port)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_consumed(port, total, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(consumed(port), Some(total), "an event was applied twice");
     sigterm_and_wait(&mut service);
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live = ok(&["export", "--data-dir", path(&dir.path().join("ours"))]).stdout;
-    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(live == reference, "the export after the theft differs");
+    let ours = dir.path().join("ours");
+    assert_export_is_replays(dir.path(), &file, &ours, "after the theft");
 }
 
 /// The webhook is down while the service consumes: alerts wait in the outbox (visible in the
@@ -170,22 +136,17 @@ fn a_webhook_outage_delays_alerts_and_loses_none() {
     let webhook_port = free_port();
     let port = free_port();
     let alerts = dir.path().join("alerts.jsonl");
-    let config = dir.path().join("twinwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[alerts]\nfile = {:?}\nwebhook_url = \"http://127.0.0.1:{webhook_port}/alerts\"\nsink_timeout_secs = 2\n",
-            path(&dir.path().join("data")),
+    let config = config_file(
+        &dir.path().join("twinwatch.toml"),
+        &dir.path().join("data"),
+        port,
+        &format!(
+            "[alerts]\nfile = {:?}\nwebhook_url = \"http://127.0.0.1:{webhook_port}/alerts\"\nsink_timeout_secs = 2\n",
             path(&alerts)
         ),
-    )
-    .expect("config");
+    );
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while consumed(port).unwrap_or(0) < hub.published {
-        assert!(Instant::now() < deadline, "the service did not consume");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_consumed(port, hub.published, Duration::from_secs(120));
     // Down: the alerts wait, and the metrics say so.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

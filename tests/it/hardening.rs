@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use twinwatch::app::emulator::events_of_file;
 use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocuments};
@@ -13,14 +13,29 @@ use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, TwinDocumen
 /// The IoT Hub key given to the service (base64 of `IOTHUB-KEY-SECRET-9`): never shown.
 const IOTHUB_KEY: &str = "SU9USFVCLUtFWS1TRUNSRVQtOQ==";
 
-use crate::service::{consumed, free_port, readyz, wait_consumed, Hub, Receiver};
-use crate::support::{binary, generate_fleet, ok, path};
+use crate::service::{
+    consumed, free_port, run_args, sigterm_within, wait_consumed, wait_ready, wait_readyz, Hub,
+    Receiver,
+};
+use crate::support::{assert_export_is_replays, binary, generate_fleet, path};
 
-/// `twinwatch run` with `args`, the environment `env`, its log (info) to `log`.
-fn spawn_logged(args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
+/// `twinwatch run --config FILE` on `data` listening on `port`, the hub's connection string
+/// and `env` in the environment, its log (info) to `log`.
+fn spawn_logged(
+    hub: &Hub,
+    config: &Path,
+    data: &Path,
+    port: u16,
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Child {
     let mut command = Command::new(binary());
     command
-        .args(args)
+        .args(run_args(data, port, &[("--config", config)]))
+        .env(
+            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
+            hub.connection_string(),
+        )
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"));
@@ -32,35 +47,8 @@ fn spawn_logged(args: &[&str], env: &[(&str, &str)], log: &Path) -> Child {
 
 /// Sends SIGTERM; how long the process took to exit, and whether it exited 0.
 fn stop(child: &mut Child, limit: Duration) -> (Duration, bool) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return (started.elapsed(), status.success());
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("twinwatch run did not stop within {limit:?} of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_ready(port: u16, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while readyz(port).map(|(status, _)| status) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {limit:?}: {:?}",
-            readyz(port)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (took, status) = sigterm_within(child, limit);
+    (took, status.success())
 }
 
 /// Issue 23: with `start_position = "latest"`, a receiver that reconnected before its first
@@ -82,22 +70,7 @@ fn latest_is_remembered_across_a_reconnect_before_the_first_event() {
     let port = free_port();
     let data = dir.path().join("data");
     let log = dir.path().join("log");
-    let mut child = spawn_logged(
-        &[
-            "run",
-            "--config",
-            path(&config),
-            "--data-dir",
-            path(&data),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            &hub.connection_string(),
-        )],
-        &log,
-    );
+    let mut child = spawn_logged(&hub, &config, &data, port, &[], &log);
     wait_ready(port, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -140,22 +113,7 @@ fn a_hub_that_never_answers_a_detach_does_not_hold_the_stop_past_its_deadline() 
     let port = free_port();
     let data = dir.path().join("data");
     let log = dir.path().join("log");
-    let mut child = spawn_logged(
-        &[
-            "run",
-            "--config",
-            path(&config),
-            "--data-dir",
-            path(&data),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            &hub.connection_string(),
-        )],
-        &log,
-    );
+    let mut child = spawn_logged(&hub, &config, &data, port, &[], &log);
     wait_consumed(port, hub.published, Duration::from_secs(120));
     hub.emulator
         .as_ref()
@@ -173,13 +131,7 @@ fn a_hub_that_never_answers_a_detach_does_not_hold_the_stop_past_its_deadline() 
         "the emulator answered the detach after all: {log}"
     );
     // Nothing lost: the snapshot is the replay's.
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    assert!(
-        ok(&["export", "--data-dir", path(&data)]).stdout
-            == ok(&["export", "--data-dir", path(&replayed)]).stdout,
-        "the snapshot after the hung stop differs from the replay's"
-    );
+    assert_export_is_replays(dir.path(), &file, &data, "after the hung stop");
 }
 
 /// Issue 23: the startup log printed sink URLs whole and `RawConfig`'s `Debug` showed the
@@ -241,17 +193,11 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
     let data = dir.path().join("data");
     let log = dir.path().join("run.log");
     let mut child = spawn_logged(
+        &hub,
+        &config,
+        &data,
+        port,
         &[
-            "run",
-            "--config",
-            path(&config),
-            "--data-dir",
-            path(&data),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[
-            ("TWINWATCH_EVENTHUB_CONNECTION_STRING", &connection_string),
             ("TWINWATCH_API_TOKEN", "ENV-API-TOKEN"),
             (
                 "TWINWATCH_IOTHUB_CONNECTION_STRING",
@@ -260,39 +206,26 @@ fn no_secret_shows_in_logs_errors_or_readyz() {
         ],
         &log,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((503, body)) = readyz(port) {
-            if body.to_lowercase().contains("authoriz") {
-                assert_clean("/readyz", &body);
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never reported the refusal"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the refusal",
+        |status, body| status == 503 && body.to_lowercase().contains("authoriz"),
+    );
+    assert_clean("/readyz", &body);
     emulator.refuse_tokens(false);
     wait_consumed(port, hub.published, Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let body = readyz(port).map(|(_, body)| body).unwrap_or_default();
-        if body.contains("\"outcome\":\"failed\"") {
-            assert!(
-                body.contains("contoso-hub"),
-                "the refusal names the hub: {body}"
-            );
-            assert_clean("/readyz's seed details", &body);
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the seed pass never failed: {body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "a failed seed pass",
+        |_, body| body.contains("\"outcome\":\"failed\""),
+    );
+    assert!(
+        body.contains("contoso-hub"),
+        "the refusal names the hub: {body}"
+    );
+    assert_clean("/readyz's seed details", &body);
     assert!(query.refused() > 0, "the twin query was never asked");
     let (_, success) = stop(&mut child, Duration::from_secs(40));
     assert!(success);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{binary, export, generate_fleet, ok, path};
+use crate::support::{binary, export, generate, generate_fleet, ok, path};
 use twinwatch::iothub::{ConnectionString, QueryClient, QueryEvent, QueryOptions};
 
 /// Every `$metadata`, at any depth, removed (what the snapshot does to a body).
@@ -77,22 +77,9 @@ fn assert_same_state(documents: &State, snapshot: &State) {
 
 fn twin_documents(dir: &Path, devices: u64, events: u64, seed: u64, extra: &[&str]) -> Vec<Value> {
     let out = dir.join("twins.json");
-    let (devices, events, seed) = (devices.to_string(), events.to_string(), seed.to_string());
-    let mut args = vec![
-        "generate",
-        "--format",
-        "twin-documents",
-        "--devices",
-        devices.as_str(),
-        "--events",
-        events.as_str(),
-        "--seed",
-        seed.as_str(),
-        "--out",
-        path(&out),
-    ];
+    let mut args = vec!["--format", "twin-documents"];
     args.extend_from_slice(extra);
-    ok(&args);
+    generate(&out, devices, events, seed, &args);
     let bytes = std::fs::read(&out).expect("documents");
     if bytes.first() == Some(&b'[') {
         serde_json::from_slice(&bytes).expect("one JSON array")
@@ -171,6 +158,19 @@ impl EmulatorProcess {
         EmulatorProcess { child, lines }
     }
 
+    /// The emulator serving the twin documents of `file` as hub `contoso-hub`, its CA
+    /// certificate written to `ca`.
+    fn serving(file: &Path, ca: &Path) -> EmulatorProcess {
+        EmulatorProcess::start(&[
+            "--twins",
+            path(file),
+            "--iothub-name",
+            "contoso-hub",
+            "--ca-cert-out",
+            path(ca),
+        ])
+    }
+
     fn line(&self, label: &str) -> &str {
         self.lines
             .get(label)
@@ -226,16 +226,8 @@ fn read_all(client: &QueryClient, query: &str) -> (Vec<Value>, Vec<QueryEvent>) 
 fn the_emulator_command_serves_a_documents_file_over_https_and_http() {
     let dir = tempfile::tempdir().expect("tempdir");
     let documents = twin_documents(dir.path(), 120, 6_000, 2, &[]);
-    let file = dir.path().join("twins.json");
-    let ca = dir.path().join("ca.pem");
-    let emulator = EmulatorProcess::start(&[
-        "--twins",
-        path(&file),
-        "--iothub-name",
-        "contoso-hub",
-        "--ca-cert-out",
-        path(&ca),
-    ]);
+    let (file, ca) = (dir.path().join("twins.json"), dir.path().join("ca.pem"));
+    let emulator = EmulatorProcess::serving(&file, &ca);
     assert_eq!(emulator.line("iothub-ca-certificate"), path(&ca));
     assert!(emulator
         .line("iothub-connection-string")
@@ -304,16 +296,8 @@ fn the_emulator_serves_its_generated_fleet_as_of_the_preloaded_events() {
 fn seed_from_the_hub_equals_seed_from_the_same_documents_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let documents = twin_documents(dir.path(), 150, 6_000, 5, &[]);
-    let file = dir.path().join("twins.json");
-    let ca = dir.path().join("ca.pem");
-    let emulator = EmulatorProcess::start(&[
-        "--twins",
-        path(&file),
-        "--iothub-name",
-        "contoso-hub",
-        "--ca-cert-out",
-        path(&ca),
-    ]);
+    let (file, ca) = (dir.path().join("twins.json"), dir.path().join("ca.pem"));
+    let emulator = EmulatorProcess::serving(&file, &ca);
     let connection = emulator.line("iothub-connection-string").to_owned();
     let seed_from_hub = |data: &Path, connection: &str| {
         Command::new(binary())

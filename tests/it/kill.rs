@@ -16,6 +16,43 @@ pub fn kill_delay(rng: &mut impl Rng, uninterrupted: Duration) -> Duration {
     Duration::from_millis(rng.gen_range(30..=cap))
 }
 
+/// Runs `twinwatch args` `attempts` times, each SIGKILLed after a [`kill_delay`] unless it
+/// ended first (successfully), then once more to its end, which must succeed; returns how
+/// many runs were killed. Early attempts die at a random moment early enough that work is
+/// always left (each restart resumes with less to do).
+pub fn kill_then_finish(
+    args: &[&str],
+    attempts: usize,
+    rng: &mut impl Rng,
+    uninterrupted: Duration,
+) -> usize {
+    let spawn = || {
+        Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn twinwatch")
+    };
+    let mut kills = 0;
+    for _ in 0..attempts {
+        let mut child = spawn();
+        std::thread::sleep(kill_delay(rng, uninterrupted));
+        match child.try_wait().expect("try_wait") {
+            Some(status) => assert!(status.success(), "{args:?} failed: {status}"),
+            None => {
+                child.kill().expect("SIGKILL");
+                child.wait().expect("reap");
+                kills += 1;
+            }
+        }
+    }
+    let status = spawn().wait().expect("wait");
+    assert!(status.success(), "the final {args:?} failed: {status}");
+    kills
+}
+
 #[test]
 fn a_replay_killed_repeatedly_ends_with_the_same_export() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -34,40 +71,19 @@ fn a_replay_killed_repeatedly_ends_with_the_same_export() {
 
     let killed = dir.path().join("killed");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
-    let mut kills = 0;
-    for attempt in 0..40 {
-        let mut child = Command::new(binary())
-            .args([
-                "replay",
-                "--data-dir",
-                path(&killed),
-                "--batch-size",
-                "500",
-                path(&fleet),
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn replay");
-        // Early attempts die at a random moment early enough that work is always left (each
-        // restart resumes with less to do); the last is left to finish.
-        if attempt < 6 {
-            std::thread::sleep(kill_delay(&mut rng, uninterrupted));
-        } else {
-            let status = child.wait().expect("wait");
-            assert!(status.success(), "the final replay failed: {status}");
-            break;
-        }
-        match child.try_wait().expect("try_wait") {
-            Some(status) => assert!(status.success(), "replay failed: {status}"),
-            None => {
-                child.kill().expect("SIGKILL");
-                child.wait().expect("reap");
-                kills += 1;
-            }
-        }
-    }
+    let kills = kill_then_finish(
+        &[
+            "replay",
+            "--data-dir",
+            path(&killed),
+            "--batch-size",
+            "500",
+            path(&fleet),
+        ],
+        6,
+        &mut rng,
+        uninterrupted,
+    );
     assert!(
         kills >= 3,
         "only {kills} replays were killed mid-way (an uninterrupted run took {uninterrupted:?})"

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use crate::service::{
-    consumed, free_port, readyz, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
-    Hub,
+    consumed, free_port, sigterm_and_wait, spawn_service, wait_consumed, wait_quiet_clock,
+    wait_ready, wait_readyz, Hub,
 };
-use crate::support::{assert_every_live_alert_delivered, generate_fleet, ok, path};
+use crate::support::{
+    assert_every_live_alert_delivered, assert_export_is_replays, generate_fleet, ok, path,
+};
 
 #[test]
 fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
@@ -26,15 +28,9 @@ fn the_service_ends_with_the_snapshot_of_a_replay_and_stops_cleanly() {
     wait_quiet_clock(port, Duration::from_secs(60));
     sigterm_and_wait(&mut child);
 
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
+    let live_export = assert_export_is_replays(dir.path(), &file, &data, "of the live run");
     assert!(live_export.len() > 10_000);
-    assert!(
-        live_export == replay_export,
-        "the live export differs from the replay's"
-    );
+    let replayed = dir.path().join("replayed");
     // The replay ends with the clock at its last event: failures of `for` rules younger than
     // their grace period are pending. The live service's clock followed the wall clock once
     // caught up (`docs/semantics.md` §9), long past every deadline: each of them opened, with the
@@ -167,13 +163,11 @@ fn dropped_connections_and_links_mid_stream_leave_no_gap_and_no_double_applicati
     );
     sigterm_and_wait(&mut child);
 
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live_export = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let replay_export = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        live_export == replay_export,
-        "the export after {faults} dropped connections and links differs from the replay's"
+    assert_export_is_replays(
+        dir.path(),
+        &file,
+        &data,
+        &format!("after {faults} dropped connections and links"),
     );
 }
 
@@ -186,20 +180,17 @@ fn refused_credentials_are_reported_and_make_readyz_fail() {
     let data = dir.path().join("live");
     let port = free_port();
     let mut child = spawn_service(&hub, &data, &dir.path().join("alerts.jsonl"), port);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let body = loop {
-        if let Some((503, body)) = readyz(port) {
-            // Not the initial "connecting": the client's refusal, in its own words.
-            if body.contains("not connected") && body.to_lowercase().contains("authoriz") {
-                break body;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz never reported the refused credentials"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // Not the initial "connecting": the client's refusal, in its own words.
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(60),
+        "the refused credentials",
+        |status, body| {
+            status == 503
+                && body.contains("not connected")
+                && body.to_lowercase().contains("authoriz")
+        },
+    );
     assert!(
         !body.contains("SAS_KEY_VALUE"),
         "the key leaked into /readyz: {body}"
@@ -216,15 +207,8 @@ fn refused_credentials_are_reported_and_make_readyz_fail() {
     // Credentials fixed on the hub's side: the service connects and consumes everything.
     hub.emulator.as_ref().expect("running").refuse_tokens(false);
     wait_consumed(port, hub.published, Duration::from_secs(120));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while readyz(port).map(|(status, _)| status) != Some(200) {
-        assert!(
-            Instant::now() < deadline,
-            "/readyz did not recover: {:?}",
-            readyz(port)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // /readyz recovers.
+    wait_ready(port, Duration::from_secs(30));
     sigterm_and_wait(&mut child);
 }
 

@@ -10,24 +10,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::service::{
-    consumed, free_port, sigterm_and_wait, spawn_run, spawn_service, wait_consumed,
+    consumed, free_port, metrics_text, sigterm_and_wait, spawn_run, spawn_service, wait_consumed,
     wait_quiet_clock, Hub,
 };
 use crate::support::{assert_every_live_alert_delivered, generate_fleet, ok, path};
-
-/// The service's /metrics (None while it is not listening yet).
-fn try_metrics_text(port: u16) -> Option<String> {
-    ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()
-}
-
-fn metrics_text(port: u16) -> String {
-    try_metrics_text(port).expect("GET /metrics")
-}
 
 /// The samples of one metric (without labels: their sum).
 fn metric_sum(text: &str, name: &str) -> Option<f64> {
@@ -44,7 +30,7 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
 fn wait_caught_up(port: u16, partitions: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
-        let text = try_metrics_text(port).unwrap_or_default();
+        let text = metrics_text(port).unwrap_or_default();
         let lags = text
             .lines()
             .filter(|l| l.starts_with("twinwatch_partition_lag_events{"))
@@ -155,7 +141,7 @@ fn prometheus_scrapes_the_service_and_counts_what_it_consumed() {
     let twins = prometheus.query("twinwatch_twins").expect("twins");
 
     // The exposition passes Prometheus's own linter, and every documented family is there.
-    let text = metrics_text(port);
+    let text = metrics_text(port).expect("GET /metrics");
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

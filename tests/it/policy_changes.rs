@@ -9,26 +9,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::service::{
-    free_port, metric, metric_plain, readyz, sigterm_and_wait, spawn_run, wait_consumed, Hub,
-};
-use crate::support::{alerts_by_id, generate_fleet, ok, path, run};
+use crate::service::{metric, metric_plain, readyz, wait_metric, Hub, Running};
+use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
 }
 
-fn baseline() -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
-    )
-    .expect("the baseline pack")
-}
-
 /// The baseline with one rule dropped, one made critical, and one added that every module
 /// twin fails.
-fn changed_baseline() -> String {
-    let text = baseline()
+fn changed_baseline_text() -> String {
+    let text = baseline_text()
         .replacen(
             "  - id: device.security-module-present",
             "  - id: device.security-module-present-v2",
@@ -39,6 +30,21 @@ fn changed_baseline() -> String {
         "{}\n  - id: module.owner-tagged\n    severity: low\n    target: {{module: \"*\"}}\n    check: {{path: /tags/owner, op: exists}}\n",
         text.trim_end()
     )
+}
+
+/// `twinwatch seed` into `data` of hub `hub` as of `as_of`, then `more` (the files last).
+fn seed_args<'a>(data: &'a Path, as_of: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "seed",
+        "--data-dir",
+        path(data),
+        "--hub",
+        "hub",
+        "--as-of",
+        as_of,
+    ];
+    args.extend_from_slice(more);
+    args
 }
 
 #[test]
@@ -57,19 +63,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         "{\"deviceId\": \"d1\", \"moduleId\": \"azureiotsecurity\", \"version\": 3}\n",
     );
     let summary = dir.path().join("summary.json");
-    let output = ok(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    let output = ok(&seed_args(
+        &data,
         "2026-12-01T00:00:00Z",
-        "--summary",
-        path(&summary),
-        path(&array),
-        path(&lines),
-    ]);
+        &["--summary", path(&summary), path(&array), path(&lines)],
+    ));
     let line = String::from_utf8_lossy(&output.stdout);
     assert!(
         line.contains("complete") && line.contains("4 documents"),
@@ -99,18 +97,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         &cut,
         r#"[{"deviceId": "d1", "version": 5}, {"deviceId": "d9", "vers"#,
     );
-    let output = run(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    let output = run(&seed_args(
+        &data,
         "2026-12-02T00:00:00Z",
-        "--grace",
-        "0",
-        path(&cut),
-    ]);
+        &["--grace", "0", path(&cut)],
+    ));
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("INCOMPLETE"));
     let export =
@@ -128,18 +119,11 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
         &whole,
         r#"[{"deviceId": "d1", "version": 5}, {"deviceId": "d9", "version": 1}]"#,
     );
-    ok(&[
-        "seed",
-        "--data-dir",
-        path(&data),
-        "--hub",
-        "hub",
-        "--as-of",
+    ok(&seed_args(
+        &data,
         "2026-12-02T00:00:00Z",
-        "--grace",
-        "0",
-        path(&whole),
-    ]);
+        &["--grace", "0", path(&whole)],
+    ));
     let export =
         String::from_utf8(ok(&["export", "--data-dir", path(&data)]).stdout).expect("utf-8");
     let devices: Vec<String> = export
@@ -165,16 +149,7 @@ fn seed_exits_0_for_a_complete_pass_1_for_an_incomplete_one_and_2_for_bad_usage(
             "hub",
             path(&whole),
         ],
-        vec![
-            "seed",
-            "--data-dir",
-            path(&data),
-            "--hub",
-            "hub",
-            "--as-of",
-            "yesterday",
-            path(&whole),
-        ],
+        seed_args(&data, "yesterday", &[path(&whole)]),
     ] {
         let output = run(&bad);
         assert_eq!(output.status.code(), Some(2), "{bad:?}: {output:?}");
@@ -205,18 +180,22 @@ fn audit_counts_are_what_the_reaudit_then_does() {
     let data = dir.path().join("data");
     ok(&["replay", "--data-dir", path(&data), path(&fleet)]);
     let changed = dir.path().join("changed.yaml");
-    write(&changed, &changed_baseline());
+    write(&changed, &changed_baseline_text());
 
-    let plan = ok(&[
-        "audit",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--format",
-        "json",
-    ]);
-    let plan: Value = serde_json::from_slice(&plan.stdout).expect("json");
+    // What `audit --format json` plans for the changed policy.
+    let audit_json = || -> Value {
+        let output = ok(&[
+            "audit",
+            "--data-dir",
+            path(&data),
+            "--policy",
+            path(&changed),
+            "--format",
+            "json",
+        ]);
+        serde_json::from_slice(&output.stdout).expect("json")
+    };
+    let plan = audit_json();
     let table = ok(&[
         "audit",
         "--data-dir",
@@ -228,16 +207,19 @@ fn audit_counts_are_what_the_reaudit_then_does() {
 
     // Replaying the same file again applies nothing: the alerts are the re-audit's.
     let alerts = dir.path().join("alerts.jsonl");
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--alerts-file",
-        path(&alerts),
-        path(&fleet),
-    ]);
+    let replay_changed = || {
+        ok(&[
+            "replay",
+            "--data-dir",
+            path(&data),
+            "--policy",
+            path(&changed),
+            "--alerts-file",
+            path(&alerts),
+            path(&fleet),
+        ])
+    };
+    replay_changed();
     let (by_id, n) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
     assert_eq!(n, by_id.len());
     let done = policy_alerts_by_rule(&by_id);
@@ -294,32 +276,14 @@ fn audit_counts_are_what_the_reaudit_then_does() {
         );
     }
     // Now it is the snapshot's policy: nothing would change, and nothing does.
-    let again = ok(&[
-        "audit",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--format",
-        "json",
-    ]);
-    let again: Value = serde_json::from_slice(&again.stdout).expect("json");
+    let again = audit_json();
     assert!(again["rules"]
         .as_array()
         .expect("rules")
         .iter()
         .all(|r| r["toOpen"] == 0 && r["toResolve"] == 0));
     let before = std::fs::read(&alerts).expect("alerts").len();
-    ok(&[
-        "replay",
-        "--data-dir",
-        path(&data),
-        "--policy",
-        path(&changed),
-        "--alerts-file",
-        path(&alerts),
-        path(&fleet),
-    ]);
+    replay_changed();
     assert_eq!(std::fs::read(&alerts).expect("alerts").len(), before);
 
     // A policy that does not load: exit 2, nothing changed.
@@ -374,32 +338,6 @@ fn violations_pending_lists_the_deadlines_of_rules_with_for() {
     }
 }
 
-/// Waits until `name{labels}` reaches `at_least`.
-fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let value = metric(port, name, labels).unwrap_or(0.0);
-        if value >= at_least {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{{{labels}}} stayed at {value}, below {at_least}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A child process killed if the test fails before it stops it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn sighup(child: &std::process::Child) {
     let status = std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
@@ -414,36 +352,30 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     let fleet = generate_fleet(dir.path(), 300, 5_000, 11, 0.0);
     let hub = Hub::start(&fleet);
     let policy = dir.path().join("policy.yaml");
-    write(&policy, &baseline());
-    let data = dir.path().join("data");
-    let alerts = dir.path().join("alerts.jsonl");
-    let port = free_port();
-    let mut child = KillOnDrop(spawn_run(
+    write(&policy, &baseline_text());
+    let Running {
+        mut child,
+        data,
+        alerts,
+        port,
+    } = Running::consume(
         &hub,
-        &[
-            "run",
-            "--data-dir",
-            path(&data),
-            "--alerts-file",
-            path(&alerts),
-            "--policy",
-            path(&policy),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    ));
-    wait_consumed(port, hub.published, Duration::from_secs(120));
+        dir.path(),
+        &[("--policy", &policy)],
+        Duration::from_secs(120),
+    );
 
     write(
         &policy,
         "rules:\n  - {id: x, severity: loud, check: {path: /a, op: exists}}\n",
     );
-    sighup(&child.0);
+    sighup(child.child());
     wait_metric(
         port,
         "twinwatch_policy_reloads_total",
         "outcome=\"rejected\"",
         1.0,
+        Duration::from_secs(60),
     );
     assert_eq!(
         readyz(port).map(|(status, _)| status),
@@ -459,27 +391,20 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
         Some(0.0)
     );
 
-    write(&policy, &changed_baseline());
-    sighup(&child.0);
+    write(&policy, &changed_baseline_text());
+    sighup(child.child());
     wait_metric(
         port,
         "twinwatch_policy_reloads_total",
         "outcome=\"applied\"",
         1.0,
+        Duration::from_secs(60),
     );
     let twins = metric_plain(port, "twinwatch_reaudit_twins_total").unwrap_or(0.0);
     assert!(twins >= 300.0, "every twin is re-audited: {twins}");
     // The alerts of the re-audit reach the sink.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (by_id, _) = alerts_by_id(&std::fs::read(&alerts).unwrap_or_default());
-        if by_id.values().any(|a| a["data"]["reason"] == "policy") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no re-audit alert delivered");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    sigterm_and_wait(&mut child.0);
+    wait_policy_alerts(&alerts);
+    child.stop();
     // The snapshot now has the changed policy's violations: a replay of the same events
     // under it from scratch gives the same set, open and pending together. Which of them are
     // open differs (§9): the replay's clock is at its last event, the service's followed the
@@ -508,6 +433,19 @@ fn sighup_refuses_a_broken_policy_and_reaudits_with_a_changed_one() {
     );
 }
 
+/// The alerts delivered to the file `alerts` by id, once a re-audit's are among them.
+fn wait_policy_alerts(alerts: &Path) -> BTreeMap<String, Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (by_id, _) = alerts_by_id(&std::fs::read(alerts).unwrap_or_default());
+        if by_id.values().any(|a| a["data"]["reason"] == "policy") {
+            return by_id;
+        }
+        assert!(Instant::now() < deadline, "no re-audit alert delivered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A re-audit's alerts were caused by no event: they carry no `enqueuedtime`, not even the
 /// last applied event's. (Without rules with `for`, nothing else clears that time between
 /// the last event and the reload.)
@@ -523,36 +461,19 @@ fn a_reaudit_in_the_service_carries_no_enqueued_time() {
     let fleet = generate_fleet(dir.path(), 200, 2_000, 12, 0.0);
     let hub = Hub::start(&fleet);
     let policy = dir.path().join("policy.yaml");
-    write(&policy, &without_for(baseline()));
-    let alerts = dir.path().join("alerts.jsonl");
-    let port = free_port();
-    let mut child = KillOnDrop(spawn_run(
+    write(&policy, &without_for(baseline_text()));
+    let Running {
+        mut child, alerts, ..
+    } = Running::consume(
         &hub,
-        &[
-            "run",
-            "--data-dir",
-            path(&dir.path().join("data")),
-            "--alerts-file",
-            path(&alerts),
-            "--policy",
-            path(&policy),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    ));
-    wait_consumed(port, hub.published, Duration::from_secs(120));
-    write(&policy, &without_for(changed_baseline()));
-    sighup(&child.0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let by_id = loop {
-        let (by_id, _) = alerts_by_id(&std::fs::read(&alerts).unwrap_or_default());
-        if by_id.values().any(|a| a["data"]["reason"] == "policy") {
-            break by_id;
-        }
-        assert!(Instant::now() < deadline, "no re-audit alert delivered");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    sigterm_and_wait(&mut child.0);
+        dir.path(),
+        &[("--policy", &policy)],
+        Duration::from_secs(120),
+    );
+    write(&policy, &without_for(changed_baseline_text()));
+    sighup(child.child());
+    let by_id = wait_policy_alerts(&alerts);
+    child.stop();
     assert!(
         by_id.values().any(|a| a.get("enqueuedtime").is_some()),
         "the events' alerts carry their enqueued time"

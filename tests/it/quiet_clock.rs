@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use twinwatch::time::Ticks;
 
-use crate::service::{free_port, metric, sigterm_and_wait, spawn_run, wait_consumed, Hub};
+use crate::service::{metric, Hub, Running};
 use crate::support::{alerts_by_id, expand, ok, path, write_lines};
 
 /// The grace period of the test's rule, seconds.
@@ -54,39 +54,25 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     let hub = Hub::start(&file);
     assert_eq!(hub.published, 3);
 
-    let data = dir.path().join("data");
-    let alerts = dir.path().join("alerts.jsonl");
-    let port = free_port();
-    let mut child = KillOnDrop(spawn_run(
+    let mut service = Running::consume(
         &hub,
-        &[
-            "run",
-            "--config",
-            path(&config),
-            "--policy",
-            path(&policy),
-            "--data-dir",
-            path(&data),
-            "--alerts-file",
-            path(&alerts),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    ));
-    wait_consumed(port, hub.published, Duration::from_secs(60));
+        dir.path(),
+        &[("--config", &config), ("--policy", &policy)],
+        Duration::from_secs(60),
+    );
 
     // The alert comes from the wall clock: the deadline t0 + GRACE passes the quiet clock
     // (now - DELAY) at about t0 + GRACE + DELAY.
     let deadline = Instant::now() + Duration::from_secs(30);
     let opened = loop {
-        let (by_id, _) = alerts_by_id(&std::fs::read(&alerts).unwrap_or_default());
+        let (by_id, _) = alerts_by_id(&std::fs::read(&service.alerts).unwrap_or_default());
         if let Some(alert) = by_id.into_values().next() {
             break alert;
         }
         assert!(
             Instant::now() < deadline,
             "no alert within 30 s of a quiet feed (pending: {:?})",
-            metric(port, "twinwatch_pending_violations", "")
+            metric(service.port, "twinwatch_pending_violations", "")
         );
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -113,36 +99,34 @@ fn a_quiet_feed_still_opens_a_pending_violation_at_its_deadline() {
     // Timed at the deadline, not at the wall clock that reached it.
     assert_eq!(opened["time"], at(GRACE_SECS), "{opened}");
     assert_eq!(
-        metric(port, "twinwatch_pending_violations_total", "opened"),
+        metric(service.port, "twinwatch_pending_violations_total", "opened"),
         Some(1.0)
     );
     assert_eq!(
-        metric(port, "twinwatch_pending_violations_total", "dropped"),
+        metric(
+            service.port,
+            "twinwatch_pending_violations_total",
+            "dropped"
+        ),
         Some(1.0)
     );
-    assert_eq!(metric(port, "twinwatch_pending_violations", ""), Some(0.0));
-    sigterm_and_wait(&mut child.0);
+    assert_eq!(
+        metric(service.port, "twinwatch_pending_violations", ""),
+        Some(0.0)
+    );
+    service.child.stop();
 
     // One alert in all: `paired` passed within its grace period; nothing more was consumed.
-    let (by_id, n) = alerts_by_id(&std::fs::read(&alerts).expect("alerts"));
+    let (by_id, n) = alerts_by_id(&std::fs::read(&service.alerts).expect("alerts"));
     assert_eq!((by_id.len(), n), (1, 1), "{by_id:?}");
     let violations =
-        String::from_utf8(ok(&["violations", "--data-dir", path(&data)]).stdout).expect("utf-8");
+        String::from_utf8(ok(&["violations", "--data-dir", path(&service.data)]).stdout)
+            .expect("utf-8");
     assert_eq!(violations.lines().count(), 1, "{violations}");
     assert!(violations.contains("lonely"), "{violations}");
-    assert!(ok(&["violations", "--pending", "--data-dir", path(&data)])
-        .stdout
-        .is_empty());
-}
-
-/// The service, killed if the test fails before it stops it.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
+    assert!(
+        ok(&["violations", "--pending", "--data-dir", path(&service.data)])
+            .stdout
+            .is_empty()
+    );
 }

@@ -26,7 +26,7 @@ use twinwatch::policy::Policy;
 use twinwatch::store::{Store, StoreOptions};
 use twinwatch::time::Ticks;
 
-use crate::support::{data_path, dead_letters, expand, export, replay_files, write_lines};
+use crate::support::{check_every_file, dead_letters, expand, export, replay_files, write_lines};
 
 fn policy(text: Option<&str>) -> Result<Arc<Policy>, String> {
     let text = text.unwrap_or("rules: []");
@@ -246,23 +246,5 @@ fn check(path: &Path) -> Result<(), String> {
 
 #[test]
 fn scenarios() {
-    let dir = data_path("scenarios");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .expect("scenario directory")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no scenarios in {}", dir.display());
-    let failures: Vec<String> = paths
-        .iter()
-        .filter_map(|p| check(p).err().map(|e| format!("{}:\n{e}", p.display())))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} scenarios failed:\n\n{}",
-        failures.len(),
-        paths.len(),
-        failures.join("\n\n")
-    );
+    check_every_file("scenarios", "scenarios", check);
 }

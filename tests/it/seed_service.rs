@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use twinwatch::app::emulator::events_of_file;
 use twinwatch::emulator::query::{QueryEmulator, QueryEmulatorConfig, QueryFault, TwinDocuments};
 use twinwatch::time::Ticks;
 
-use crate::service::{free_port, metric, metric_plain, readyz, sigterm_and_wait, Hub};
-use crate::support::{alerts_by_id, export, generate_fleet, ok, path};
+use crate::service::{
+    free_port, metric, metric_plain, readyz, run_args, service_paths, spawn_run_with, wait_metric,
+    wait_readyz, Hub, KillOnDrop,
+};
+use crate::support::{alerts_by_id, export, generate, generate_fleet, ok, path};
 
 /// The generator's default hub: the change notifications' `hubName`.
 const HUB: &str = "contoso-hub";
@@ -32,24 +34,27 @@ fn start_query(hub: &Hub, documents: TwinDocuments) -> QueryEmulator {
         .expect("the twin query emulator")
 }
 
+/// The twin documents of a fleet of `(devices, events, seed)` as of its last event, served by
+/// the twin query emulator beside an Event Hubs emulator named `hub` with nothing published.
+fn serving(dir: &Path, fleet: (u64, u64, u64), hub: &str) -> (PathBuf, Hub, QueryEmulator) {
+    let (devices, events, seed) = fleet;
+    let documents = documents_file(dir, devices, events, seed, events);
+    let hub = Hub::empty(hub);
+    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    (documents, hub, query)
+}
+
 /// `generate --format twin-documents` of the fleet as of its first `as_of_event` messages.
 fn documents_file(dir: &Path, devices: u64, events: u64, seed: u64, as_of_event: u64) -> PathBuf {
     let out = dir.join(format!("twins-{as_of_event}.json"));
-    ok(&[
-        "generate",
-        "--format",
-        "twin-documents",
-        "--devices",
-        &devices.to_string(),
-        "--events",
-        &events.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--as-of-event",
-        &as_of_event.to_string(),
-        "--out",
-        path(&out),
-    ]);
+    let as_of_event = as_of_event.to_string();
+    generate(
+        &out,
+        devices,
+        events,
+        seed,
+        &["--format", "twin-documents", "--as-of-event", &as_of_event],
+    );
     out
 }
 
@@ -90,88 +95,46 @@ fn spawn_seeding(
     alerts: &Path,
     port: u16,
 ) -> KillOnDrop {
-    // `spawn_run` sets the Event Hub's; the IoT Hub's goes through the process environment
-    // of the child only.
-    let mut command = std::process::Command::new(crate::support::binary());
-    command
-        .args([
-            "run",
-            "--config",
-            path(config),
-            "--data-dir",
-            path(data),
-            "--alerts-file",
-            path(alerts),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            hub.connection_string(),
-        )
-        .env(
+    KillOnDrop::new(spawn_run_with(
+        hub,
+        &run_args(
+            data,
+            port,
+            &[("--config", config), ("--alerts-file", alerts)],
+        ),
+        &[(
             "TWINWATCH_IOTHUB_CONNECTION_STRING",
-            query.connection_string().to_secret_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
-            std::process::Stdio::inherit()
-        } else {
-            std::process::Stdio::null()
-        });
-    KillOnDrop(Some(command.spawn().expect("spawn twinwatch run")))
+            &query.connection_string().to_secret_string(),
+        )],
+    ))
 }
 
-/// A child process killed if the test fails before it stops it.
-struct KillOnDrop(Option<std::process::Child>);
-
-impl KillOnDrop {
-    fn stop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            sigterm_and_wait(&mut child);
-        }
-    }
+/// Waits until the service has had a seed pass with `outcome` (`complete`, `incomplete`).
+fn wait_pass(port: u16, outcome: &str) {
+    wait_metric(
+        port,
+        "twinwatch_seed_passes_total",
+        &format!("outcome=\"{outcome}\""),
+        1.0,
+        Duration::from_secs(60),
+    );
 }
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Waits until the service's seed pass has waited out the hub's throttling once.
+fn wait_throttled(port: u16) {
+    wait_metric(
+        port,
+        "twinwatch_seed_throttled_total",
+        "",
+        1.0,
+        Duration::from_secs(60),
+    );
 }
 
-/// Waits until `name{labels}` reaches `at_least`; returns it.
-fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64, limit: Duration) -> f64 {
-    let deadline = Instant::now() + limit;
-    loop {
-        let value = if labels.is_empty() {
-            metric_plain(port, name)
-        } else {
-            metric(port, name, labels)
-        }
-        .unwrap_or(0.0);
-        if value >= at_least {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}{{{labels}}} stayed at {value}, below {at_least}: /readyz {:?}",
-            readyz(port)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn publish_file(hub: &Hub, fleet: &Path) -> u64 {
-    let events = events_of_file(fleet).expect("events");
-    let n = events.len() as u64;
-    for event in events {
-        hub.emulator.as_ref().expect("running").publish(event);
-    }
-    n
+/// /readyz's body, as JSON.
+fn readyz_json(port: u16) -> Value {
+    let (_, body) = readyz(port).expect("/readyz");
+    serde_json::from_str(&body).expect("json")
 }
 
 /// The (twin, rule) pairs of `violations` output.
@@ -193,7 +156,7 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
     let documents = documents_file(dir.path(), devices, events, seed, as_of_event);
     let as_of = as_of_after(&fleet, as_of_event as usize);
 
-    let hub = Hub::empty("iothub-ehub-seed");
+    let mut hub = Hub::empty("iothub-ehub-seed");
     let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
     let endpoint = query.http_endpoint().expect("http");
     let config = config_file(
@@ -202,30 +165,14 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
         &endpoint,
         &format!("as_of = \"{as_of}\"\nreconcile_every_hours = 0"),
     );
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
+    let (data, alerts, port) = service_paths(dir.path());
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-    wait_metric(
-        port,
-        "twinwatch_seed_passes_total",
-        "outcome=\"complete\"",
-        1.0,
-        Duration::from_secs(60),
-    );
+    wait_pass(port, "complete");
     // The receivers may attach after the pass (readiness never waits for it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        let (status, body) = readyz(port).expect("/readyz");
-        let body: Value = serde_json::from_str(&body).expect("json");
-        if status == 200 {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "not ready: {body}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let body = wait_readyz(port, Duration::from_secs(30), "readiness", |status, _| {
+        status == 200
+    });
+    let body: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(body["seed"]["last"]["outcome"], "complete", "{body}");
     assert_eq!(body["seed"]["lastComplete"], as_of.to_string(), "{body}");
     let n_documents = TwinDocuments::read(&documents).expect("documents");
@@ -240,7 +187,7 @@ fn the_service_seeds_an_empty_snapshot_then_consumes_as_seed_then_replay_do() {
     );
 
     // Then the feed, the old part of it included (stale now, as the contract says).
-    let published = publish_file(&hub, &fleet);
+    let published = hub.publish_file(&fleet);
     crate::service::wait_consumed(port, published, Duration::from_secs(120));
     // The feed after the seed's time changed twins: not everything was stale.
     assert!(metric(port, "twinwatch_messages_total", "outcome=\"applied\"").unwrap_or(0.0) > 0.0);
@@ -337,14 +284,8 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
 
     // The feed alone, into the data directory (no [seed]).
     let hub = Hub::start(&fleet);
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
-    let mut feed_only = KillOnDrop(Some(crate::service::spawn_service(
-        &hub, &data, &alerts, port,
-    )));
+    let (data, alerts, port) = service_paths(dir.path());
+    let mut feed_only = KillOnDrop::new(crate::service::spawn_service(&hub, &data, &alerts, port));
     crate::service::wait_consumed(port, hub.published, Duration::from_secs(120));
     feed_only.stop();
     let fed = export(&data);
@@ -386,20 +327,13 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
         "on_empty = false\nreconcile_every_hours = 0.001\ngrace_secs = 0",
     );
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-    wait_metric(
-        port,
-        "twinwatch_seed_passes_total",
-        "outcome=\"incomplete\"",
-        1.0,
-        Duration::from_secs(60),
-    );
+    wait_pass(port, "incomplete");
     assert_eq!(
         metric_plain(port, "twinwatch_seed_twins_removed_total"),
         Some(0.0),
         "an incomplete pass removes nothing"
     );
-    let (_, body) = readyz(port).expect("/readyz");
-    let body: Value = serde_json::from_str(&body).expect("json");
+    let body = readyz_json(port);
     assert_eq!(body["seed"]["last"]["outcome"], "incomplete", "{body}");
     assert!(
         body["seed"]["last"]["reason"]
@@ -407,13 +341,7 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
             .is_some_and(|r| r.contains("500")),
         "{body}"
     );
-    wait_metric(
-        port,
-        "twinwatch_seed_passes_total",
-        "outcome=\"complete\"",
-        1.0,
-        Duration::from_secs(60),
-    );
+    wait_pass(port, "complete");
     assert_eq!(
         metric_plain(port, "twinwatch_seed_twins_removed_total"),
         Some(1.0)
@@ -451,10 +379,7 @@ fn a_reconcile_by_interval_removes_a_ghost_twin_after_an_incomplete_pass_removed
 #[test]
 fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (devices, events, seed) = (60, 1_500, 23);
-    let documents = documents_file(dir.path(), devices, events, seed, events);
-    let hub = Hub::empty("iothub-ehub-stop");
-    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    let (documents, hub, query) = serving(dir.path(), (60, 1_500, 23), "iothub-ehub-stop");
     // After two pages, the hub throttles for longer than the stop may take.
     query.inject_after(
         2,
@@ -469,37 +394,24 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
         &query.http_endpoint().expect("http"),
         "reconcile_every_hours = 0",
     );
-    let (data, alerts, port) = (
-        dir.path().join("data"),
-        dir.path().join("alerts.jsonl"),
-        free_port(),
-    );
+    let (data, alerts, port) = service_paths(dir.path());
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-    wait_metric(
-        port,
-        "twinwatch_seed_throttled_total",
-        "",
-        1.0,
-        Duration::from_secs(60),
-    );
+    wait_throttled(port);
     let all = TwinDocuments::read(&documents).expect("documents");
     let total = all.device_count() + all.module_count();
     // The apply thread reports the pages it has applied.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let (status, body) = readyz(port).expect("/readyz");
-        let body: Value = serde_json::from_str(&body).expect("json");
-        // Ready (every partition connected: that may take a moment after the start) while
-        // the pass is under way: readiness does not wait for the pass.
-        if status == 200 && body["seed"]["running"]["documents"].as_u64().unwrap_or(0) > 0 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready while the pass runs: {status} {body}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // Ready (every partition connected: that may take a moment after the start) while the
+    // pass is under way: readiness does not wait for the pass.
+    let body = wait_readyz(
+        port,
+        Duration::from_secs(20),
+        "readiness while the pass has applied pages",
+        |status, body| {
+            let body: Value = serde_json::from_str(body).expect("json");
+            status == 200 && body["seed"]["running"]["documents"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    let body: Value = serde_json::from_str(&body).expect("json");
     let running = &body["seed"]["running"];
     let read = running["documents"].as_u64().expect("documents") as usize;
     assert!(read < total, "{read} of {total} read before the throttling");
@@ -516,15 +428,8 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
     // The next start: the faults are used up; the same pass goes on and completes.
     let port = free_port();
     let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-    wait_metric(
-        port,
-        "twinwatch_seed_passes_total",
-        "outcome=\"complete\"",
-        1.0,
-        Duration::from_secs(60),
-    );
-    let (_, body) = readyz(port).expect("/readyz");
-    let body: Value = serde_json::from_str(&body).expect("json");
+    wait_pass(port, "complete");
+    let body = readyz_json(port);
     assert_eq!(body["seed"]["last"]["asOf"], as_of.as_str(), "{body}");
     service.stop();
     assert_eq!(export(&data).len(), total);
@@ -537,10 +442,7 @@ fn a_stop_during_a_pass_exits_in_time_and_the_next_start_goes_on_with_it() {
 #[test]
 fn a_service_killed_mid_pass_ends_as_one_never_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (devices, events, seed) = (90, 2_500, 29);
-    let documents = documents_file(dir.path(), devices, events, seed, events);
-    let hub = Hub::empty("iothub-ehub-kill");
-    let query = start_query(&hub, TwinDocuments::read(&documents).expect("documents"));
+    let (_, hub, query) = serving(dir.path(), (90, 2_500, 29), "iothub-ehub-kill");
     // A fixed as-of time, so that both runs' alert ids are comparable.
     let config = config_file(
         dir.path(),
@@ -563,26 +465,12 @@ fn a_service_killed_mid_pass_ends_as_one_never_killed() {
             );
             let port = free_port();
             let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-            wait_metric(
-                port,
-                "twinwatch_seed_throttled_total",
-                "",
-                1.0,
-                Duration::from_secs(60),
-            );
-            let mut child = service.0.take().expect("running");
-            child.kill().expect("SIGKILL");
-            child.wait().expect("killed");
+            wait_throttled(port);
+            service.kill();
         }
         let port = free_port();
         let mut service = spawn_seeding(&hub, &query, &config, &data, &alerts, port);
-        wait_metric(
-            port,
-            "twinwatch_seed_passes_total",
-            "outcome=\"complete\"",
-            1.0,
-            Duration::from_secs(60),
-        );
+        wait_pass(port, "complete");
         service.stop();
         let bytes = std::fs::read(&alerts).expect("alerts");
         (export(&data), alerts_by_id(&bytes), bytes)
@@ -637,16 +525,9 @@ fn the_demo_seeds_from_its_twin_query_and_says_so() {
         }
         lines
     });
-    let mut demo = KillOnDrop(Some(child));
-    wait_metric(
-        port,
-        "twinwatch_seed_passes_total",
-        "outcome=\"complete\"",
-        1.0,
-        Duration::from_secs(60),
-    );
-    let (_, body) = readyz(port).expect("/readyz");
-    let body: Value = serde_json::from_str(&body).expect("json");
+    let mut demo = KillOnDrop::new(child);
+    wait_pass(port, "complete");
+    let body = readyz_json(port);
     let as_of = body["seed"]["last"]["asOf"]
         .as_str()
         .expect("asOf")

@@ -70,12 +70,19 @@ impl Hub {
     /// An emulator preloaded with a file's events.
     pub fn start(file: &Path) -> Hub {
         let mut hub = Hub::empty("iothub-ehub-test");
-        let events = events_of_file(file).expect("events");
-        hub.published = events.len() as u64;
-        for event in events {
-            hub.emulator.as_ref().expect("running").publish(event);
-        }
+        hub.publish_file(file);
         hub
+    }
+
+    /// Publishes a file's events now, counting them in `published`; returns their number.
+    pub fn publish_file(&mut self, file: &Path) -> u64 {
+        let events = events_of_file(file).expect("events");
+        let n = events.len() as u64;
+        for event in events {
+            self.emulator.as_ref().expect("running").publish(event);
+        }
+        self.published += n;
+        n
     }
 
     pub fn connection_string(&self) -> String {
@@ -91,56 +98,193 @@ impl Drop for Hub {
     }
 }
 
+/// Where a test's service keeps its snapshot (`dir/data`) and its alerts
+/// (`dir/alerts.jsonl`), and a free port for it to listen on.
+pub fn service_paths(dir: &Path) -> (PathBuf, PathBuf, u16) {
+    (dir.join("data"), dir.join("alerts.jsonl"), free_port())
+}
+
 pub fn spawn_service(hub: &Hub, data: &Path, alerts: &Path, port: u16) -> Child {
-    spawn_run(
-        hub,
-        &[
-            "run",
-            "--data-dir",
-            path(data),
-            "--alerts-file",
-            path(alerts),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    )
+    spawn_service_with(hub, data, alerts, port, &[])
+}
+
+/// [`spawn_service`] with `more` arguments (`("--policy", file)`, `("--config", file)`).
+pub fn spawn_service_with(
+    hub: &Hub,
+    data: &Path,
+    alerts: &Path,
+    port: u16,
+    more: &[(&str, &Path)],
+) -> Child {
+    let mut all = vec![("--alerts-file", alerts)];
+    all.extend_from_slice(more);
+    spawn_run(hub, &run_args(data, port, &all))
+}
+
+/// The arguments of `twinwatch run` on `data`, listening on loopback `port`, with `more`
+/// (`("--config", file)`, `("--alerts-file", file)`, `("--policy", file)`) after them.
+pub fn run_args(data: &Path, port: u16, more: &[(&str, &Path)]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_owned(),
+        "--data-dir".to_owned(),
+        path(data).to_owned(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+    ];
+    for (flag, file) in more {
+        args.push((*flag).to_owned());
+        args.push(path(file).to_owned());
+    }
+    args
 }
 
 /// Starts the binary with `args`, the hub's connection string in the environment.
-pub fn spawn_run(hub: &Hub, args: &[&str]) -> Child {
-    Command::new(binary())
-        .args(args)
-        .env(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            hub.connection_string(),
-        )
+pub fn spawn_run<S: AsRef<std::ffi::OsStr>>(hub: &Hub, args: &[S]) -> Child {
+    spawn_run_with(hub, args, &[])
+}
+
+/// [`spawn_run`] with more environment variables (`FAILPOINTS`, another connection string).
+pub fn spawn_run_with<S: AsRef<std::ffi::OsStr>>(
+    hub: &Hub,
+    args: &[S],
+    env: &[(&str, &str)],
+) -> Child {
+    let mut command = Command::new(binary());
+    command.args(args).env(
+        "TWINWATCH_EVENTHUB_CONNECTION_STRING",
+        hub.connection_string(),
+    );
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    spawn_quiet(&mut command)
+}
+
+/// Spawns `command` logging at warn, its output discarded (TWINWATCH_TEST_LOGS=1 shows the
+/// log, for debugging a test).
+pub fn spawn_quiet(command: &mut Command) -> Child {
+    command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        // TWINWATCH_TEST_LOGS=1 shows the service's log, for debugging a test.
         .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()
         })
         .spawn()
-        .expect("spawn twinwatch run")
+        .expect("spawn twinwatch")
+}
+
+/// A service a test started with [`Running::consume`].
+pub struct Running {
+    pub child: KillOnDrop,
+    pub data: PathBuf,
+    pub alerts: PathBuf,
+    pub port: u16,
+}
+
+impl Running {
+    /// Starts `twinwatch run` on `hub` with `more` arguments, its snapshot and alerts in `dir`
+    /// ([`service_paths`]), and waits (at most `limit`) until it has consumed what the hub
+    /// holds.
+    pub fn consume(hub: &Hub, dir: &Path, more: &[(&str, &Path)], limit: Duration) -> Running {
+        let (data, alerts, port) = service_paths(dir);
+        let child = KillOnDrop::new(spawn_service_with(hub, &data, &alerts, port, more));
+        wait_consumed(port, hub.published, limit);
+        Running {
+            child,
+            data,
+            alerts,
+            port,
+        }
+    }
+}
+
+/// A child process killed if the test fails before it stops it.
+pub struct KillOnDrop(pub Option<Child>);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> KillOnDrop {
+        KillOnDrop(Some(child))
+    }
+
+    /// The running child.
+    pub fn child(&self) -> &Child {
+        self.0.as_ref().expect("running")
+    }
+
+    /// Stops the child with SIGTERM, requiring a clean exit ([`sigterm_and_wait`]).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            sigterm_and_wait(&mut child);
+        }
+    }
+
+    /// Kills the child with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let mut child = self.0.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("killed");
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A configuration file at `file` for a service on `data` listening on loopback `port`, with
+/// `more` (TOML) after those two settings.
+pub fn config_file(file: &Path, data: &Path, port: u16, more: &str) -> PathBuf {
+    std::fs::write(
+        file,
+        format!(
+            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n{more}",
+            path(data)
+        ),
+    )
+    .expect("config");
+    file.to_owned()
+}
+
+/// `dir/NAME.toml` for a service on `dir/NAME` listening on `port`, with `eventhub` (TOML) in
+/// its `[eventhub]` table.
+pub fn eventhub_config(dir: &Path, name: &str, port: u16, eventhub: &str) -> PathBuf {
+    config_file(
+        &dir.join(format!("{name}.toml")),
+        &dir.join(name),
+        port,
+        &format!("[eventhub]\n{eventhub}\n"),
+    )
+}
+
+/// The text of the service's /metrics (None while it is not listening).
+pub fn metrics_text(port: u16) -> Option<String> {
+    ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .ok()?
+        .into_body()
+        .read_to_string()
+        .ok()
+}
+
+/// The sum of the samples of the metric `name` (with labels) whose labels contain `labels`.
+fn sum_samples(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `twinwatch_messages_total`, all outcomes, from the service's /metrics (None while it is
 /// not listening).
 pub fn consumed(port: u16) -> Option<u64> {
-    let body = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with("twinwatch_messages_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64,
-    )
+    Some(sum_samples(&metrics_text(port)?, "twinwatch_messages_total", "") as u64)
 }
 
 pub fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
@@ -158,26 +302,34 @@ pub fn wait_consumed(port: u16, at_least: u64, limit: Duration) -> u64 {
     }
 }
 
+/// Sends SIGTERM and waits up to 40 s for a clean exit (0).
 pub fn sigterm_and_wait(child: &mut Child) {
+    let (_, status) = sigterm_within(child, Duration::from_secs(40));
+    assert!(
+        status.success(),
+        "twinwatch run exited with {status} on SIGTERM"
+    );
+}
+
+/// Sends SIGTERM; how long the process took to exit, and how it exited. Past `limit` it is
+/// killed and the test fails.
+pub fn sigterm_within(child: &mut Child, limit: Duration) -> (Duration, std::process::ExitStatus) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .expect("kill -TERM");
     assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().expect("try_wait") {
-            assert!(
-                status.success(),
-                "twinwatch run exited with {status} on SIGTERM"
-            );
-            return;
+            return (started.elapsed(), status);
         }
-        assert!(
-            Instant::now() < deadline,
-            "twinwatch run did not stop within 40 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("twinwatch run did not stop within {limit:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -210,6 +362,35 @@ pub fn wait_quiet_clock(port: u16, limit: Duration) {
     }
 }
 
+/// Waits until /readyz answers 200; fails with its last answer after `limit`.
+pub fn wait_ready(port: u16, limit: Duration) {
+    wait_readyz(port, limit, "readiness", |status, _| status == 200);
+}
+
+/// Polls /readyz until `done(status, body)` holds, and returns that body; fails after
+/// `limit`, naming `what` it waited for and the last answer.
+pub fn wait_readyz(
+    port: u16,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(u16, &str) -> bool,
+) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = readyz(port);
+        if let Some((status, body)) = &answer {
+            if done(*status, body) {
+                return body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {limit:?} for {what}; the last /readyz: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// /readyz's status and body.
 pub fn readyz(port: u16) -> Option<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -225,11 +406,7 @@ pub fn readyz(port: u16) -> Option<(u16, String)> {
 }
 
 pub fn committed(port: u16) -> f64 {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()
-        .and_then(|r| r.into_body().read_to_string().ok())
-        .unwrap_or_default();
+    let text = metrics_text(port).unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with("twinwatch_checkpoint_sequence_number{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -239,19 +416,30 @@ pub fn committed(port: u16) -> f64 {
 
 /// The sum of a metric's samples whose labels contain `labels` (None while not listening).
 pub fn metric(port: u16, name: &str, labels: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    Some(
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    Some(sum_samples(&metrics_text(port)?, name, labels))
+}
+
+/// Waits until `name{labels}` (a metric without labels where `labels` is empty) reaches
+/// `at_least`; returns it.
+pub fn wait_metric(port: u16, name: &str, labels: &str, at_least: f64, limit: Duration) -> f64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = if labels.is_empty() {
+            metric_plain(port, name)
+        } else {
+            metric(port, name, labels)
+        }
+        .unwrap_or(0.0);
+        if value >= at_least {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{{{labels}}} stayed at {value}, below {at_least}: /readyz {:?}",
+            readyz(port)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A minimal HTTP/1.1 receiver on `port`: answers 200 to every request (keep-alive) and keeps
@@ -402,13 +590,8 @@ fn serve_requests(
 
 /// A metric without labels.
 pub fn metric_plain(port: u16, name: &str) -> Option<f64> {
-    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
-        .call()
-        .ok()?
-        .into_body()
-        .read_to_string()
-        .ok()?;
-    text.lines()
+    metrics_text(port)?
+        .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
@@ -436,6 +619,14 @@ impl SmallDisk {
             "mounting a tmpfs failed: this campaign needs root"
         );
         SmallDisk(at.to_owned())
+    }
+
+    /// A service's data directory on this disk, and its configuration in
+    /// `dir/twinwatch.toml` (listening on loopback `port`, with `settings` after).
+    pub fn service_config(&self, dir: &Path, port: u16, settings: &str) -> (PathBuf, PathBuf) {
+        let data = self.0.join("data");
+        let config = config_file(&dir.join("twinwatch.toml"), &data, port, settings);
+        (data, config)
     }
 
     pub fn free_bytes(&self) -> u64 {

@@ -149,6 +149,30 @@ pub fn data_path(relative: &str) -> PathBuf {
         .join(relative)
 }
 
+/// Runs `check` on every `.json` file of the data directory `relative` (in name order), and
+/// fails naming every file it failed for (`what` the files are: cases, scenarios).
+pub fn check_every_file(relative: &str, what: &str, check: impl Fn(&Path) -> Result<(), String>) {
+    let dir = data_path(relative);
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    assert!(!paths.is_empty(), "no {what} in {}", dir.display());
+    let failures: Vec<String> = paths
+        .iter()
+        .filter_map(|p| check(p).err().map(|e| format!("{}:\n{e}", p.display())))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} {what} failed:\n\n{}",
+        failures.len(),
+        paths.len(),
+        failures.join("\n\n")
+    );
+}
+
 /// Runs the real binary (logs at warn), whatever its exit.
 pub fn run(args: &[&str]) -> Output {
     Command::new(binary())
@@ -171,6 +195,46 @@ pub fn ok(args: &[&str]) -> Output {
 
 pub fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// The arguments of a replay of `input` into `data`, alerts into the file `alerts`, with
+/// `more` before the input.
+pub fn replay_args<'a>(
+    data: &'a Path,
+    alerts: &'a Path,
+    input: &'a Path,
+    more: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "replay",
+        "--data-dir",
+        path(data),
+        "--alerts-file",
+        path(alerts),
+    ];
+    args.extend_from_slice(more);
+    args.push(path(input));
+    args
+}
+
+/// The export of `file` replayed into `scratch/replayed`: what a live run of the same events
+/// must end with.
+pub fn replay_export(scratch: &Path, file: &Path) -> Vec<u8> {
+    let replayed = scratch.join("replayed");
+    ok(&["replay", "--data-dir", path(&replayed), path(file)]);
+    ok(&["export", "--data-dir", path(&replayed)]).stdout
+}
+
+/// Requires the export of `data` to be [`replay_export`]'s of `file`: nothing lost, nothing
+/// applied twice. `after` says what the run went through, for the message. Returns the export.
+pub fn assert_export_is_replays(scratch: &Path, file: &Path, data: &Path, after: &str) -> Vec<u8> {
+    let reference = replay_export(scratch, file);
+    let live = ok(&["export", "--data-dir", path(data)]).stdout;
+    assert!(
+        live == reference,
+        "the export {after} differs from a replay's"
+    );
+    live
 }
 
 /// The alerts of a file sink's content by id, and how many lines there were; the same id
@@ -204,21 +268,31 @@ pub fn assert_every_alert_delivered(clean: &Path, killed: &Path, at_least: usize
         n_expected >= at_least,
         "only {n_expected} alerts: the fleet should raise more"
     );
+    assert_same_alerts(&expected, &delivered, "");
+    assert!(n_delivered >= n_expected);
+}
+
+/// Requires `delivered` to hold every alert of `expected` under the same id, and nothing else;
+/// `context` starts the messages.
+pub fn assert_same_alerts(
+    expected: &BTreeMap<String, Value>,
+    delivered: &BTreeMap<String, Value>,
+    context: &str,
+) {
     let missing: Vec<&String> = expected
         .keys()
         .filter(|id| !delivered.contains_key(*id))
         .collect();
     assert!(
         missing.is_empty(),
-        "{} alerts never delivered, e.g. {:?}",
+        "{context}{} alerts never delivered, e.g. {:?}",
         missing.len(),
         missing.first()
     );
     assert_eq!(
         expected, delivered,
-        "the delivered alerts differ from the uninterrupted run's"
+        "{context}the delivered alerts differ from the uninterrupted run's"
     );
-    assert!(n_delivered >= n_expected);
 }
 
 /// [`assert_every_alert_delivered`] for two live runs of the built-in baseline: alerts of its
@@ -271,12 +345,17 @@ pub fn live_comparable(bytes: &[u8], skip: &std::collections::BTreeSet<String>) 
     out
 }
 
-/// The ids of the built-in baseline's rules that have a `for`.
-pub fn baseline_rules_with_for() -> std::collections::BTreeSet<String> {
-    let text = std::fs::read_to_string(
+/// The built-in baseline pack's text.
+pub fn baseline_text() -> String {
+    std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
     )
-    .expect("the baseline pack");
+    .expect("the baseline pack")
+}
+
+/// The ids of the built-in baseline's rules that have a `for`.
+pub fn baseline_rules_with_for() -> std::collections::BTreeSet<String> {
+    let text = baseline_text();
     let mut out = std::collections::BTreeSet::new();
     let mut rule = None;
     for line in text.lines() {
@@ -292,18 +371,31 @@ pub fn baseline_rules_with_for() -> std::collections::BTreeSet<String> {
 /// A generated fleet (`twinwatch generate`, storage-route JSON lines) in `dir/fleet.json`.
 pub fn generate_fleet(dir: &Path, devices: u64, events: u64, seed: u64, noise: f64) -> PathBuf {
     let fleet = dir.join("fleet.json");
-    ok(&[
+    generate(
+        &fleet,
+        devices,
+        events,
+        seed,
+        &["--noise", &noise.to_string()],
+    );
+    fleet
+}
+
+/// `twinwatch generate` of `devices` and `events` from `seed` into `out`, with `more`
+/// arguments (`--format twin-documents`, `--as-of-event N`, `--noise X`).
+pub fn generate(out: &Path, devices: u64, events: u64, seed: u64, more: &[&str]) {
+    let (devices, events, seed) = (devices.to_string(), events.to_string(), seed.to_string());
+    let mut args = vec![
         "generate",
         "--devices",
-        &devices.to_string(),
+        &devices,
         "--events",
-        &events.to_string(),
+        &events,
         "--seed",
-        &seed.to_string(),
-        "--noise",
-        &noise.to_string(),
+        &seed,
         "--out",
-        path(&fleet),
-    ]);
-    fleet
+        path(out),
+    ];
+    args.extend_from_slice(more);
+    ok(&args);
 }

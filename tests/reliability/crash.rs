@@ -19,9 +19,12 @@ use rand_chacha::ChaCha8Rng;
 use twinwatch::failpoint;
 
 use crate::report::{self, Scale};
-use crate::service::{committed, free_port, metric_plain, sigterm_and_wait, wait_quiet_clock, Hub};
+use crate::service::{
+    committed, free_port, metric_plain, run_args, sigterm_and_wait, wait_quiet_clock, Hub,
+};
 use crate::support::{
-    alerts_by_id, baseline_rules_with_for, binary, generate_fleet, live_comparable, ok, path,
+    alerts_by_id, assert_same_alerts, baseline_rules_with_for, baseline_text, binary,
+    generate_fleet, live_comparable, ok, path, replay_args, replay_export,
 };
 
 /// How an attempt is meant to die.
@@ -75,6 +78,24 @@ struct Plan {
     timer_hits: u32,
 }
 
+impl Plan {
+    /// `kills` at full and at CI scale, from outside after `outside_ms`, at a spot's hit 1 to
+    /// `hits` (no timer spot).
+    fn new(
+        scale: Scale,
+        kills: (u64, u64),
+        outside_ms: std::ops::RangeInclusive<u64>,
+        hits: u32,
+    ) -> Plan {
+        Plan {
+            kills: scale.pick(kills.0, kills.1),
+            outside_ms,
+            hits,
+            timer_hits: 0,
+        }
+    }
+}
+
 /// What a campaign's subject is: how to start it, and how to run it to the end.
 trait Subject {
     /// Starts a run on `data`, alerts into `alerts`, `FAILPOINTS` set to `failpoints`.
@@ -104,26 +125,15 @@ struct Replay {
 
 impl Subject for Replay {
     fn spawn(&self, data: &Path, alerts: &Path, failpoints: Option<&str>, log: &Path) -> Child {
+        let mut more = vec!["--batch-size", "500"];
+        more.extend(self.extra.iter().map(String::as_str));
         let mut command = Command::new(binary());
-        command.args([
-            "replay",
-            "--data-dir",
-            path(data),
-            "--batch-size",
-            "500",
-            "--alerts-file",
-            path(alerts),
-        ]);
-        command.args(&self.extra).arg(&self.fleet);
+        command.args(replay_args(data, alerts, &self.fleet, &more));
         start(command, failpoints, log)
     }
 
     fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
-        let mut child = self.spawn(data, alerts, None, log);
-        let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .expect("a replay did not finish within 300 s");
-        assert!(status.success(), "a replay failed: {status}");
-        assert_no_panic(log);
+        finish(self.spawn(data, alerts, None, log), "replay", log);
     }
 
     fn patience(&self) -> Duration {
@@ -160,11 +170,7 @@ impl Subject for OnCopy {
     }
 
     fn run_to_end(&self, data: &Path, alerts: &Path, log: &Path) {
-        let mut child = self.spawn(data, alerts, None, log);
-        let status = wait_at_most(&mut child, Duration::from_secs(300))
-            .unwrap_or_else(|| panic!("`{}` did not finish within 300 s", self.args[0]));
-        assert!(status.success(), "`{}` failed: {status}", self.args[0]);
-        assert_no_panic(log);
+        finish(self.spawn(data, alerts, None, log), &self.args[0], log);
     }
 
     fn patience(&self) -> Duration {
@@ -205,17 +211,11 @@ impl Live {
     ) -> Child {
         let mut command = Command::new(binary());
         command
-            .args([
-                "run",
-                "--config",
-                path(&self.config),
-                "--data-dir",
-                path(data),
-                "--alerts-file",
-                path(alerts),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
+            .args(run_args(
+                data,
+                port,
+                &[("--config", &self.config), ("--alerts-file", alerts)],
+            ))
             .env(
                 "TWINWATCH_EVENTHUB_CONNECTION_STRING",
                 self.hub.connection_string(),
@@ -278,6 +278,15 @@ fn start(mut command: Command, failpoints: Option<&str>, log: &Path) -> Child {
         command.env("FAILPOINTS", failpoints);
     }
     command.spawn().expect("spawn twinwatch")
+}
+
+/// Waits for a run of `command` to end by itself within 300 s, successfully, without a panic
+/// in its `log`.
+fn finish(mut child: Child, command: &str, log: &Path) {
+    let status = wait_at_most(&mut child, Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("`{command}` did not finish within 300 s"));
+    assert!(status.success(), "`{command}` failed: {status}");
+    assert_no_panic(log);
 }
 
 /// The child's exit status, or `None` if it is still running after `limit`.
@@ -454,21 +463,7 @@ fn check_round(reference: &Reference, data: &Path, alerts: &Path, tally: &mut Ta
         bytes = live_comparable(&bytes, &reference.skip);
     }
     let (delivered, n_delivered) = alerts_by_id(&bytes);
-    let missing: Vec<&String> = reference
-        .alerts
-        .keys()
-        .filter(|id| !delivered.contains_key(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "round {round}: {} alerts never delivered, e.g. {:?}",
-        missing.len(),
-        missing.first()
-    );
-    assert_eq!(
-        delivered, reference.alerts,
-        "round {round}: the delivered alerts differ from the uninterrupted run's"
-    );
+    assert_same_alerts(&reference.alerts, &delivered, &format!("round {round}: "));
     tally.alerts_expected += reference.alerts.len() as u64;
     tally.alerts_delivered += n_delivered as u64;
 }
@@ -501,86 +496,106 @@ fn assert_every_spot_hit(tally: &Tally, spots: &[&str]) {
     }
 }
 
+/// A campaign's start: its scale, its seeded random choices, its directory and its fleet.
+struct Setup {
+    scale: Scale,
+    rng: ChaCha8Rng,
+    dir: tempfile::TempDir,
+    /// The fleet's events.
+    events: u64,
+    fleet: PathBuf,
+}
+
+impl Setup {
+    /// `events` at full and at CI scale, a device for every ten; the fleet generated with
+    /// `fleet_seed` and `noise`; the random choices seeded with `seed` (or
+    /// `TWINWATCH_RELIABILITY_SEED`).
+    fn new(seed: u64, events: (u64, u64), fleet_seed: u64, noise: f64) -> Setup {
+        let scale = report::scale();
+        let rng = ChaCha8Rng::seed_from_u64(report::seed(seed));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let events = scale.pick(events.0, events.1);
+        let fleet = generate_fleet(dir.path(), events / 10, events, fleet_seed, noise);
+        Setup {
+            scale,
+            rng,
+            dir,
+            events,
+            fleet,
+        }
+    }
+
+    /// The file sink of the uninterrupted run.
+    fn clean_alerts(&self) -> PathBuf {
+        self.dir.path().join("clean.jsonl")
+    }
+
+    /// Runs `subject` once, uninterrupted, in `clean`: its outputs, and how long it took (ms).
+    fn clean_run(&self, subject: &dyn Subject) -> (Reference, u64) {
+        let clean = self.dir.path().join("clean");
+        let started = Instant::now();
+        subject.run_to_end(
+            &clean,
+            &self.clean_alerts(),
+            &self.dir.path().join("clean.log"),
+        );
+        let whole = started.elapsed().as_millis() as u64;
+        (Reference::of(&clean, &self.clean_alerts()), whole)
+    }
+
+    /// Kills `subject` as `plan` says, checking each round against `reference`; at full
+    /// scale every spot must have been hit. Records the figures as `name`.
+    fn run(mut self, name: &str, subject: &dyn Subject, reference: &Reference, plan: &Plan) {
+        let tally = campaign(subject, reference, self.dir.path(), plan, &mut self.rng);
+        if self.scale == Scale::Full {
+            assert_every_spot_hit(&tally, subject.spots());
+        }
+        record(name, &tally, self.events);
+    }
+}
+
 #[test]
 fn replay_crash_campaign() {
-    let scale = report::scale();
-    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_124));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let events = scale.pick(200_000, 60_000);
-    let fleet = generate_fleet(dir.path(), events / 10, events, 31, 0.05);
+    let setup = Setup::new(20_261_124, (200_000, 60_000), 31, 0.05);
     let subject = Replay {
-        fleet,
+        fleet: setup.fleet.clone(),
         extra: Vec::new(),
         spots: failpoint::NAMES,
     };
-
-    let clean = dir.path().join("clean");
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = Instant::now();
-    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
-    let whole = started.elapsed().as_millis() as u64;
-    let reference = Reference::of(&clean, &clean_alerts);
+    let (reference, whole) = setup.clean_run(&subject);
     assert!(reference.alerts.len() >= 500, "too few alerts to check");
-
-    let plan = Plan {
-        kills: scale.pick(30, 10),
-        // From outside: anywhere from the start-up to a tenth of an uninterrupted run.
-        outside_ms: 20..=(whole / 10).max(60),
-        // A batch is 500 events.
-        hits: 6,
-        timer_hits: 0,
-    };
-    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
-    if scale == Scale::Full {
-        assert_every_spot_hit(&tally, subject.spots());
-    }
-    record("crash-replay", &tally, events);
+    // From outside: anywhere from the start-up to a tenth of an uninterrupted run; a batch
+    // is 500 events.
+    let plan = Plan::new(setup.scale, (30, 10), 20..=(whole / 10).max(60), 6);
+    setup.run("crash-replay", &subject, &reference, &plan);
 }
 
 #[test]
 fn live_crash_campaign() {
-    let scale = report::scale();
-    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_125));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let events = scale.pick(150_000, 40_000);
-    let fleet = generate_fleet(dir.path(), events / 10, events, 32, 0.05);
-    let config = dir.path().join("twinwatch.toml");
+    let setup = Setup::new(20_261_125, (150_000, 40_000), 32, 0.05);
+    let config = setup.dir.path().join("twinwatch.toml");
     std::fs::write(&config, "[batching]\nmax_messages = 500\n").expect("config");
     let subject = Live {
-        hub: Hub::start(&fleet),
+        hub: Hub::start(&setup.fleet),
         config,
         port: std::cell::Cell::new(0),
     };
-    assert_eq!(subject.hub.published, events);
+    assert_eq!(subject.hub.published, setup.events);
 
-    let clean = dir.path().join("clean");
-    let clean_alerts = dir.path().join("clean.jsonl");
-    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
-    let reference =
-        Reference::of(&clean, &clean_alerts).skipping(baseline_rules_with_for(), &clean_alerts);
+    let (reference, _) = setup.clean_run(&subject);
+    let reference = reference.skipping(baseline_rules_with_for(), &setup.clean_alerts());
     assert!(reference.alerts.len() >= 200, "too few alerts to check");
     // The live snapshot is the replay's (tests/it/live.rs shows it; checked here again).
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&fleet)]);
     assert!(
-        ok(&["export", "--data-dir", path(&replayed)]).stdout == reference.export,
+        replay_export(setup.dir.path(), &setup.fleet) == reference.export,
         "the uninterrupted live run's export differs from a replay's"
     );
 
-    let plan = Plan {
-        kills: scale.pick(30, 10),
-        // The service starts consuming about 200 ms after it is started, and then takes
-        // 3 to 5 s for the whole hub at full scale.
-        outside_ms: 100..=800,
-        // A batch is 500 events (the configuration) or what arrived in 50 ms.
-        hits: 6,
-        timer_hits: 0,
-    };
-    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
-    if scale == Scale::Full {
-        assert_every_spot_hit(&tally, subject.spots());
-    }
-    record("crash-live", &tally, events);
+    // The service starts consuming about 200 ms after it is started, and then takes 3 to 5 s
+    // for the whole hub at full scale. A batch is 500 events (the configuration) or what
+    // arrived in 50 ms.
+    let plan = Plan::new(setup.scale, (30, 10), 100..=800, 6);
+    setup.run("crash-live", &subject, &reference, &plan);
 }
 
 /// A policy change on a replayed fleet, killed during its re-audit from outside and at
@@ -588,24 +603,17 @@ fn live_crash_campaign() {
 /// every one of its alerts (reason `policy`, same ids) at least once.
 #[test]
 fn reaudit_crash_campaign() {
-    let scale = report::scale();
-    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_206));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let events = scale.pick(200_000, 60_000);
-    let fleet = generate_fleet(dir.path(), events / 10, events, 33, 0.05);
-    let base = dir.path().join("base");
-    ok(&["replay", "--data-dir", path(&base), path(&fleet)]);
+    let setup = Setup::new(20_261_206, (200_000, 60_000), 33, 0.05);
+    let dir = setup.dir.path();
+    let base = dir.join("base");
+    ok(&["replay", "--data-dir", path(&base), path(&setup.fleet)]);
     // The baseline with one rule dropped and one rule added that most twins fail.
-    let baseline = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
-    )
-    .expect("the baseline pack");
-    let changed = dir.path().join("changed.yaml");
+    let changed = dir.join("changed.yaml");
     std::fs::write(
         &changed,
         format!(
             "{}\n  - id: every-twin-is-tagged-owner\n    severity: low\n    target: {{module: \"*\"}}\n    check: {{path: /tags/owner, op: exists}}\n",
-            baseline.trim_end().replacen("  - id: device.security-module-present", "  - id: device.security-module-present-renamed", 1)
+            baseline_text().trim_end().replacen("  - id: device.security-module-present", "  - id: device.security-module-present-renamed", 1)
         ),
     )
     .expect("policy");
@@ -618,18 +626,13 @@ fn reaudit_crash_campaign() {
             "500",
             "--policy",
             path(&changed),
-            path(&fleet),
+            path(&setup.fleet),
         ]
         .map(String::from)
         .to_vec(),
         spots: &[failpoint::REAUDIT_BEFORE_COMMIT],
     };
-    let clean = dir.path().join("clean");
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = Instant::now();
-    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
-    let whole = started.elapsed().as_millis() as u64;
-    let reference = Reference::of(&clean, &clean_alerts);
+    let (reference, whole) = setup.clean_run(&subject);
     assert!(reference.alerts.len() >= 500, "too few alerts to check");
     assert!(
         reference
@@ -638,18 +641,9 @@ fn reaudit_crash_campaign() {
             .all(|a| a["data"]["reason"] == "policy"),
         "every alert of a re-audit carries reason policy"
     );
-    let plan = Plan {
-        kills: scale.pick(20, 6),
-        outside_ms: 20..=whole.max(60),
-        // A batch is 500 twins.
-        hits: 6,
-        timer_hits: 0,
-    };
-    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
-    if scale == Scale::Full {
-        assert_every_spot_hit(&tally, subject.spots());
-    }
-    record("crash-reaudit", &tally, events);
+    // A batch is 500 twins.
+    let plan = Plan::new(setup.scale, (20, 6), 20..=whole.max(60), 6);
+    setup.run("crash-reaudit", &subject, &reference, &plan);
 }
 
 /// A seed pass killed from outside and after its documents are committed but before its
@@ -657,20 +651,17 @@ fn reaudit_crash_campaign() {
 /// violations and alerts (same ids), nothing doubled or lost.
 #[test]
 fn seed_crash_campaign() {
-    let scale = report::scale();
-    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_207));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let events = scale.pick(150_000, 40_000);
-    let fleet = generate_fleet(dir.path(), events / 10, events, 34, 0.0);
-    let base = dir.path().join("base");
-    ok(&["replay", "--data-dir", path(&base), path(&fleet)]);
+    let setup = Setup::new(20_261_207, (150_000, 40_000), 34, 0.0);
+    let (dir, events) = (setup.dir.path(), setup.events);
+    let base = dir.join("base");
+    ok(&["replay", "--data-dir", path(&base), path(&setup.fleet)]);
     // The hub's view: another history of the same fleet's devices.
-    let other_dir = dir.path().join("other");
+    let other_dir = dir.join("other");
     std::fs::create_dir_all(&other_dir).expect("dir");
     let other = generate_fleet(&other_dir, events / 10, events, 35, 0.0);
-    let replayed = dir.path().join("other-data");
+    let replayed = dir.join("other-data");
     ok(&["replay", "--data-dir", path(&replayed), path(&other)]);
-    let documents = dir.path().join("documents.json");
+    let documents = dir.join("documents.json");
     std::fs::write(
         &documents,
         ok(&["export", "--data-dir", path(&replayed)]).stdout,
@@ -694,25 +685,11 @@ fn seed_crash_campaign() {
         .to_vec(),
         spots: &[failpoint::SEED_BEFORE_EVALUATION],
     };
-    let clean = dir.path().join("clean");
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = Instant::now();
-    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
-    let whole = started.elapsed().as_millis() as u64;
-    let reference = Reference::of(&clean, &clean_alerts);
+    let (reference, whole) = setup.clean_run(&subject);
     assert!(reference.alerts.len() >= 100, "too few alerts to check");
-    let plan = Plan {
-        kills: scale.pick(20, 6),
-        outside_ms: 20..=whole.max(60),
-        // The spot is passed once per run.
-        hits: 1,
-        timer_hits: 0,
-    };
-    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
-    if scale == Scale::Full {
-        assert_every_spot_hit(&tally, subject.spots());
-    }
-    record("crash-seed", &tally, events);
+    // The spot is passed once per run.
+    let plan = Plan::new(setup.scale, (20, 6), 20..=whole.max(60), 1);
+    setup.run("crash-seed", &subject, &reference, &plan);
 }
 
 /// A replay under the baseline with grace periods on most rules (`docs/semantics.md` §9), killed
@@ -722,12 +699,8 @@ fn seed_crash_campaign() {
 /// alert, timer-opened ones included, under the same ids.
 #[test]
 fn grace_crash_campaign() {
-    let scale = report::scale();
-    let mut rng = ChaCha8Rng::seed_from_u64(report::seed(20_261_208));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let events = scale.pick(200_000, 60_000);
-    let fleet = generate_fleet(dir.path(), events / 10, events, 36, 0.05);
-    let policy = dir.path().join("grace.yaml");
+    let setup = Setup::new(20_261_208, (200_000, 60_000), 36, 0.05);
+    let policy = setup.dir.path().join("grace.yaml");
     std::fs::write(&policy, with_grace_periods(&baseline_text())).expect("policy");
     ok(&["policy", "check", path(&policy)]);
     static SPOTS: [&str; 5] = [
@@ -738,17 +711,12 @@ fn grace_crash_campaign() {
         failpoint::DELIVERY_AFTER_ACK,
     ];
     let subject = Replay {
-        fleet,
+        fleet: setup.fleet.clone(),
         extra: vec!["--policy".into(), path(&policy).into()],
         spots: &SPOTS,
     };
 
-    let clean = dir.path().join("clean");
-    let clean_alerts = dir.path().join("clean.jsonl");
-    let started = Instant::now();
-    subject.run_to_end(&clean, &clean_alerts, &dir.path().join("clean.log"));
-    let whole = started.elapsed().as_millis() as u64;
-    let reference = Reference::of(&clean, &clean_alerts);
+    let (reference, whole) = setup.clean_run(&subject);
     // Alerts a timer opened carry the id given when the violation became pending,
     // `<source>#<record>/<rule>` (an event's own alerts are `<source>#<record>.<n>`).
     let fired = reference
@@ -766,27 +734,13 @@ fn grace_crash_campaign() {
     );
 
     let plan = Plan {
-        kills: scale.pick(30, 10),
-        outside_ms: 20..=(whole / 10).max(60),
-        // A batch is 500 events.
-        hits: 6,
         // Anywhere in the first half of the run's timers.
         timer_hits: (fired / 2) as u32,
+        // A batch is 500 events.
+        ..Plan::new(setup.scale, (30, 10), 20..=(whole / 10).max(60), 6)
     };
-    let tally = campaign(&subject, &reference, dir.path(), &plan, &mut rng);
-    if scale == Scale::Full {
-        assert_every_spot_hit(&tally, subject.spots());
-    }
     eprintln!("crash-grace: {fired} timers fired in the uninterrupted run");
-    record("crash-grace", &tally, events);
-}
-
-/// The built-in baseline pack's text.
-fn baseline_text() -> String {
-    std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/security-twin-baseline.yaml"),
-    )
-    .expect("the baseline pack")
+    setup.run("crash-grace", &subject, &reference, &plan);
 }
 
 /// `baseline` with a grace period on every rule without one: ten minutes on high severity,

@@ -5,7 +5,7 @@
 //! must each be a policy error.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::report;
-use crate::support::{binary, generate_fleet, ok, path};
+use crate::support::{assert_export_is_replays, binary, generate_fleet, ok, path, replay_export};
 
 /// Runs the binary, killing it after `limit` (a stall) and failing on a panic. Its output goes
 /// to files (a pipe nobody reads while waiting would stall a chatty run).
@@ -275,12 +275,7 @@ fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Every hostile line that is not applied is a dead letter at its own record index.
-    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).expect("dead letter"))
-        .collect();
+    let dead = dead_letter_lines(&data);
     let expected: Vec<(u64, &str)> = lines
         .iter()
         .enumerate()
@@ -300,14 +295,8 @@ fn hostile_lines_are_dead_letters_and_every_good_line_around_them_is_applied() {
         eprintln!("{name}: {}", d["reason"]);
     }
 
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&kept)]);
-    let a = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let b = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        a == b,
-        "the good lines around the hostile ones were not all applied"
-    );
+    // The good lines around the hostile ones were all applied.
+    assert_export_is_replays(dir.path(), &kept, &data, "with the hostile lines");
     report::record(
         "hostile-lines",
         &[
@@ -373,6 +362,16 @@ fn hostile_policy_files_are_policy_errors() {
     );
 }
 
+/// `deadletters` of a data directory, a JSON object a line.
+fn dead_letter_lines(data: &Path) -> Vec<Value> {
+    ok(&["deadletters", "--data-dir", path(data)])
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("dead letter"))
+        .collect()
+}
+
 /// The highest resident set (VmHWM, KiB) of a running process, or 0 once it is gone.
 fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -384,6 +383,24 @@ fn peak_rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Waits for `child` to exit, at most 120 s (a stall fails `name`): its exit status and its
+/// peak resident set (KiB), sampled every 5 ms.
+fn wait_watching_rss(child: &mut std::process::Child, name: &str) -> (ExitStatus, u64) {
+    let started = Instant::now();
+    let mut peak = 0;
+    loop {
+        peak = peak.max(peak_rss_kib(child.id()));
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return (status, peak);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{name}: stalled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// An Avro object container of `schema` and `codec` whose one block claims `count` records
@@ -428,9 +445,7 @@ fn hostile_avro_files_are_file_errors_without_allocating_what_they_claim() {
     use twinwatch::generate::avro::STORAGE_SCHEMA;
     let dir = tempfile::tempdir().expect("tempdir");
     let fleet = generate_fleet(dir.path(), 100, 1000, 36, 0.0);
-    let reference = dir.path().join("reference");
-    ok(&["replay", "--data-dir", path(&reference), path(&fleet)]);
-    let expected = ok(&["export", "--data-dir", path(&reference)]).stdout;
+    let expected = replay_export(dir.path(), &fleet);
     let other_schema = STORAGE_SCHEMA.replace(
         r#"{"name":"Body","type":["null","bytes"]}"#,
         r#"{"name":"Body","type":["null","bytes"]},{"name":"Extra","type":"string"}"#,
@@ -480,19 +495,7 @@ fn hostile_avro_files_are_file_errors_without_allocating_what_they_claim() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn");
-        let started = Instant::now();
-        let mut peak = 0;
-        let status = loop {
-            peak = peak.max(peak_rss_kib(child.id()));
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                break status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "{name}: stalled"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let (status, peak) = wait_watching_rss(&mut child, name);
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
             .expect("stderr");
@@ -564,23 +567,9 @@ fn a_line_longer_than_the_bound_is_a_dead_letter_and_the_file_goes_on() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    let started = Instant::now();
-    let mut peak = 0;
-    let status = loop {
-        peak = peak.max(peak_rss_kib(child.id()));
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "stalled");
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (status, peak) = wait_watching_rss(&mut child, "the long lines");
     assert!(status.success(), "replay failed");
-    let dead: Vec<Value> = ok(&["deadletters", "--data-dir", path(&data)])
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).expect("dead letter"))
-        .collect();
+    let dead = dead_letter_lines(&data);
     let at: Vec<(u64, &str)> = dead
         .iter()
         .map(|d| {
@@ -596,13 +585,8 @@ fn a_line_longer_than_the_bound_is_a_dead_letter_and_the_file_goes_on() {
         [(half as u64, "bad_record"), (n + 1, "bad_record")],
         "the long lines' dead letters"
     );
-    let reference = dir.path().join("reference");
-    ok(&["replay", "--data-dir", path(&reference), path(&fleet)]);
-    assert!(
-        ok(&["export", "--data-dir", path(&data)]).stdout
-            == ok(&["export", "--data-dir", path(&reference)]).stdout,
-        "the lines around the long ones were not all applied"
-    );
+    // The lines around the long ones were all applied.
+    assert_export_is_replays(dir.path(), &fleet, &data, "around the long lines");
     assert!(
         peak < 512 << 10,
         "{} MiB resident for 200 MiB lines",

@@ -9,34 +9,26 @@
 //! The one process must count every event exactly once (no gap, no double application) and
 //! end with the snapshot of a replay.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::report;
-use crate::service::{consumed, free_port, metric, sigterm_and_wait, Hub};
-use crate::support::{binary, generate_fleet, ok, path};
+use crate::service::{
+    consumed, eventhub_config, free_port, metric, sigterm_and_wait, spawn_run_with, wait_consumed,
+    Hub,
+};
+use crate::support::{assert_export_is_replays, generate_fleet, path};
 
 /// `twinwatch run --config FILE` against `hub`, with `failpoints` armed.
 fn spawn(hub: &Hub, config: &std::path::Path, failpoints: &str) -> Child {
-    Command::new(binary())
-        .args(["run", "--config", path(config)])
-        .env(
-            "TWINWATCH_EVENTHUB_CONNECTION_STRING",
-            hub.connection_string(),
-        )
-        .env("RUST_LOG", "warn")
-        .env("FAILPOINTS", failpoints)
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("TWINWATCH_TEST_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("spawn twinwatch run")
+    spawn_run_with(
+        hub,
+        &["run", "--config", path(config)],
+        &[("FAILPOINTS", failpoints)],
+    )
 }
 
 #[test]
@@ -49,18 +41,8 @@ fn network_fault_campaign() {
     let file = generate_fleet(dir.path(), 2000, faults_wanted * 4000, 36, 0.03);
     let hub = Hub::publishing("iothub-ehub-network", &file, 2000.0);
     let total = hub.published;
-    let config = |name: &str, port: u16, extra: &str| {
-        let file = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &file,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\n[eventhub]\n{extra}\n",
-                path(&dir.path().join(name))
-            ),
-        )
-        .expect("config");
-        file
-    };
+    let config =
+        |name: &str, port: u16, extra: &str| eventhub_config(dir.path(), name, port, extra);
     let port = free_port();
     let ours = config("ours", port, "owner_level = 1");
     // The slow consumer: 30 ms asleep at every batch handed to the writer.
@@ -133,28 +115,14 @@ fn network_fault_campaign() {
     }
 
     // Caught up: exactly every event, and it stays there.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while consumed(port).unwrap_or(0) < total {
-        assert!(
-            Instant::now() < deadline,
-            "only {:?} of {total} consumed",
-            consumed(port)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_consumed(port, total, Duration::from_secs(300));
     std::thread::sleep(Duration::from_secs(3));
     let counted = consumed(port).expect("metrics");
     assert_eq!(counted, total, "an event was counted twice (or lost)");
     sigterm_and_wait(&mut service);
 
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live = ok(&["export", "--data-dir", path(&dir.path().join("ours"))]).stdout;
-    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        live == reference,
-        "the export after {n} faults differs from a replay's"
-    );
+    let ours = dir.path().join("ours");
+    assert_export_is_replays(dir.path(), &file, &ours, &format!("after {n} faults"));
     let mut figures = vec![
         ("faults", n),
         ("events", total),

@@ -16,9 +16,9 @@ use twinwatch::store::keys::{ALL_CFS, CF_META, META_FORMAT};
 
 use crate::report;
 use crate::service::{
-    committed, consumed, free_port, readyz, sigterm_and_wait, spawn_run, Hub, SmallDisk,
+    committed, consumed, free_port, readyz, sigterm_and_wait, spawn_run, wait_ready, Hub, SmallDisk,
 };
-use crate::support::{generate_fleet, ok, path, run};
+use crate::support::{assert_export_is_replays, generate_fleet, ok, path, run};
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -41,17 +41,12 @@ fn full_disk_campaign() {
     // RocksDB preallocates its write-ahead log (tens of MiB): the disk is roomy enough for that
     // and the snapshot, and the filler takes the rest.
     let disk = SmallDisk::mount(&dir.path().join("small"), 384);
-    let data = disk.0.join("data");
     let port = free_port();
-    let config = dir.path().join("twinwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nmin_free_disk_mib = 64\n[batching]\nmax_messages = 200\n",
-            path(&data)
-        ),
-    )
-    .expect("config");
+    let (data, config) = disk.service_config(
+        dir.path(),
+        port,
+        "min_free_disk_mib = 64\n[batching]\nmax_messages = 200\n",
+    );
     let mut service = spawn_run(&hub, &["run", "--config", path(&config)]);
     {
         let _guard = hub.runtime.enter();
@@ -96,17 +91,8 @@ fn full_disk_campaign() {
             "it committed with a full disk"
         );
         std::fs::remove_file(&filler).expect("free the space");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match readyz(port) {
-                Some((200, _)) => break,
-                last => assert!(
-                    Instant::now() < deadline,
-                    "not ready 30 s after space was freed: {last:?}"
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Ready again once the space is freed.
+        wait_ready(port, Duration::from_secs(30));
     }
 
     // Every event counted once by the one process, all committed.
@@ -120,13 +106,11 @@ fn full_disk_campaign() {
         "events counted (applied, stale, ignored, dead) != published"
     );
     sigterm_and_wait(&mut service);
-    let replayed = dir.path().join("replayed");
-    ok(&["replay", "--data-dir", path(&replayed), path(&file)]);
-    let live = ok(&["export", "--data-dir", path(&data)]).stdout;
-    let reference = ok(&["export", "--data-dir", path(&replayed)]).stdout;
-    assert!(
-        live == reference,
-        "the export after {fills} full disks differs from a replay's"
+    assert_export_is_replays(
+        dir.path(),
+        &file,
+        &data,
+        &format!("after {fills} full disks"),
     );
     report::record(
         "storage-full-disk",
