@@ -150,14 +150,7 @@ fn generate_twin_documents(
         out.flush()?;
         Ok(stats)
     };
-    let result = if args.out.as_os_str() == "-" {
-        write(&mut io::stdout().lock())
-    } else {
-        let mut file = File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))
-            .map_err(Failure::runtime)?;
-        write(&mut file)
-    };
+    let result = write_to(&args.out, write)?;
     match result {
         Ok(stats) => {
             eprintln!(
@@ -168,6 +161,20 @@ fn generate_twin_documents(
         }
         Err(e) => finish_output(Err(e)),
     }
+}
+
+/// Runs `write` on standard output (`-`) or on the file `out`, created or truncated.
+fn write_to<T>(
+    out: &std::path::Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<T>,
+) -> Result<io::Result<T>, Failure> {
+    if out.as_os_str() == "-" {
+        return Ok(write(&mut io::stdout().lock()));
+    }
+    let mut file = File::create(out)
+        .with_context(|| format!("creating {}", out.display()))
+        .map_err(Failure::runtime)?;
+    Ok(write(&mut file))
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
@@ -207,14 +214,7 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
         out.flush()?;
         Ok(stats)
     };
-    let result = if args.out.as_os_str() == "-" {
-        write(&mut io::stdout().lock())
-    } else {
-        let mut file = File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))
-            .map_err(Failure::runtime)?;
-        write(&mut file)
-    };
+    let result = write_to(&args.out, write)?;
     match result {
         Ok(stats) => {
             eprintln!(
@@ -225,4 +225,14 @@ pub fn generate(args: &GenerateArgs) -> Result<ExitCode, Failure> {
         }
         Err(e) => finish_output(Err(e)),
     }
+}
+
+/// A summary's dead letters by reason, as a JSON object.
+pub(super) fn dead_letters_by_reason(
+    counts: &std::collections::BTreeMap<crate::model::DeadLetterReason, u64>,
+) -> serde_json::Map<String, serde_json::Value> {
+    counts
+        .iter()
+        .map(|(reason, n)| (reason.as_str().to_owned(), serde_json::json!(n)))
+        .collect()
 }

@@ -45,11 +45,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(60);
 impl ReplayReport {
     fn summary_json(&self) -> serde_json::Value {
         let c = &self.counters;
-        let dead: serde_json::Map<String, serde_json::Value> = c
-            .dead_lettered
-            .iter()
-            .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
-            .collect();
+        let dead = super::output::dead_letters_by_reason(&c.dead_lettered);
         json!({
             "messages": c.messages,
             "applied": c.applied,

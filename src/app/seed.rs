@@ -54,11 +54,7 @@ struct PassReport {
 impl PassReport {
     fn summary_json(&self) -> serde_json::Value {
         let c = &self.counters;
-        let dead: serde_json::Map<String, serde_json::Value> = c
-            .dead_lettered
-            .iter()
-            .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
-            .collect();
+        let dead = super::output::dead_letters_by_reason(&c.dead_lettered);
         json!({
             "hub": self.hub,
             "asOf": self.as_of.to_string(),

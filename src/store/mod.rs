@@ -772,22 +772,11 @@ impl Store {
 
     /// Up to `limit` outbox entries from sequence number `from` on, in order.
     pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let start = outbox_key(from);
-        let iter = self.db.iterator_cf(
-            self.cf(CF_OUTBOX)?,
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        );
-        let mut out = Vec::new();
-        for item in iter.take(limit) {
-            let (k, v) = item?;
-            let seq =
-                u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                    what: "outbox key",
-                    detail: format!("{k:?}"),
-                })?);
-            out.push((seq, OutboxEntry::decode(seq, &v).alert));
-        }
-        Ok(out)
+        Ok(self
+            .outbox_entries(from, limit)?
+            .into_iter()
+            .map(|entry| (entry.seq, entry.alert))
+            .collect())
     }
 
     /// The next outbox sequence number: past every entry ever queued (the recorded high-water
