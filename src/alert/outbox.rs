@@ -135,9 +135,7 @@ impl Shared {
         let done = accepted.iter().filter(|e| e.seq >= *below && e.seq < min);
         let mut n = 0u64;
         if let Some(metrics) = &self.metrics {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| (d.as_nanos() / 100) as i64);
+            let now = crate::time::Ticks::now().0;
             for entry in done {
                 n += 1;
                 observe_latency(&metrics.enqueue_to_alert_seconds, now, &entry.alert);
@@ -690,9 +688,7 @@ fn dead_letter_record(sink: &str, entry: &OutboxEntry, error: &SinkError) -> Vec
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    u64::try_from(crate::time::Ticks::now().unix_millis()).unwrap_or(0)
 }
 
 /// Observes `now` (ticks) minus the alert's `enqueuedtime` (alerts without one are skipped).
