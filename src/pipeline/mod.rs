@@ -47,8 +47,7 @@ use batch::{ToWrite, WriteResult};
 pub use seed::{PassEnd, SeedCounters, SeedPass};
 pub use snapshot::{Directory, Snapshot};
 use violations::{
-    deadline_index, device_modules, failing_counts, failing_rules, load_violations, pending_counts,
-    Origin,
+    deadline_index, failing_counts, failing_rules, load_violations, pending_counts, Origin,
 };
 
 #[derive(Debug, thiserror::Error)]
