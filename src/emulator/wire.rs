@@ -9,6 +9,14 @@
 //! performative with each known described list (performatives, SASL frames, `error`,
 //! `source`, `target`) padded with nulls to its full field count and its descriptor as a
 //! small ulong. Transfer payloads (the messages) are copied unchanged.
+//!
+//! That holds for a large transfer too: the client takes a transfer's payload as the element
+//! after its eleven fields (`frame[11]`), so a 270 KB message sent in one frame (the client
+//! announces a max-frame-size of 1 MiB) with fe2o3-amqp's short transfer list fails there
+//! with `list index out of range`. A padded frame must still fit the max-frame-size the peer
+//! announced in its `open` (fe2o3-amqp cuts a multi-frame transfer's pieces at exactly that
+//! size), so [`PaddedFrames`] reads that limit from the peer's `open` as it passes and leaves
+//! a frame unpadded only where padding would take it past the limit.
 
 use std::future::Future as _;
 use std::io;
@@ -45,10 +53,14 @@ fn full_field_count(descriptor: u64) -> Option<usize> {
     })
 }
 
-/// Frames this large (or larger) pass unchanged: only a multi-frame transfer's pieces get
-/// near the peer's max-frame-size, and no Event Hubs client negotiates less than 64 KiB, so
-/// the few bytes padding adds never overflow a smaller frame.
+/// Until the peer's `open` has been read, frames this large (or larger) pass unchanged: no
+/// Event Hubs client announces a max-frame-size below 64 KiB, so the few bytes padding adds
+/// never take a smaller frame past it. (Transfers come only after the `open`.)
 const UNPADDED_FRAME_BYTES: usize = 16 * 1024;
+
+/// Incoming bytes [`PeerOpen`] holds at most while looking for the peer's `open` (a protocol
+/// header, a SASL exchange and the `open` are far smaller); past it, it stops looking.
+const MAX_SNIFFED: usize = 64 * 1024;
 
 const UINT_MAX: &[u8] = &[0x70, 0xff, 0xff, 0xff, 0xff];
 const USHORT_MAX: &[u8] = &[0x60, 0xff, 0xff];
@@ -84,6 +96,88 @@ pub(crate) struct PaddedFrames<S> {
     outgoing: Vec<u8>,
     /// How much of `outgoing` `inner` has accepted.
     written: usize,
+    /// The peer's max-frame-size, read from its `open`.
+    peer_open: PeerOpen,
+}
+
+/// Reads the max-frame-size from the peer's `open` in the bytes the peer sends, then stops.
+#[derive(Debug, Default)]
+struct PeerOpen {
+    /// Bytes read, not yet a whole protocol header or frame.
+    pending: Vec<u8>,
+    /// Found the `open` (or gave up looking).
+    done: bool,
+    /// The max-frame-size the peer announced (`u32::MAX` where it left the field null).
+    max_frame_size: Option<usize>,
+}
+
+impl PeerOpen {
+    /// Takes the next bytes the peer sent.
+    fn read(&mut self, bytes: &[u8]) {
+        if self.done {
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        let mut start = 0;
+        loop {
+            let rest = &self.pending[start..];
+            if rest.len() < 8 {
+                break;
+            }
+            if rest.starts_with(b"AMQP") {
+                start += 8;
+                continue;
+            }
+            let size = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            if size < 8 {
+                self.done = true;
+                break;
+            }
+            if rest.len() < size {
+                break;
+            }
+            // Frame type 0 is AMQP (1 is SASL): the first AMQP frame with a body is the open.
+            if rest[5] == 0 && size > usize::from(rest[4]) * 4 {
+                self.max_frame_size = open_max_frame_size(&rest[..size]);
+                self.done = true;
+                break;
+            }
+            start += size;
+        }
+        self.pending.drain(..start);
+        if self.done || self.pending.len() > MAX_SNIFFED {
+            self.done = true;
+            self.pending = Vec::new();
+        }
+    }
+}
+
+/// The max-frame-size of an `open` frame (`u32::MAX` when null or left out, its default);
+/// `None` when the frame is not an `open` that parses.
+fn open_max_frame_size(frame: &[u8]) -> Option<usize> {
+    let body = frame.get(usize::from(*frame.get(4)?) * 4..)?;
+    if *body.first()? != 0x00 {
+        return None;
+    }
+    let (descriptor, descriptor_length) = read_descriptor(&body[1..])?;
+    if descriptor != Some(0x10) {
+        return None;
+    }
+    let mut elements = Vec::new();
+    let mut ends = Vec::new();
+    copy_list_elements(body.get(1 + descriptor_length..)?, &mut elements, &mut ends)?;
+    let field = match (ends.get(1), ends.get(2)) {
+        (Some(&start), Some(&end)) => &elements[start..end],
+        _ => &[0x40][..],
+    };
+    let value = match *field {
+        [0x40] => u32::MAX,
+        [0x43] => 0,
+        [0x52, small] => u32::from(small),
+        [0x70, a, b, c, d] => u32::from_be_bytes([a, b, c, d]),
+        _ => return None,
+    };
+    usize::try_from(value).ok()
 }
 
 impl<S> PaddedFrames<S> {
@@ -93,6 +187,7 @@ impl<S> PaddedFrames<S> {
             incoming: Vec::new(),
             outgoing: Vec::new(),
             written: 0,
+            peer_open: PeerOpen::default(),
         }
     }
 
@@ -119,7 +214,11 @@ impl<S> PaddedFrames<S> {
             if rest.len() < size {
                 break;
             }
-            rewrite_frame(&rest[..size], &mut self.outgoing);
+            rewrite_frame(
+                &rest[..size],
+                self.peer_open.max_frame_size,
+                &mut self.outgoing,
+            );
             start += size;
         }
         self.incoming.drain(..start);
@@ -154,7 +253,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for PaddedFrames<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = read {
+            this.peer_open.read(&buf.filled()[before..]);
+        }
+        read
     }
 }
 
@@ -426,12 +531,11 @@ impl AsyncWrite for CoalescedWrites {
     }
 }
 
-/// Appends `frame` to `out` with its performative padded; a frame that does not parse is
+/// Appends `frame` to `out` with its performative padded; a frame that does not parse, or
+/// that padding would take past the peer's `max_frame_size` (`None`: not known yet), is
 /// copied as it is.
-fn rewrite_frame(frame: &[u8], out: &mut Vec<u8>) {
-    if frame.len() >= UNPADDED_FRAME_BYTES {
-        // A large frame is a transfer cut at the peer's max-frame-size: padding its
-        // performative would push it over that limit and the peer would drop the session.
+fn rewrite_frame(frame: &[u8], max_frame_size: Option<usize>, out: &mut Vec<u8>) {
+    if max_frame_size.is_none() && frame.len() >= UNPADDED_FRAME_BYTES {
         out.extend_from_slice(frame);
         return;
     }
@@ -452,6 +556,12 @@ fn rewrite_frame(frame: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(frame);
         return;
     };
+    if max_frame_size.is_some_and(|max| size > max) {
+        // A transfer cut at the peer's max-frame-size: padded, it would be past that limit
+        // and the peer would drop the session (Microsoft's Rust client did, over and over).
+        out.extend_from_slice(frame);
+        return;
+    }
     out.extend_from_slice(&size32.to_be_bytes());
     out.extend_from_slice(&frame[4..data_offset]);
     out.extend_from_slice(&performative);
@@ -602,8 +712,12 @@ mod tests {
     }
 
     fn rewritten(input: &[u8]) -> Vec<u8> {
+        rewritten_for(input, Some(65_536))
+    }
+
+    fn rewritten_for(input: &[u8], max_frame_size: Option<usize>) -> Vec<u8> {
         let mut out = Vec::new();
-        rewrite_frame(input, &mut out);
+        rewrite_frame(input, max_frame_size, &mut out);
         out
     }
 
@@ -649,17 +763,94 @@ mod tests {
         assert_eq!(out, frame(&expected_body));
     }
 
+    /// A transfer of handle, delivery-id, delivery-tag, message-format and `more` (fe2o3-amqp
+    /// leaves out the rest) with a payload of `payload` bytes.
+    fn short_transfer(payload: usize) -> Vec<u8> {
+        let mut body = vec![
+            0x00, 0x53, 0x14, 0xc0, 0x08, 0x05, 0x43, 0x43, 0xa0, 0x01, 0x07, 0x43, 0x41,
+        ];
+        body.resize(body.len() + payload, 0xab);
+        frame(&body)
+    }
+
     /// Regression: a 270 KB message went out in frames cut at the client's max-frame-size;
     /// padding their transfer performatives pushed them over it, and Microsoft's Rust client
     /// dropped the session over and over (the partition stalled).
     #[test]
     fn a_frame_cut_at_the_max_frame_size_is_not_padded() {
-        let mut body = vec![
-            0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x14, 0xc0, 0x04, 0x03, 0x43, 0x43, 0x41,
-        ];
-        body.resize(UNPADDED_FRAME_BYTES, 0xab);
-        let input = frame(&body);
-        assert_eq!(rewritten(&input), input);
+        let input = short_transfer(65_536 - 21);
+        assert_eq!(input.len(), 65_536);
+        assert_eq!(rewritten_for(&input, Some(65_536)), input);
+        // Before the peer's open is known, large frames pass as they are.
+        assert_eq!(rewritten_for(&input, None), input);
+    }
+
+    /// Regression: Microsoft's Python client announces a max-frame-size of 1 MiB, so a 270 KB
+    /// message arrives in one frame; unpadded, the client looked for its payload at
+    /// `frame[11]` and failed with `list index out of range`. Padded, it has all 11 fields.
+    #[test]
+    fn a_large_frame_within_the_max_frame_size_is_padded() {
+        let input = short_transfer(270_000);
+        let out = rewritten_for(&input, Some(1024 * 1024));
+        let mut expected_body = vec![0x00, 0x53, 0x14, 0xc0, 0x0e, 0x0b];
+        expected_body.extend_from_slice(&[0x43, 0x43, 0xa0, 0x01, 0x07, 0x43, 0x41]);
+        // more, rcv-settle-mode, state, resume, aborted, batchable.
+        expected_body.extend_from_slice(&[0x42, 0x40, 0x40, 0x42, 0x42, 0x42]);
+        expected_body.resize(expected_body.len() + 270_000, 0xab);
+        assert_eq!(out.len(), input.len() + 6);
+        assert!(out == frame(&expected_body), "padded, payload unchanged");
+        // One byte short of room: as it is.
+        assert_eq!(rewritten_for(&input, Some(input.len() + 5)), input);
+    }
+
+    /// An open with the given max-frame-size field (`None`: left out).
+    fn open(max_frame_size: Option<&[u8]>) -> Vec<u8> {
+        let mut fields = vec![0xa1, 0x01, b'c', 0x40];
+        let count = match max_frame_size {
+            Some(field) => {
+                fields.extend_from_slice(field);
+                3
+            }
+            None => 2,
+        };
+        let mut body = vec![0x00, 0x53, 0x10, 0xc0, (fields.len() + 1) as u8, count];
+        body.extend_from_slice(&fields);
+        frame(&body)
+    }
+
+    /// The peer's max-frame-size is read after its protocol headers and SASL frames, however
+    /// the reads cut the bytes, and looking stops at the open.
+    #[test]
+    fn reads_the_peers_max_frame_size_from_its_open() {
+        let mut bytes = b"AMQP\x03\x01\x00\x00".to_vec();
+        let mut sasl_init = frame(&[0x00, 0x53, 0x41, 0xc0, 0x04, 0x01, 0xa3, 0x01, b'x']);
+        sasl_init[5] = 1;
+        bytes.extend_from_slice(&sasl_init);
+        bytes.extend_from_slice(b"AMQP\x00\x01\x00\x00");
+        bytes.extend_from_slice(&open(Some(&[0x70, 0x00, 0x10, 0x00, 0x00])));
+        bytes.extend_from_slice(&open(Some(&[0x70, 0x00, 0x00, 0x02, 0x00])));
+        for cut in [1, 3, 7, 8, 13, bytes.len()] {
+            let mut peer = PeerOpen::default();
+            for chunk in bytes.chunks(cut) {
+                peer.read(chunk);
+            }
+            assert_eq!(peer.max_frame_size, Some(1024 * 1024), "reads of {cut}");
+            assert!(peer.done && peer.pending.is_empty());
+        }
+        for (field, expected) in [
+            (None, u32::MAX as usize),
+            (Some(&[0x40][..]), u32::MAX as usize),
+            (Some(&[0x52, 0xff][..]), 255),
+        ] {
+            let mut peer = PeerOpen::default();
+            peer.read(&open(field));
+            assert_eq!(peer.max_frame_size, Some(expected));
+        }
+        // Not an open: gives up, size unknown.
+        let mut peer = PeerOpen::default();
+        peer.read(&frame(&[0x00, 0x53, 0x11, 0x45]));
+        assert!(peer.done);
+        assert_eq!(peer.max_frame_size, None);
     }
 
     #[test]
