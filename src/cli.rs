@@ -173,6 +173,13 @@ pub struct SeedArgs {
     #[arg(skip = std::env::var("TWINWATCH_IOTHUB_CONNECTION_STRING").ok().map(crate::config::Secret::new))]
     pub iothub_connection_string: Option<crate::config::Secret>,
 
+    /// The service's configuration file (`twinwatch run --config`): when no file of documents
+    /// is given, its `[seed]` table gives the connection string (unless
+    /// TWINWATCH_IOTHUB_CONNECTION_STRING is set), the endpoint and the CA file (unless
+    /// --iothub-endpoint and --iothub-ca-file are)
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Twin documents per page asked of the hub
     #[arg(long, default_value_t = crate::iothub::DEFAULT_PAGE_SIZE,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::iothub::MAX_PAGE_SIZE)))]

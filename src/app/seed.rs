@@ -102,14 +102,29 @@ fn input(args: &SeedArgs) -> Result<(Input, Ticks), Failure> {
                 "--hub names the hub of files; from the hub, its name comes from the connection string",
             ));
         }
-        let text = args.iothub_connection_string.as_ref().map(|s| s.expose()).ok_or_else(|| {
-            usage("give twin-document files (with --hub and --as-of), or the hub's connection string in TWINWATCH_IOTHUB_CONNECTION_STRING")
-        })?;
-        let connection = ConnectionString::parse(text).map_err(Failure::usage)?;
+        // The service's `[seed]` table fills what the environment and the flags leave out.
+        let configured = match &args.config {
+            Some(path) => {
+                crate::config::RawConfig::from_file(path)
+                    .map_err(Failure::usage)?
+                    .seed
+            }
+            None => crate::config::RawSeed::default(),
+        };
+        let text = args
+            .iothub_connection_string
+            .as_ref()
+            .map(|s| s.expose().to_owned())
+            .or(configured.connection_string)
+            .filter(|text| !text.trim().is_empty())
+            .ok_or_else(|| {
+                usage("give twin-document files (with --hub and --as-of), or the hub's connection string in TWINWATCH_IOTHUB_CONNECTION_STRING or the [seed] table of --config")
+            })?;
+        let connection = ConnectionString::parse(&text).map_err(Failure::usage)?;
         let options = QueryOptions {
-            endpoint: args.iothub_endpoint.clone(),
+            endpoint: args.iothub_endpoint.clone().or(configured.endpoint),
             page_size: args.page_size,
-            ca_file: args.iothub_ca_file.clone(),
+            ca_file: args.iothub_ca_file.clone().or(configured.ca_file),
             ..QueryOptions::default()
         };
         let client = QueryClient::new(&connection, options).map_err(Failure::usage)?;
@@ -125,9 +140,9 @@ fn input(args: &SeedArgs) -> Result<(Input, Ticks), Failure> {
             as_of,
         ));
     }
-    if args.iothub_endpoint.is_some() {
+    if args.iothub_endpoint.is_some() || args.config.is_some() {
         return Err(usage(
-            "--iothub-endpoint reads the hub: it does not go with files",
+            "--iothub-endpoint and --config read the hub: they do not go with files",
         ));
     }
     let hub = args

@@ -340,6 +340,36 @@ fn seed_from_the_hub_equals_seed_from_the_same_documents_file() {
     ]);
     assert_eq!(export(&from_hub), export(&from_file));
     assert_eq!(export(&from_hub).len(), documents.len());
+
+    // The service's configuration file serves too: its `[seed]` table gives the connection
+    // string, the endpoint and the CA file, with nothing in the environment.
+    let config = dir.path().join("twinwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[seed]\nconnection_string = \"{connection}\"\nendpoint = \"{}\"\nca_file = \"{}\"\n",
+            emulator.line("iothub-endpoint"),
+            path(&ca)
+        ),
+    )
+    .expect("write the configuration");
+    let from_config = dir.path().join("from-config");
+    let output = Command::new(binary())
+        .args([
+            "seed",
+            "--data-dir",
+            path(&from_config),
+            "--config",
+            path(&config),
+            "--as-of",
+            "2030-01-01T00:00:00Z",
+        ])
+        .env_remove("TWINWATCH_IOTHUB_CONNECTION_STRING")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run seed");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(export(&from_config), export(&from_file));
     assert_eq!(
         ok(&["violations", "--data-dir", path(&from_hub)]).stdout,
         ok(&["violations", "--data-dir", path(&from_file)]).stdout,
