@@ -106,17 +106,7 @@ pub fn transitions(
                         // The rule lost its `for`: the violation opens at once.
                         None => {
                             kept.pending = None;
-                            changes.push((
-                                i,
-                                Transition {
-                                    kind: AlertKind::Opened,
-                                    rule_id: rule.id.as_str().into(),
-                                    severity: rule.severity,
-                                    title: rule.title.as_str().into(),
-                                    reason: None,
-                                    twin_version: Some(kept.twin_version),
-                                },
-                            ));
+                            changes.push((i, opened(rule, Some(kept.twin_version))));
                         }
                     }
                 }
@@ -128,17 +118,7 @@ pub fn transitions(
                     alert_id: pending_id(&rule.id),
                 });
                 if pending.is_none() {
-                    changes.push((
-                        i,
-                        Transition {
-                            kind: AlertKind::Opened,
-                            rule_id: rule.id.as_str().into(),
-                            severity: rule.severity,
-                            title: rule.title.as_str().into(),
-                            reason: None,
-                            twin_version: None,
-                        },
-                    ));
+                    changes.push((i, opened(rule, None)));
                 }
                 next.push(Violation {
                     rule_id: rule.id.as_str().into(),
@@ -199,6 +179,19 @@ pub fn deleted(stored: Vec<Violation>, out: &mut Vec<Transition>) -> u64 {
         });
     }
     dropped
+}
+
+/// The `opened` transition of `rule`; `twin_version` is the one fixed when the violation
+/// became pending (`None`: the twin's version now).
+fn opened(rule: &crate::policy::Rule, twin_version: Option<i64>) -> Transition {
+    Transition {
+        kind: AlertKind::Opened,
+        rule_id: rule.id.as_str().into(),
+        severity: rule.severity,
+        title: rule.title.as_str().into(),
+        reason: None,
+        twin_version,
+    }
 }
 
 /// Renders one alert as a CloudEvents 1.0 structured JSON object (`docs/semantics.md` §6), one line

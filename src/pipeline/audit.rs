@@ -114,8 +114,8 @@ impl State {
                 }
                 let key = owned.as_key();
                 self.transitions.clear();
-                self.failing.clear();
-                self.failing.extend_from_slice(&failing);
+                // The reader's failing set, kept as this twin's (its buffer replaces ours).
+                self.failing = failing;
                 self.update_violations(key, version, time, &origin)?;
                 self.emit(&origin, key, time, 0)?;
                 report.twins += 1;
@@ -295,7 +295,7 @@ fn evaluate_device(
         out.push(Ok(Audited {
             encoded,
             version: record.version,
-            failing: failing.clone(),
+            failing: std::mem::take(failing),
             key,
         }));
     }

@@ -151,6 +151,15 @@ impl State {
         Ok(())
     }
 
+    /// A rule's place in the policy, the deadline index's tie-break (a rule the policy no
+    /// longer has sorts last).
+    fn rule_place(&self, rule_id: &str) -> usize {
+        self.options
+            .policy
+            .rule_index(rule_id)
+            .unwrap_or(usize::MAX)
+    }
+
     /// A violation that was not in this state before: stored, counted, indexed.
     pub(super) fn record_violation(
         &mut self,
@@ -159,11 +168,7 @@ impl State {
     ) -> Result<(), PipelineError> {
         match &violation.pending {
             Some(pending) => {
-                let place = self
-                    .options
-                    .policy
-                    .rule_index(&violation.rule_id)
-                    .unwrap_or(usize::MAX);
+                let place = self.rule_place(&violation.rule_id);
                 self.deadlines
                     .insert((pending.deadline, encoded.into(), place));
                 *self
@@ -189,11 +194,7 @@ impl State {
     ) -> Result<(), PipelineError> {
         match &violation.pending {
             Some(pending) => {
-                let place = self
-                    .options
-                    .policy
-                    .rule_index(&violation.rule_id)
-                    .unwrap_or(usize::MAX);
+                let place = self.rule_place(&violation.rule_id);
                 self.deadlines
                     .remove(&(pending.deadline, encoded.into(), place));
                 if let Some(n) = self.pending_counts.get_mut(&violation.rule_id) {
