@@ -8,17 +8,14 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::scan::{evaluate_in_order, Audited, Scope};
 use super::{
-    deadline_index, failing_counts, failing_rules, pending_counts, store_ticks, Origin,
-    PipelineError, State,
+    deadline_index, failing_counts, pending_counts, store_ticks, Origin, PipelineError, State,
 };
-use crate::model::OwnedTwinKey;
-use crate::policy::Policy;
 use crate::store::keys::{
-    decode_twin_key, META_HIGH_WATER, META_POLICY_FINGERPRINT, META_REAUDITS_DONE,
-    META_REAUDIT_PROGRESS,
+    META_HIGH_WATER, META_POLICY_FINGERPRINT, META_REAUDITS_DONE, META_REAUDIT_PROGRESS,
 };
-use crate::store::{Store, StoreError, TwinRecord};
+use crate::store::StoreError;
 
 /// What a re-audit did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,43 +87,33 @@ impl State {
         let store = self.store.clone();
         let from = resume_after.clone().unwrap_or_default();
         let mut n_in_batch = 0usize;
-        // A second thread reads, decodes and evaluates the twins in key order, a chunk at a
-        // time, while this one turns their failing sets into violations and alerts: the two
-        // halves of the work on both cores. (Nothing is in flight: the store is the snapshot.)
-        std::thread::scope(|scope| -> Result<(), PipelineError> {
-            let (chunks, from_reader) = crossbeam_channel::bounded::<Vec<AuditedTwin>>(4);
-            let reader_policy = policy.clone();
-            std::thread::Builder::new()
-                .name("twinwatch-audit-read".into())
-                .spawn_scoped(scope, move || {
-                    read_and_evaluate(&store, &from, &reader_policy, &chunks)
-                })
-                .map_err(PipelineError::Thread)?;
-            for item in from_reader.into_iter().flatten() {
-                let Audited {
-                    encoded,
-                    key: owned,
-                    version,
-                    failing,
-                } = item?;
-                if resume_after.as_deref() == Some(&encoded[..]) {
-                    continue;
-                }
-                let key = owned.as_key();
-                self.transitions.clear();
-                // The reader's failing set, kept as this twin's (its buffer replaces ours).
-                self.failing = failing;
-                self.update_violations(key, version, time, &origin)?;
-                self.emit(&origin, key, time, 0)?;
-                report.twins += 1;
-                n_in_batch += 1;
-                if n_in_batch >= self.options.batch_messages {
-                    self.put_progress(&fingerprint, Some(&encoded))?;
-                    crate::failpoint::hit(crate::failpoint::REAUDIT_BEFORE_COMMIT);
-                    self.commit()?;
-                    n_in_batch = 0;
-                    progress(report.twins);
-                }
+        // Other threads read, decode and evaluate the twins in key order while this one turns
+        // their failing sets into violations and alerts. (Nothing is in flight: the store is
+        // the snapshot.)
+        evaluate_in_order(&store, Scope::From(&from), &policy, |audited| {
+            let Audited {
+                encoded,
+                key: owned,
+                version,
+                failing,
+            } = audited;
+            if resume_after.as_deref() == Some(&encoded[..]) {
+                return Ok(());
+            }
+            let key = owned.as_key();
+            self.transitions.clear();
+            // The evaluator's failing set, kept as this twin's (its buffer replaces ours).
+            self.failing = failing;
+            self.update_violations(key, version, time, &origin)?;
+            self.emit(&origin, key, time, 0)?;
+            report.twins += 1;
+            n_in_batch += 1;
+            if n_in_batch >= self.options.batch_messages {
+                self.put_progress(&fingerprint, Some(&encoded))?;
+                crate::failpoint::hit(crate::failpoint::REAUDIT_BEFORE_COMMIT);
+                self.commit()?;
+                n_in_batch = 0;
+                progress(report.twins);
             }
             Ok(())
         })?;
@@ -189,115 +176,6 @@ impl State {
         self.store
             .put_meta(&mut self.batch, META_REAUDIT_PROGRESS, &value)?;
         Ok(())
-    }
-}
-
-/// A twin as the re-audit's reader hands it over: its encoded key and record.
-/// A twin the re-audit's reader has evaluated: its encoded and decoded key, its version and
-/// the positions of the rules failing on it.
-struct Audited {
-    encoded: Vec<u8>,
-    key: OwnedTwinKey,
-    version: i64,
-    failing: Vec<usize>,
-}
-
-type AuditedTwin = Result<Audited, PipelineError>;
-
-/// Twins sent at a time by the re-audit's reader.
-const READ_CHUNK: usize = 512;
-
-/// The re-audit's reader: every twin from `from` on, in key order, decoded and evaluated under
-/// `policy`, in chunks; an error ends its chunk and the reading. Stops when the evaluating side
-/// hangs up. A device's twins are read together (they share a key prefix, the device twin
-/// first), so that its live modules (`/$modules`) are those that follow it; the documents are
-/// freed here, on the thread that decoded them.
-fn read_and_evaluate(
-    store: &Store,
-    from: &[u8],
-    policy: &Policy,
-    chunks: &crossbeam_channel::Sender<Vec<AuditedTwin>>,
-) {
-    let twins = match store.twins_from(from) {
-        Ok(twins) => twins,
-        Err(e) => {
-            let _ = chunks.send(vec![Err(e.into())]);
-            return;
-        }
-    };
-    let mut chunk = Vec::with_capacity(READ_CHUNK);
-    let mut device: Vec<(Vec<u8>, OwnedTwinKey, TwinRecord)> = Vec::new();
-    let mut failing = Vec::new();
-    for item in twins {
-        let twin = item
-            .map_err(PipelineError::from)
-            .and_then(|(encoded, record)| {
-                let key = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
-                    what: "key",
-                    detail: format!("{encoded:?}"),
-                })?;
-                Ok((encoded, key, record))
-            });
-        let next_device = match &twin {
-            Ok((_, key, _)) => device.first().is_some_and(|(_, first, _)| {
-                first.hub != key.hub || first.device_id != key.device_id
-            }),
-            Err(_) => true,
-        };
-        if next_device {
-            evaluate_device(policy, &mut device, &mut failing, &mut chunk);
-        }
-        let failed = match twin {
-            Ok(twin) => {
-                device.push(twin);
-                false
-            }
-            Err(e) => {
-                chunk.push(Err(e));
-                true
-            }
-        };
-        if failed || chunk.len() >= READ_CHUNK {
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(READ_CHUNK));
-            if chunks.send(full).is_err() || failed {
-                return;
-            }
-        }
-    }
-    evaluate_device(policy, &mut device, &mut failing, &mut chunk);
-    if !chunk.is_empty() {
-        let _ = chunks.send(chunk);
-    }
-}
-
-/// Evaluates one device's twins (the device twin's modules are the module twins beside it),
-/// in key order, into `out`; empties `device`.
-fn evaluate_device(
-    policy: &Policy,
-    device: &mut Vec<(Vec<u8>, OwnedTwinKey, TwinRecord)>,
-    failing: &mut Vec<usize>,
-    out: &mut Vec<AuditedTwin>,
-) {
-    let modules: Vec<Box<str>> = device
-        .iter()
-        .filter(|(_, key, _)| !key.module_id.is_empty())
-        .map(|(_, key, _)| key.module_id.clone())
-        .collect();
-    for (encoded, key, record) in device.drain(..) {
-        let twin = key.as_key();
-        let modules = if twin.is_device_twin() {
-            &modules[..]
-        } else {
-            &[]
-        };
-        failing.clear();
-        failing_rules(policy, modules, twin, record.version, &record.doc, failing);
-        out.push(Ok(Audited {
-            encoded,
-            version: record.version,
-            failing: std::mem::take(failing),
-            key,
-        }));
     }
 }
 
@@ -380,19 +258,12 @@ pub fn plan(
         );
     }
     let mut twins = 0u64;
-    // As in a re-audit, a second thread reads and evaluates the twins while this one compares.
-    let (chunks, from_reader) = crossbeam_channel::bounded::<Vec<AuditedTwin>>(4);
-    std::thread::scope(|scope| -> Result<(), PipelineError> {
-        std::thread::Builder::new()
-            .name("twinwatch-audit-read".into())
-            .spawn_scoped(scope, move || {
-                read_and_evaluate(store, &[], policy, &chunks)
-            })
-            .map_err(PipelineError::Thread)?;
-        for item in from_reader.into_iter().flatten() {
-            let Audited {
-                encoded, failing, ..
-            } = item?;
+    // As in a re-audit, other threads read and evaluate the twins while this one compares.
+    evaluate_in_order(store, Scope::From(&[]), policy, |audited| {
+        let Audited {
+            encoded, failing, ..
+        } = audited;
+        {
             twins += 1;
             let failing_now = now.remove(&encoded).unwrap_or_default();
             let pending_now = pending.remove(&encoded).unwrap_or_default();

@@ -18,6 +18,7 @@ mod batch;
 pub mod live;
 pub mod live_seed;
 pub mod replay;
+mod scan;
 mod seed;
 pub mod snapshot;
 mod violations;
@@ -46,9 +47,7 @@ pub use audit::{plan as plan_audit, AuditPlan, ReauditReport, RulePlan};
 use batch::{ToWrite, WriteResult};
 pub use seed::{PassEnd, SeedCounters, SeedPass};
 pub use snapshot::{Directory, Snapshot};
-use violations::{
-    deadline_index, failing_counts, failing_rules, load_violations, pending_counts, Origin,
-};
+use violations::{deadline_index, failing_counts, load_violations, pending_counts, Origin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

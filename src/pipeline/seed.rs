@@ -15,6 +15,7 @@ use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
 use simd_json::Node;
 
+use super::scan::{evaluate_in_order, Scope};
 use super::{Engine, Origin, PipelineError, State};
 use crate::decode::decode_document;
 use crate::model::{DeadLetterReason, Slot, TwinKey};
@@ -161,11 +162,17 @@ impl Engine {
         end: PassEnd,
     ) -> Result<SeedCounters, PipelineError> {
         self.begin_end_seed(&mut pass, end)?;
-        loop {
-            if let Some(counters) = self.evaluate_seed_step(&mut pass)? {
-                return Ok(counters);
-            }
-        }
+        // Nothing else is applied until the pass ends: its twins are evaluated all at once, on
+        // every core.
+        let state = &mut self.state;
+        let (opened_before, resolved_before) =
+            (state.counters.alerts_opened, state.counters.alerts_resolved);
+        let keys: Vec<Vec<u8>> = pass.touched.take().into_iter().flatten().collect();
+        pass.counters.evaluated += state.evaluate_touched_keys(&pass.hub, pass.as_of, &keys)?;
+        state.forget_seed_pass()?;
+        pass.counters.alerts_opened += state.counters.alerts_opened - opened_before;
+        pass.counters.alerts_resolved += state.counters.alerts_resolved - resolved_before;
+        Ok(pass.counters)
     }
 
     /// The first half of [`Engine::end_seed`]: reconciles and records the hub as seeded, and
@@ -346,12 +353,54 @@ impl State {
     /// Evaluates, in key order, every twin a pass touched, at the pass's time, and forgets the
     /// pass. Returns how many twins were evaluated.
     fn evaluate_touched(&mut self, hub: &str, as_of: Ticks) -> Result<u64, PipelineError> {
-        let mut keys = self.store.seed_touched()?.into_iter();
-        let mut n = 0u64;
-        while keys.len() > 0 {
-            n += self.evaluate_touched_step(hub, as_of, &mut keys)?;
-        }
+        let keys = self.store.seed_touched()?;
+        let n = self.evaluate_touched_keys(hub, as_of, &keys)?;
         self.forget_seed_pass()?;
+        Ok(n)
+    }
+
+    /// Evaluates the twins of `keys` (encoded, in key order) at the pass's time, on every core
+    /// ([`evaluate_in_order`]), deleting their `seed_touched` entries in the batches that
+    /// commit their evaluation. Nothing else may be applied meanwhile: the twins are read
+    /// from the store, which must hold everything applied (the pass was flushed). Returns how
+    /// many twins were evaluated (a key whose twin is gone has nothing to evaluate).
+    fn evaluate_touched_keys(
+        &mut self,
+        hub: &str,
+        as_of: Ticks,
+        keys: &[Vec<u8>],
+    ) -> Result<u64, PipelineError> {
+        let prefix = alert_prefix(hub, as_of);
+        let origin = Origin::Seed { prefix: &prefix };
+        let store = self.store.clone();
+        let policy = self.options.policy.clone();
+        let mut unevaluated = keys.iter();
+        let (mut n, mut n_in_batch) = (0u64, 0usize);
+        evaluate_in_order(&store, Scope::Keys(keys), &policy, |audited| {
+            // The keys up to this twin's are done with: those before it have no twin.
+            for done in unevaluated.by_ref() {
+                self.store.delete_seed_touched(&mut self.batch, done)?;
+                if *done == audited.encoded {
+                    break;
+                }
+            }
+            let key = audited.key.as_key();
+            self.transitions.clear();
+            self.failing = audited.failing;
+            self.update_violations(key, audited.version, as_of, &origin)?;
+            self.emit(&origin, key, as_of, 0)?;
+            n += 1;
+            n_in_batch += 1;
+            if n_in_batch >= self.options.batch_messages.max(1) {
+                self.commit()?;
+                n_in_batch = 0;
+            }
+            Ok(())
+        })?;
+        for done in unevaluated {
+            self.store.delete_seed_touched(&mut self.batch, done)?;
+        }
+        self.commit()?;
         Ok(n)
     }
 

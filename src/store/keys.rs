@@ -137,6 +137,26 @@ fn take_component(bytes: &[u8]) -> Option<(Vec<u8>, &[u8])> {
     }
 }
 
+/// The length of the `(hub, deviceId)` prefix of an encoded twin key: every twin of that
+/// device, and no other, starts with it. `None` when fewer than two components are whole.
+pub fn device_prefix_len(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    for _ in 0..2 {
+        loop {
+            let zero = at + bytes.get(at..)?.iter().position(|&b| b == 0)?;
+            match bytes.get(zero + 1)? {
+                0x01 => {
+                    at = zero + 2;
+                    break;
+                }
+                0xFF => at = zero + 2,
+                _ => return None,
+            }
+        }
+    }
+    Some(at)
+}
+
 /// Decodes a key written by [`encode_twin_key`].
 pub fn decode_twin_key(bytes: &[u8]) -> Option<OwnedTwinKey> {
     let (hub, rest) = take_component(bytes)?;
@@ -230,6 +250,25 @@ mod tests {
             .collect();
         let expected: Vec<OwnedTwinKey> = keys.iter().map(|k| k.to_owned_key()).collect();
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn the_device_prefix_is_shared_by_a_device_s_twins_only() {
+        let cases = [key("h", "d", ""), key("h\0", "d\0x", "m"), key("", "", "")];
+        for k in cases {
+            let encoded = twin_key(k);
+            let device = twin_key(k.device_twin());
+            let n = device_prefix_len(&encoded).expect("a whole key");
+            assert_eq!(Some(n), device_prefix_len(&device));
+            assert_eq!(encoded[..n], device[..n]);
+            // Another device of the same hub whose id extends this one's does not share it.
+            let longer = format!("{}x", k.device_id);
+            let other = twin_key(key(k.hub, &longer, k.module_id));
+            assert!(!other.starts_with(&encoded[..n]));
+        }
+        assert_eq!(device_prefix_len(b"h\x00\x01d"), None);
+        assert_eq!(device_prefix_len(b"h\x00\x02d\x00\x01"), None);
+        assert_eq!(device_prefix_len(b""), None);
     }
 
     #[test]

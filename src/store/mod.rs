@@ -118,6 +118,34 @@ impl Batch {
     }
 }
 
+/// Raw twins in key order ([`Store::twin_cursor`]): the encoded key and the encoded record
+/// ([`decode_twin`]), borrowed until the cursor moves.
+pub struct TwinCursor<'a> {
+    inner: rocksdb::DBRawIterator<'a>,
+}
+
+impl TwinCursor<'_> {
+    /// Moves to the first twin at or after `key`.
+    pub fn seek(&mut self, key: &[u8]) {
+        self.inner.seek(key);
+    }
+
+    /// Moves to the next twin; only when [`TwinCursor::current`] is `Some`.
+    pub fn next(&mut self) {
+        self.inner.next();
+    }
+
+    /// The twin under the cursor: `None` past the end or after a read error
+    /// ([`TwinCursor::status`] tells which).
+    pub fn current(&self) -> Option<(&[u8], &[u8])> {
+        self.inner.item()
+    }
+
+    pub fn status(&self) -> Result<(), StoreError> {
+        Ok(self.inner.status()?)
+    }
+}
+
 /// The RocksDB snapshot.
 pub struct Store {
     db: DB,
@@ -448,6 +476,14 @@ impl Store {
             let (k, v) = item?;
             Ok((k.into_vec(), decode_twin(&v)?))
         }))
+    }
+
+    /// A cursor over the stored twins' raw bytes, in key order: for passes that read on one
+    /// thread and decode on others.
+    pub fn twin_cursor(&self) -> Result<TwinCursor<'_>, StoreError> {
+        Ok(TwinCursor {
+            inner: self.db.raw_iterator_cf(self.cf(CF_TWINS)?),
+        })
     }
 
     // Batch building --------------------------------------------------------------------------
