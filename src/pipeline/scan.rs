@@ -47,15 +47,56 @@ const QUEUED_BATCHES: usize = 2;
 /// The most evaluator threads (beyond the machine's cores they only add memory).
 const MAX_EVALUATORS: usize = 8;
 
-/// A stored twin as read: its encoded key and record, and whether the scan evaluates it (a
-/// device's other twins are read with it for `/$modules`).
+/// Stored twins as read, whole devices: their bytes one after another (one allocation for
+/// the lot), and each twin's place in them.
+#[derive(Default)]
+struct Raw {
+    bytes: Vec<u8>,
+    twins: Vec<RawTwin>,
+}
+
+/// A twin in [`Raw`]: its encoded key is `bytes[start..key_end]`, its encoded record
+/// `bytes[key_end..end]`; `wanted`: the scan evaluates it (a device's other twins are read
+/// with it for `/$modules`).
 struct RawTwin {
-    key: Vec<u8>,
-    record: Vec<u8>,
+    start: usize,
+    key_end: usize,
+    end: usize,
     wanted: bool,
 }
 
-type RawBatch = Result<Vec<RawTwin>, PipelineError>;
+impl Raw {
+    fn push(&mut self, key: &[u8], record: &[u8], wanted: bool) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        let key_end = self.bytes.len();
+        self.bytes.extend_from_slice(record);
+        self.twins.push(RawTwin {
+            start,
+            key_end,
+            end: self.bytes.len(),
+            wanted,
+        });
+    }
+
+    fn key(&self, twin: &RawTwin) -> &[u8] {
+        &self.bytes[twin.start..twin.key_end]
+    }
+
+    fn record(&self, twin: &RawTwin) -> &[u8] {
+        &self.bytes[twin.key_end..twin.end]
+    }
+
+    /// Forgets the twins from the `n`th on.
+    fn truncate(&mut self, n: usize) {
+        if let Some(twin) = self.twins.get(n) {
+            self.bytes.truncate(twin.start);
+            self.twins.truncate(n);
+        }
+    }
+}
+
+type RawBatch = Result<Raw, PipelineError>;
 type AuditedBatch = Vec<Result<Audited, PipelineError>>;
 
 /// Evaluates the twins of `scope` under `policy` and gives each to `consume` in key order, on
@@ -119,17 +160,15 @@ fn read_batches(store: &Store, scope: Scope<'_>, evaluators: &[Sender<RawBatch>]
         next += 1;
         sent
     };
-    let mut batch = Vec::with_capacity(BATCH_TWINS);
-    let result = read_devices(store, scope, |device| {
-        batch.append(device);
-        if batch.len() >= BATCH_TWINS {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_TWINS));
-            return send(Ok(full));
+    let mut batch = Raw::default();
+    let result = read_devices(store, scope, &mut batch, |batch| {
+        if batch.twins.len() >= BATCH_TWINS {
+            return send(Ok(std::mem::take(batch)));
         }
         true
     });
     match result {
-        Ok(()) if !batch.is_empty() => {
+        Ok(()) if !batch.twins.is_empty() => {
             send(Ok(batch));
         }
         Ok(()) => {}
@@ -139,15 +178,15 @@ fn read_batches(store: &Store, scope: Scope<'_>, evaluators: &[Sender<RawBatch>]
     }
 }
 
-/// Reads the devices of `scope` in key order, each whole, and gives each to `device` (which
-/// leaves it empty, and returns false to stop).
+/// Reads the devices of `scope` in key order into `batch`, each whole, calling `device_read`
+/// after each (which may take the batch, and returns false to stop).
 fn read_devices(
     store: &Store,
     scope: Scope<'_>,
-    mut device: impl FnMut(&mut Vec<RawTwin>) -> bool,
+    batch: &mut Raw,
+    mut device_read: impl FnMut(&mut Raw) -> bool,
 ) -> Result<(), PipelineError> {
     let mut cursor = store.twin_cursor()?;
-    let mut twins: Vec<RawTwin> = Vec::new();
     let corrupt = |key: &[u8]| StoreError::Corrupt {
         what: "key",
         detail: format!("{key:?}"),
@@ -155,24 +194,25 @@ fn read_devices(
     match scope {
         Scope::From(from) => {
             cursor.seek(from);
+            // Where the device being read starts in `batch`.
+            let mut device = None;
             while let Some((key, record)) = cursor.current() {
                 let n = device_prefix_len(key).ok_or_else(|| corrupt(key))?;
-                let next_device = twins
-                    .first()
-                    .is_some_and(|first| !first.key.starts_with(&key[..n]));
-                if next_device && !device(&mut twins) {
-                    return Ok(());
+                let next_device = device
+                    .is_some_and(|first| !batch.key(&batch.twins[first]).starts_with(&key[..n]));
+                if next_device {
+                    if !device_read(batch) {
+                        return Ok(());
+                    }
+                    device = None;
                 }
-                twins.push(RawTwin {
-                    key: key.to_vec(),
-                    record: record.to_vec(),
-                    wanted: true,
-                });
+                device.get_or_insert(batch.twins.len());
+                batch.push(key, record, true);
                 cursor.next();
             }
             cursor.status()?;
-            if !twins.is_empty() {
-                device(&mut twins);
+            if device.is_some() {
+                device_read(batch);
             }
         }
         Scope::Keys(keys) => {
@@ -184,25 +224,24 @@ fn read_devices(
                 if cursor.current().is_none_or(|(key, _)| key < prefix) {
                     cursor.seek(prefix);
                 }
+                let (device, mut wanted_any) = (batch.twins.len(), false);
                 while let Some((key, record)) =
                     cursor.current().filter(|(k, _)| k.starts_with(prefix))
                 {
                     while keys.next_if(|k| k.as_slice() < key).is_some() {}
                     let wanted = keys.next_if(|k| k.as_slice() == key).is_some();
-                    twins.push(RawTwin {
-                        key: key.to_vec(),
-                        record: record.to_vec(),
-                        wanted,
-                    });
+                    wanted_any |= wanted;
+                    batch.push(key, record, wanted);
                     cursor.next();
                 }
                 cursor.status()?;
                 // This device's keys that are not stored.
                 while keys.next_if(|k| k.starts_with(prefix)).is_some() {}
-                if twins.iter().any(|t| t.wanted) && !device(&mut twins) {
+                if !wanted_any {
+                    batch.truncate(device);
+                } else if !device_read(batch) {
                     return Ok(());
                 }
-                twins.clear();
             }
         }
     }
@@ -227,44 +266,44 @@ fn evaluate_batches(policy: &Policy, batches: &Receiver<RawBatch>, results: &Sen
 /// Evaluates a batch of whole devices; an undecodable twin ends the batch with its error.
 fn evaluate_batch(
     policy: &Policy,
-    batch: Vec<RawTwin>,
-    device: &mut Vec<(RawTwin, OwnedTwinKey)>,
+    batch: Raw,
+    device: &mut Vec<(usize, OwnedTwinKey)>,
 ) -> AuditedBatch {
-    let mut out = Vec::with_capacity(batch.len());
-    for twin in batch {
-        let Some(key) = decode_twin_key(&twin.key) else {
+    let mut out = Vec::with_capacity(batch.twins.len());
+    device.clear();
+    for (i, twin) in batch.twins.iter().enumerate() {
+        let Some(key) = decode_twin_key(batch.key(twin)) else {
             out.push(Err(StoreError::Corrupt {
                 what: "key",
-                detail: format!("{:?}", twin.key),
+                detail: format!("{:?}", batch.key(twin)),
             }
             .into()));
             return out;
         };
         let next_device = device
             .first()
-            .is_some_and(|(_, first): &(RawTwin, OwnedTwinKey)| {
-                first.hub != key.hub || first.device_id != key.device_id
-            });
+            .is_some_and(|(_, first)| first.hub != key.hub || first.device_id != key.device_id);
         if next_device {
-            if let Err(e) = evaluate_device(policy, device, &mut out) {
+            if let Err(e) = evaluate_device(policy, &batch, device, &mut out) {
                 out.push(Err(e));
                 return out;
             }
         }
-        device.push((twin, key));
+        device.push((i, key));
     }
-    if let Err(e) = evaluate_device(policy, device, &mut out) {
+    if let Err(e) = evaluate_device(policy, &batch, device, &mut out) {
         out.push(Err(e));
     }
-    device.clear();
     out
 }
 
-/// Evaluates one device's wanted twins (the device twin's modules are the module twins read
-/// with it), in key order, into `out`; empties `device`.
+/// Evaluates one device's wanted twins (`device`: their places in `batch` and their keys; the
+/// device twin's modules are the module twins read with it), in key order, into `out`;
+/// empties `device`.
 fn evaluate_device(
     policy: &Policy,
-    device: &mut Vec<(RawTwin, OwnedTwinKey)>,
+    batch: &Raw,
+    device: &mut Vec<(usize, OwnedTwinKey)>,
     out: &mut AuditedBatch,
 ) -> Result<(), PipelineError> {
     let modules: Vec<Box<str>> = device
@@ -272,11 +311,12 @@ fn evaluate_device(
         .filter(|(_, key)| !key.module_id.is_empty())
         .map(|(_, key)| key.module_id.clone())
         .collect();
-    for (twin, key) in device.drain(..) {
+    for (i, key) in device.drain(..) {
+        let twin = &batch.twins[i];
         if !twin.wanted {
             continue;
         }
-        let record = decode_twin(&twin.record)?;
+        let record = decode_twin(batch.record(twin))?;
         let twin_key = key.as_key();
         let modules = if twin_key.is_device_twin() {
             &modules[..]
@@ -293,7 +333,7 @@ fn evaluate_device(
             &mut failing,
         );
         out.push(Ok(Audited {
-            encoded: twin.key,
+            encoded: batch.key(twin).to_vec(),
             version: record.version,
             failing,
             key,
@@ -318,8 +358,11 @@ mod tests {
     /// device twin, stored, in key order.
     fn fleet(store: &Store) -> Vec<Stored> {
         let mut twins = Vec::new();
-        for d in 0..300 {
-            let device_id = format!("dev-{d:03}");
+        // Ids of several lengths, some the start of others, a short one before a long one.
+        let ids = (0..300)
+            .map(|d| format!("dev-{d}"))
+            .chain(["x".to_owned(), "x-with-a-much-longer-id".to_owned()]);
+        for (d, device_id) in ids.enumerate() {
             let modules: Vec<Box<str>> = ["azureiotsecurity", "edgeAgent", "m\0x"]
                 .iter()
                 .take(d % 4)
@@ -386,7 +429,7 @@ mod tests {
         let middle = expected[expected.len() / 2].0.clone();
         // Every third twin, a few keys nobody stored, and a whole device's.
         let mut keys: Vec<Vec<u8>> = expected.iter().step_by(3).map(|t| t.0.clone()).collect();
-        for (device_id, module_id) in [("dev-000", "zzz"), ("dev-0001", ""), ("zzz", "")] {
+        for (device_id, module_id) in [("dev-0", "zzz"), ("dev-00", ""), ("zzz", "")] {
             keys.push(twin_key(TwinKey {
                 hub: "hub",
                 device_id,
