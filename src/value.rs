@@ -392,6 +392,77 @@ pub fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
 /// and no object in it has a key twice ([`tape_has_duplicate_key`]): both checks of a body in
 /// one pass over its tape, stopping at the first fault. Iterative, so any depth is safe.
 pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
+    let end = tape_span(nodes).min(nodes.len());
+    // Deeper than this, the walk keeps its own stack rather than recursing.
+    if max_depth > MAX_RECURSIVE_CHECK {
+        return tape_is_well_formed_iterative(&nodes[..end], max_depth);
+    }
+    let mut keys = Vec::new();
+    end == 0 || well_formed_at(&nodes[..end], 0, max_depth, &mut keys) == Some(end)
+}
+
+/// The deepest `max_depth` that [`tape_is_well_formed`] checks by recursion (a frame per
+/// level: a few KiB of stack at most).
+const MAX_RECURSIVE_CHECK: usize = 128;
+
+/// Checks the value at `nodes[i]`, inside which `room` more containers may nest; returns the
+/// index after it, `None` at the first fault. Scalars in containers are stepped over in the
+/// container's own loop: most of a body's nodes cost a tag test and, for keys, a bucket.
+fn well_formed_at<'i>(
+    nodes: &[Node<'i>],
+    i: usize,
+    room: usize,
+    keys: &mut Vec<(u64, &'i str)>,
+) -> Option<usize> {
+    let value_end = |at: usize, keys: &mut Vec<(u64, &'i str)>| -> Option<usize> {
+        match nodes.get(at)? {
+            Node::Object { .. } | Node::Array { .. } => {
+                well_formed_at(nodes, at, room.checked_sub(1)?, keys)
+            }
+            _ => Some(at + 1),
+        }
+    };
+    match *nodes.get(i)? {
+        Node::Object { len, count } => {
+            if room == 0 {
+                return None;
+            }
+            // Large objects are sorted instead.
+            let large = len > 64;
+            if large && object_has_duplicate_key(&nodes[i..], keys) {
+                return None;
+            }
+            let mut taken = KeyBuckets::default();
+            let mut j = i + 1;
+            for _ in 0..len {
+                let Node::String(key) = *nodes.get(j)? else {
+                    return None;
+                };
+                // Compared with the object's earlier keys only when its bucket is taken,
+                // which most keys' is not.
+                if !large && taken.take(key) && has_earlier_key(nodes, i, j, key) {
+                    return None;
+                }
+                j = value_end(j + 1, keys)?;
+            }
+            (j == i + 1 + count).then_some(j)
+        }
+        Node::Array { len, count } => {
+            if room == 0 {
+                return None;
+            }
+            let mut j = i + 1;
+            for _ in 0..len {
+                j = value_end(j, keys)?;
+            }
+            (j == i + 1 + count).then_some(j)
+        }
+        _ => Some(i + 1),
+    }
+}
+
+/// [`tape_is_well_formed`] for any depth: the same checks, with a stack of its own.
+fn tape_is_well_formed_iterative(nodes: &[Node<'_>], max_depth: usize) -> bool {
     /// A container the walk is inside.
     struct Open {
         /// The index at which it ends.

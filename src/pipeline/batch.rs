@@ -18,8 +18,9 @@ use crate::store::{Batch, Store, StoreError};
 /// into it.
 pub(super) type ToWrite = (u64, Batch, TwinWrites);
 
-/// A written batch: its number and its encoded twins, for the document cache.
-pub(super) type WriteResult = Result<(u64, Written), StoreError>;
+/// A written batch: its number, its encoded twins (for the document cache) and its size in
+/// bytes.
+pub(super) type WriteResult = Result<(u64, Written, usize), StoreError>;
 
 /// The apply thread's ends of the writer thread: batches to it, results from it, the thread.
 type WriterEnds = (Sender<ToWrite>, Receiver<WriteResult>, JoinHandle<()>);
@@ -53,8 +54,9 @@ pub(super) fn spawn_writer(
                 let result = twins
                     .encode_into(&writer_store, &mut batch)
                     .and_then(|written| {
+                        let bytes = batch.size_in_bytes();
                         writer_store.write(&mut batch)?;
-                        Ok((batch_no, written))
+                        Ok((batch_no, written, bytes))
                     });
                 crate::failpoint::hit(crate::failpoint::WRITER_AFTER_WRITE);
                 if let Some(histogram) = &commit_seconds {
@@ -90,7 +92,10 @@ impl State {
         }
         self.batch_no += 1;
         let started = self.options.metrics.is_some().then(Instant::now);
-        let mut batch = std::mem::take(&mut self.batch);
+        // A quarter more than the last: batches vary, and one that outgrows its room is
+        // copied whole.
+        let next = Batch::with_capacity(self.batch_bytes + self.batch_bytes / 4);
+        let mut batch = std::mem::replace(&mut self.batch, next);
         let twins = self.snapshot.take_writes(self.batch_no);
         if self.outbox_grew {
             self.store
@@ -165,9 +170,11 @@ impl State {
         }
     }
 
-    /// The writer wrote every batch up to `batch_no`, the last one's twins as `written`.
-    pub(super) fn acknowledged(&mut self, (batch_no, written): (u64, Written)) {
+    /// The writer wrote every batch up to `batch_no`, the last one's twins as `written` and
+    /// in `bytes`.
+    pub(super) fn acknowledged(&mut self, (batch_no, written, bytes): (u64, Written, usize)) {
         self.snapshot.committed(batch_no, written);
+        self.batch_bytes = bytes;
         while self
             .uncommitted
             .front()

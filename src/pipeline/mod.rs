@@ -167,6 +167,9 @@ struct State {
     counters: Counters,
     sources: Vec<SourceState>,
     batch: Batch,
+    /// The size of the last batch written, in bytes: the next one starts with room for as
+    /// much, rather than growing (and being copied) from nothing every time.
+    batch_bytes: usize,
     n_in_batch: usize,
     batch_started: Option<Instant>,
     batch_no: u64,
@@ -251,6 +254,7 @@ impl Engine {
                 counters: Counters::default(),
                 sources: Vec::new(),
                 batch: Batch::default(),
+                batch_bytes: 0,
                 n_in_batch: 0,
                 batch_started: None,
                 batch_no: 0,

@@ -105,6 +105,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// An empty batch with room for `bytes` of writes (allocated, not touched).
+    pub fn with_capacity(bytes: usize) -> Batch {
+        Batch {
+            inner: WriteBatch::with_capacity_bytes(bytes),
+        }
+    }
+
+    /// The size of the batch's writes, in bytes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.inner.size_in_bytes()
+    }
+
     pub fn len(&self) -> usize {
         self.inner.len()
     }
