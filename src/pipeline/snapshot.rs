@@ -264,6 +264,28 @@ pub struct Snapshot {
     pub seeded: FastMap<Box<str>, Ticks>,
 }
 
+/// A cache this large is freed on a thread of its own.
+const FREE_ASIDE_BYTES: usize = 16 << 20;
+
+impl Drop for Snapshot {
+    /// Freeing a full cache is a few hundred thousand frees (a quarter of a second for the
+    /// default 256 MiB): another thread does it, so that a pass or a replay that ends does
+    /// not wait for it, and the process may exit before it is done.
+    fn drop(&mut self) {
+        if self.cache_bytes < FREE_ASIDE_BYTES {
+            return;
+        }
+        let cache = std::mem::replace(
+            &mut self.cache,
+            LruCache::unbounded_with_hasher(RandomState::default()),
+        );
+        // Should the thread not start, the cache is freed here, as it would have been.
+        let _ = std::thread::Builder::new()
+            .name("twinwatch-free".into())
+            .spawn(move || drop(cache));
+    }
+}
+
 impl Snapshot {
     pub fn new(store: Arc<Store>, directory: Directory, cache_limit: usize) -> Snapshot {
         Snapshot {
