@@ -486,3 +486,41 @@ impl State {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SeenKeys;
+
+    #[test]
+    fn seen_keys_compare_the_ids_not_their_concatenation() {
+        let mut seen = SeenKeys::default();
+        seen.insert("ab", "c");
+        seen.insert("", "");
+        assert!(seen.contains("ab", "c"));
+        assert!(
+            !seen.contains("a", "bc"),
+            "same bytes back to back, other ids"
+        );
+        assert!(!seen.contains("abc", ""));
+        assert!(seen.contains("", ""));
+        // Many pairs (the table grows and rehashes from the buffer), each kept once.
+        for i in 0..50_000 {
+            seen.insert(
+                &format!("device-{i}"),
+                if i % 3 == 0 { "" } else { "module" },
+            );
+            seen.insert(
+                &format!("device-{i}"),
+                if i % 3 == 0 { "" } else { "module" },
+            );
+        }
+        assert_eq!(seen.table.len(), 50_002);
+        for i in 0..50_000 {
+            let module = if i % 3 == 0 { "" } else { "module" };
+            let other = if i % 3 == 0 { "module" } else { "" };
+            assert!(seen.contains(&format!("device-{i}"), module));
+            assert!(!seen.contains(&format!("device-{i}"), other));
+        }
+        assert!(!seen.contains("device-50000", ""));
+    }
+}

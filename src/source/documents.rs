@@ -402,7 +402,7 @@ fn read_documents(
 }
 
 /// The scanning state of one value: nesting depth and whether inside a string.
-#[derive(Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Scan {
     depth: usize,
     in_string: bool,
@@ -488,13 +488,276 @@ mod tests {
 
     fn split(text: &str) -> Result<Vec<String>, DocumentsError> {
         // A tiny buffer: documents straddle refills.
-        let mut reader = DocumentReader::new(text.as_bytes());
-        reader.buf = vec![0; 4];
+        split_with(text.as_bytes(), 4).1
+    }
+
+    /// The documents split out of `bytes` with a first buffer of `buffer` bytes, and how the
+    /// input ended (the documents before an error are kept).
+    fn split_with(
+        bytes: &[u8],
+        buffer: usize,
+    ) -> (Vec<String>, Result<Vec<String>, DocumentsError>) {
+        let mut reader = DocumentReader::new(bytes);
+        reader.buf = vec![0; buffer];
         let mut out = Vec::new();
-        while let Some(doc) = reader.next_document()? {
-            out.push(String::from_utf8_lossy(doc).into_owned());
+        loop {
+            match reader.next_document() {
+                Ok(Some(doc)) => out.push(String::from_utf8_lossy(doc).into_owned()),
+                Ok(None) => return (out.clone(), Ok(out)),
+                Err(e) => return (out, Err(e)),
+            }
         }
-        Ok(out)
+    }
+
+    #[test]
+    fn documents_split_as_the_data_files_say() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/documents/splitting.json"
+        );
+        let data: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+        let cases = data["cases"].as_array().expect("cases");
+        assert!(cases.len() >= 20);
+        for case in cases {
+            let what = case["description"].as_str().expect("description");
+            let input = case["input"].as_str().expect("input");
+            let expected: Vec<String> = case["documents"]
+                .as_array()
+                .expect("documents")
+                .iter()
+                .map(|d| d.as_str().expect("a document").to_owned())
+                .collect();
+            for buffer in [1, 2, 3, 4, 7, 64, 1 << 20] {
+                let (documents, end) = split_with(input.as_bytes(), buffer);
+                assert_eq!(documents, expected, "{what} (buffer {buffer})");
+                match case["error"].as_str() {
+                    None => assert!(end.is_ok(), "{what} (buffer {buffer}): {end:?}"),
+                    Some(kind) => assert_eq!(
+                        end.as_ref().map_err(DocumentsError::kind).err(),
+                        Some(kind),
+                        "{what} (buffer {buffer})"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The splitter before it skipped runs of bytes: one byte at a time.
+    fn reference_feed(scan: &mut Scan, bytes: &[u8], offset: usize) -> Option<usize> {
+        for (i, &b) in bytes.iter().enumerate() {
+            let at = offset + i;
+            if scan.in_string {
+                if scan.escaped {
+                    scan.escaped = false;
+                } else if b == b'\\' {
+                    scan.escaped = true;
+                } else if b == b'"' {
+                    scan.in_string = false;
+                    if scan.depth == 0 {
+                        return Some(at + 1);
+                    }
+                }
+                continue;
+            }
+            match b {
+                b'"' => scan.in_string = true,
+                b'{' | b'[' => scan.depth += 1,
+                b'}' | b']' if scan.depth > 0 => {
+                    scan.depth -= 1;
+                    if scan.depth == 0 {
+                        return Some(at + 1);
+                    }
+                }
+                b',' | b']' | b'}' if scan.depth == 0 && scan.started => return Some(at),
+                b if b.is_ascii_whitespace() && scan.depth == 0 && scan.started => return Some(at),
+                _ => {}
+            }
+            scan.started = true;
+        }
+        None
+    }
+
+    /// On random input cut into random pieces, the run-skipping scan finds the same ends and
+    /// leaves the same state after every piece as the byte-at-a-time one.
+    #[test]
+    fn the_fast_scan_is_the_byte_at_a_time_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let alphabet = b"{}[]\"\\,: \n\tax1";
+        let mut ends = 0;
+        for _ in 0..200_000 {
+            let len = rng.gen_range(0..48);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                .collect();
+            let (mut fast, mut slow) = (Scan::default(), Scan::default());
+            let mut from = 0;
+            while from < bytes.len() {
+                let to = rng.gen_range(from + 1..=bytes.len());
+                let a = fast.feed(&bytes[from..to], from);
+                let b = reference_feed(&mut slow, &bytes[from..to], from);
+                assert_eq!(
+                    a,
+                    b,
+                    "{:?} in pieces up to {to}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                if a.is_some() {
+                    ends += 1;
+                    break;
+                }
+                assert_eq!(
+                    fast,
+                    slow,
+                    "{:?} up to {to}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                from = to;
+            }
+        }
+        assert!(ends > 50_000, "the inputs exercise ends: {ends}");
+    }
+
+    #[test]
+    fn a_document_longer_than_the_bound_is_an_error() {
+        let body = |len: usize| {
+            let mut doc = b"{\"a\":\"".to_vec();
+            doc.resize(len - 2, b'x');
+            doc.extend_from_slice(b"\"}");
+            doc
+        };
+        let mut input = body(MAX_DOCUMENT_BYTES);
+        input.extend_from_slice(b"\n{\"b\":1}\n");
+        let (documents, end) = split_with(&input, 4);
+        let lengths: Vec<usize> = documents.iter().map(String::len).collect();
+        assert_eq!(lengths, [MAX_DOCUMENT_BYTES, 7]);
+        assert!(end.is_ok());
+        // The buffer holds MAX_DOCUMENT_BYTES + 1 bytes at most: a value is split once its
+        // end is in it, so the bound is one byte more than the constant says.
+        let mut input = b"{\"b\":1}\n".to_vec();
+        input.extend_from_slice(&body(MAX_DOCUMENT_BYTES + 2));
+        let (documents, end) = split_with(&input, 1 << 20);
+        let lengths: Vec<usize> = documents.iter().map(String::len).collect();
+        assert_eq!(lengths, [7]);
+        let error = end.expect_err("too long");
+        assert_eq!(error.kind(), "too_long");
+        assert!(error.to_string().contains("document 1 (byte 8)"), "{error}");
+    }
+
+    /// Every event of a reader over `files`, as (file, document as read, parsed, well
+    /// formed) for each document, then how it ended.
+    fn read_all(files: &[PathBuf]) -> (Vec<(usize, String, bool, Option<bool>)>, String) {
+        let feed = spawn_document_reader(files.to_vec()).expect("spawn");
+        let mut documents = Vec::new();
+        loop {
+            match feed.next() {
+                Some(DocumentEvent::Block(block)) => {
+                    assert!(!block.is_empty());
+                    for i in 0..block.len() {
+                        let (raw, nodes, well_formed) = block.document(i);
+                        let raw = String::from_utf8_lossy(raw).into_owned();
+                        documents.push((block.file, raw, nodes.is_some(), well_formed));
+                    }
+                    feed.recycle(block);
+                }
+                Some(DocumentEvent::End) => {
+                    assert!(feed.next().is_none(), "nothing follows the end");
+                    return (documents, "end".to_owned());
+                }
+                Some(DocumentEvent::Failed { file, error }) => {
+                    assert!(feed.next().is_none(), "nothing follows a failure");
+                    return (documents, format!("file {file}: {error}"));
+                }
+                None => return (documents, "gone".to_owned()),
+            }
+        }
+    }
+
+    /// Many documents (several blocks), each with an escaped string that the parser unescapes
+    /// in its copy: the documents as read stay as read.
+    fn many_documents(n: usize) -> (String, Vec<String>) {
+        let documents: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"deviceId":"d{i}","version":{i},"tags":{{"s":"\"q\" [{i}]"}}}}"#))
+            .collect();
+        (documents.join("\n"), documents)
+    }
+
+    #[test]
+    fn the_reader_thread_sends_every_document_once_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (lines, mut expected) = many_documents(50_000);
+        let first = dir.path().join("lines.json");
+        std::fs::write(&first, &lines).expect("write");
+        let second = dir.path().join("array.json");
+        std::fs::write(
+            &second,
+            "[{\"deviceId\":\"x\",\"version\":1}, [1], {\"bad\" 1}]",
+        )
+        .expect("write");
+        let (documents, end) = read_all(&[first, second]);
+        assert_eq!(end, "end");
+        assert!(lines.len() > 2 * BLOCK_BYTES, "several blocks");
+        expected
+            .extend(["{\"deviceId\":\"x\",\"version\":1}", "[1]", "{\"bad\" 1}"].map(String::from));
+        let raws: Vec<&str> = documents.iter().map(|d| d.1.as_str()).collect();
+        assert!(raws == expected, "every document once, in order, as read");
+        let files: Vec<usize> = documents.iter().map(|d| d.0).collect();
+        assert_eq!(files, [vec![0; 50_000], vec![1; 3]].concat());
+        // Parsed and checked on the reader: objects are well formed, `[1]` is JSON but not a
+        // body, the malformed one is not JSON.
+        assert!(documents[..50_001].iter().all(|d| d.2 && d.3 == Some(true)));
+        assert_eq!(
+            (documents[50_001].2, documents[50_001].3),
+            (true, Some(false))
+        );
+        assert_eq!((documents[50_002].2, documents[50_002].3), (false, None));
+    }
+
+    #[test]
+    fn the_reader_thread_stops_at_a_file_it_cannot_read_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (lines, expected) = many_documents(5_000);
+        let good = dir.path().join("good.json");
+        std::fs::write(&good, &lines).expect("write");
+        let missing = dir.path().join("missing.json");
+        let cut = dir.path().join("cut.json");
+        std::fs::write(&cut, format!("{lines}\n{{\"deviceId\":\"d9\",\"vers")).expect("write");
+        let long = dir.path().join("long.json");
+        let mut text = b"{\"deviceId\":\"l\",\"version\":1}\n{\"a\":\"".to_vec();
+        text.resize(text.len() + MAX_DOCUMENT_BYTES, b'x');
+        std::fs::write(&long, text).expect("write");
+
+        // A file that is not there: the files before it are read, none after.
+        let (documents, end) = read_all(&[good.clone(), missing, good.clone()]);
+        assert_eq!(documents.len(), 5_000);
+        assert!(end.starts_with("file 1: No such file"), "{end}");
+
+        // A file that ends inside a document: every document before it, once.
+        let (documents, end) = read_all(&[cut, good.clone()]);
+        let raws: Vec<&str> = documents.iter().map(|d| d.1.as_str()).collect();
+        assert_eq!(raws, expected);
+        assert!(
+            end.starts_with("file 0: the input ends inside document 5000"),
+            "{end}"
+        );
+
+        // A document longer than the bound.
+        let (documents, end) = read_all(&[long, good]);
+        assert_eq!(documents.len(), 1);
+        assert!(end.contains("document 1 (byte 29) is longer than"), "{end}");
+    }
+
+    #[test]
+    fn dropping_the_feed_stops_the_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (lines, _) = many_documents(50_000);
+        let file = dir.path().join("lines.json");
+        std::fs::write(&file, &lines).expect("write");
+        let feed = spawn_document_reader(vec![file; 4]).expect("spawn");
+        assert!(matches!(feed.next(), Some(DocumentEvent::Block(_))));
+        // Joins the reader, which is blocked on a full channel: it must see the receiver go.
+        drop(feed);
     }
 
     #[test]
