@@ -231,6 +231,11 @@ const BLOCK_BYTES: usize = 1 << 20;
 /// Blocks read ahead of the apply thread: with [`BLOCK_BYTES`], a few MiB (and their tapes).
 const BLOCKS_AHEAD: usize = 4;
 
+/// The capacity of every buffer of the reader: a block's documents (or their copy to parse)
+/// fit unless the last one is longer than a block. All buffers alike, so that any recycled
+/// one serves: a buffer that grows is a fresh allocation of fresh (page-faulting) memory.
+const BUFFER_BYTES: usize = 2 * BLOCK_BYTES + simd_json::INPUT_PADDING;
+
 /// Whole documents of one file, split and parsed on the reader thread.
 pub struct DocumentBlock {
     /// The file's index in the list given to [`spawn_document_reader`].
@@ -321,7 +326,9 @@ impl Drop for DocumentFeed {
 /// the fault), at the end, or when the feed is dropped.
 pub fn spawn_document_reader(files: Vec<PathBuf>) -> std::io::Result<DocumentFeed> {
     let (tx, events) = crossbeam_channel::bounded(BLOCKS_AHEAD);
-    let (recycle, recycled) = crossbeam_channel::bounded(2 * BLOCKS_AHEAD + 2);
+    // Room for every buffer there can be (two per block: sent, applied, being built), so
+    // that none is dropped and allocated again.
+    let (recycle, recycled) = crossbeam_channel::bounded(4 * BLOCKS_AHEAD);
     let handle = std::thread::Builder::new()
         .name("twinwatch-documents".into())
         .spawn(move || {
@@ -359,10 +366,10 @@ fn read_documents(
     let buffer = || {
         let mut buffer = recycled.try_recv().unwrap_or_default();
         buffer.clear();
+        buffer.reserve(BUFFER_BYTES);
         buffer
     };
     let mut data = buffer();
-    data.reserve(2 * BLOCK_BYTES);
     let mut spans: Vec<(u32, u32)> = Vec::new();
     let mut send = |data: Vec<u8>, spans: &[(u32, u32)]| {
         let mut work = buffer();
@@ -394,9 +401,7 @@ fn read_documents(
         data.extend_from_slice(document);
         spans.push((start, data.len() as u32));
         if data.len() >= BLOCK_BYTES {
-            let mut next = buffer();
-            next.reserve(2 * BLOCK_BYTES);
-            if !send(std::mem::replace(&mut data, next), &spans) {
+            if !send(std::mem::replace(&mut data, buffer()), &spans) {
                 return Ok(false);
             }
             spans.clear();
