@@ -150,6 +150,35 @@ impl<R: Read> DocumentReader<R> {
         }
     }
 
+    /// Whole lines ahead, when the input is documents one per line (not an array): the
+    /// unconsumed bytes from the next document to the end of the last line in the buffer
+    /// (reading more first when less than half a buffer is left), without consuming them.
+    /// `None` in an array, at the end, or when no whole line is in the buffer: then split
+    /// with [`DocumentReader::next_document`].
+    pub fn peek_lines(&mut self) -> Result<Option<&[u8]>, DocumentsError> {
+        let Some(first) = self.peek_significant()? else {
+            return Ok(None);
+        };
+        if self.mode == Mode::Start && first != b'[' {
+            self.mode = Mode::Lines;
+        }
+        if self.mode != Mode::Lines {
+            return Ok(None);
+        }
+        if 2 * (self.end - self.start) < self.buf.len() {
+            self.fill()?;
+        }
+        let lines = &self.buf[self.start..self.end];
+        Ok(memchr::memrchr(b'\n', lines).map(|i| &lines[..=i]))
+    }
+
+    /// Consumes `len` bytes that [`DocumentReader::peek_lines`] returned, which held
+    /// `documents` documents.
+    pub fn consume_lines(&mut self, len: usize, documents: u64) {
+        self.consume(len.min(self.end - self.start));
+        self.index += documents;
+    }
+
     /// The next document's raw bytes, or `None` at the end of the input.
     pub fn next_document(&mut self) -> Result<Option<&[u8]>, DocumentsError> {
         loop {
@@ -352,6 +381,117 @@ pub fn spawn_document_reader(files: Vec<PathBuf>) -> std::io::Result<DocumentFee
     })
 }
 
+/// The documents of one file on their way into blocks.
+struct Blocks<'a> {
+    file: usize,
+    tx: &'a Sender<DocumentEvent>,
+    recycled: &'a Receiver<Vec<u8>>,
+    parser: &'a mut LineParser,
+    /// Buffers of lines that did not split as lines, for the next blocks.
+    spare: Vec<Vec<u8>>,
+    /// The documents of the next block, and their `(start, end)` in `data`.
+    data: Vec<u8>,
+    spans: Vec<(u32, u32)>,
+}
+
+impl Blocks<'_> {
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut buffer = self
+            .spare
+            .pop()
+            .or_else(|| self.recycled.try_recv().ok())
+            .unwrap_or_default();
+        buffer.clear();
+        buffer.reserve(BUFFER_BYTES);
+        buffer
+    }
+
+    /// Parses `data`'s `spans` (from a copy: `data` stays as read) into a block.
+    fn parse(&mut self, data: Vec<u8>, spans: Vec<(u32, u32)>) -> DocumentBlock {
+        let mut work = self.buffer();
+        work.extend_from_slice(&data);
+        let parsed = self.parser.parse(work, &spans, BodyAt::Line);
+        DocumentBlock {
+            file: self.file,
+            data,
+            spans,
+            parsed,
+        }
+    }
+
+    /// Sends the documents so far, if any; false when the receiver is gone.
+    fn flush(&mut self) -> bool {
+        if self.spans.is_empty() {
+            return true;
+        }
+        let next = self.buffer();
+        let data = std::mem::replace(&mut self.data, next);
+        let spans = std::mem::take(&mut self.spans);
+        let block = self.parse(data, spans);
+        self.tx.send(DocumentEvent::Block(block)).is_ok()
+    }
+
+    /// One document split by the scan; false when the receiver is gone.
+    fn push(&mut self, document: &[u8]) -> bool {
+        // Both ends fit: a block holds less than BLOCK_BYTES before its last document, and
+        // a document is at most MAX_DOCUMENT_BYTES + 1.
+        let start = self.data.len() as u32;
+        self.data.extend_from_slice(document);
+        self.spans.push((start, self.data.len() as u32));
+        self.data.len() < BLOCK_BYTES || self.flush()
+    }
+
+    /// Whole lines (see [`DocumentReader::peek_lines`]) as a block of their own, when each
+    /// line that is not blank is one JSON object: `Some(n)`, their `n` documents sent (after
+    /// any split before them), `None` when the receiver is gone too. `None` with nothing
+    /// sent, and `Some(0)`, are for the caller to split the lines by scanning instead.
+    ///
+    /// A line that simd-json parses as one object, from its `{` to its `}`, is exactly the
+    /// document the scan would split there: its strings and escapes are JSON's, so its
+    /// brackets match as the scan counts them, and only white space (the line's end) follows
+    /// it. Anything else (a document over several lines, two on a line, a malformed one, a
+    /// scalar) is split by the scan, and the parse of these lines is thrown away. The scan
+    /// finds documents byte by byte; a newline is found by `memrchr` and checked by the
+    /// parse the apply thread needs anyway.
+    fn lines(&mut self, lines: &[u8]) -> Option<u64> {
+        let mut spans = Vec::new();
+        let mut at = 0;
+        while at < lines.len() {
+            let end = memchr::memchr(b'\n', &lines[at..]).map_or(lines.len(), |i| at + i);
+            let (mut first, mut last) = (at, end);
+            while first < last && lines[first].is_ascii_whitespace() {
+                first += 1;
+            }
+            while last > first && lines[last - 1].is_ascii_whitespace() {
+                last -= 1;
+            }
+            if first < last {
+                if lines[first] != b'{' || lines[last - 1] != b'}' {
+                    return Some(0);
+                }
+                spans.push((first as u32, last as u32));
+            }
+            at = end + 1;
+        }
+        if spans.is_empty() {
+            return Some(0);
+        }
+        let mut data = self.buffer();
+        data.extend_from_slice(lines);
+        let block = self.parse(data, spans);
+        if (0..block.len()).any(|i| block.parsed.line_nodes(i).is_none()) {
+            let [data, work] = block.into_buffers();
+            self.spare.extend([data, work]);
+            return Some(0);
+        }
+        let n = block.len() as u64;
+        if !self.flush() || self.tx.send(DocumentEvent::Block(block)).is_err() {
+            return None;
+        }
+        Some(n)
+    }
+}
+
 /// Sends the documents of one file in blocks: `Ok(false)` when the receiver is gone,
 /// `Err(reason)` when the file cannot be read whole (what came before the fault is sent).
 fn read_documents(
@@ -363,51 +503,58 @@ fn read_documents(
 ) -> Result<bool, String> {
     let f = File::open(path).map_err(|e| e.to_string())?;
     let mut reader = DocumentReader::new(f);
-    let buffer = || {
-        let mut buffer = recycled.try_recv().unwrap_or_default();
-        buffer.clear();
-        buffer.reserve(BUFFER_BYTES);
-        buffer
+    let mut blocks = Blocks {
+        file,
+        tx,
+        recycled,
+        parser,
+        spare: Vec::new(),
+        data: Vec::new(),
+        spans: Vec::new(),
     };
-    let mut data = buffer();
-    let mut spans: Vec<(u32, u32)> = Vec::new();
-    let mut send = |data: Vec<u8>, spans: &[(u32, u32)]| {
-        let mut work = buffer();
-        work.reserve(data.len() + simd_json::INPUT_PADDING);
-        work.extend_from_slice(&data);
-        let parsed = parser.parse(work, spans, BodyAt::Line);
-        let block = DocumentBlock {
-            file,
-            data,
-            spans: spans.to_vec(),
-            parsed,
-        };
-        tx.send(DocumentEvent::Block(block)).is_ok()
+    blocks.data = blocks.buffer();
+    // The fault after the documents before it.
+    let fail = |blocks: &mut Blocks<'_>, e: DocumentsError| {
+        if blocks.flush() {
+            Err(e.to_string())
+        } else {
+            Ok(false)
+        }
     };
     loop {
-        let document = match reader.next_document() {
-            Ok(Some(document)) => document,
-            Ok(None) => break,
-            Err(e) => {
-                if !spans.is_empty() && !send(data, &spans) {
-                    return Ok(false);
+        // Lines first: documents one per line split at their newlines.
+        let mut scan_to = None;
+        match reader.peek_lines() {
+            Err(e) => return fail(&mut blocks, e),
+            Ok(Some(lines)) => {
+                let len = lines.len();
+                match blocks.lines(lines) {
+                    None => return Ok(false),
+                    Some(0) => scan_to = Some(reader.offset() + len as u64),
+                    Some(n) => {
+                        reader.consume_lines(len, n);
+                        continue;
+                    }
                 }
-                return Err(e.to_string());
             }
-        };
-        // Both ends fit: a block holds less than BLOCK_BYTES before its last document, and
-        // a document is at most MAX_DOCUMENT_BYTES.
-        let start = data.len() as u32;
-        data.extend_from_slice(document);
-        spans.push((start, data.len() as u32));
-        if data.len() >= BLOCK_BYTES {
-            if !send(std::mem::replace(&mut data, buffer()), &spans) {
-                return Ok(false);
+            Ok(None) => {}
+        }
+        // Then the scan: one document, or those of the lines that did not split as lines.
+        loop {
+            match reader.next_document() {
+                Ok(Some(document)) => {
+                    if !blocks.push(document) {
+                        return Ok(false);
+                    }
+                }
+                Ok(None) => return Ok(blocks.flush()),
+                Err(e) => return fail(&mut blocks, e),
             }
-            spans.clear();
+            if scan_to.is_none_or(|to| reader.offset() >= to) {
+                break;
+            }
         }
     }
-    Ok(spans.is_empty() || send(data, &spans))
 }
 
 /// The scanning state of one value: nesting depth and whether inside a string.
@@ -767,6 +914,74 @@ mod tests {
             (true, Some(false))
         );
         assert_eq!((documents[50_002].2, documents[50_002].3), (false, None));
+    }
+
+    /// The reader splits lines at their newlines where it can: whatever the input, it sends
+    /// the documents the scan splits, and fails where and as the scan does.
+    fn assert_reader_splits_as_the_scan(dir: &std::path::Path, input: &[u8], what: &str) {
+        let file = dir.join("input.json");
+        std::fs::write(&file, input).expect("write");
+        let (documents, end) = read_all(&[file]);
+        let raws: Vec<String> = documents.into_iter().map(|d| d.1).collect();
+        let (expected, scanned) = split_with(input, 1 << 20);
+        assert!(raws == expected, "{what}: the documents differ");
+        match scanned {
+            Ok(_) => assert_eq!(end, "end", "{what}"),
+            Err(e) => assert_eq!(end, format!("file 0: {e}"), "{what}"),
+        }
+    }
+
+    #[test]
+    fn the_reader_thread_splits_as_the_data_files_say() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/documents/splitting.json"
+        );
+        let data: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("read")).expect("json");
+        for case in data["cases"].as_array().expect("cases") {
+            let what = case["description"].as_str().expect("description");
+            let input = case["input"].as_str().expect("input");
+            assert_reader_splits_as_the_scan(dir.path(), input.as_bytes(), what);
+        }
+    }
+
+    /// Files of several blocks of lines, each a mix of what splits at newlines and what does
+    /// not (documents over several lines, two on a line, malformed ones, scalars, arrays,
+    /// blank and CRLF lines), cut at random places: the reader sends what the scan splits.
+    #[test]
+    fn the_reader_thread_splits_random_lines_as_the_scan() {
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for round in 0..12 {
+            let mut text = Vec::new();
+            let mut i = 0;
+            while text.len() < 3 << 20 {
+                i += 1;
+                let line = match rng.gen_range(0..100) {
+                    0 => format!("{{\"deviceId\":\"p{i}\",\n  \"version\": {i}\n}}\n"),
+                    1 => format!("{{\"a\":{i}}} {{\"b\":\"}}{{\"}}\n"),
+                    2 => format!("{{\"deviceId\":\"m{i}\" \"version\":1}}\n"),
+                    3 => format!("\"s{i}\" {i} null\n"),
+                    4 => format!("[{{\"deviceId\":\"a{i}\"}}]\n"),
+                    5 => "\n \r\n".to_owned(),
+                    6 => format!("{{\"x\":\"\\\\\"}}\r\n"),
+                    // Unclosed: the rest of the file is one document, cut short.
+                    7 if round >= 10 => format!("{{\"open\":{i}\n"),
+                    _ => format!(
+                        "{{\"deviceId\":\"d{i}\",\"version\":{i},\"tags\":{{\"s\":\"\\\"[{i}]\"}}}}\n"
+                    ),
+                };
+                text.extend_from_slice(line.as_bytes());
+            }
+            // Rounds alternate: the whole text, or the text cut at a random byte.
+            if round % 2 == 1 {
+                text.truncate(rng.gen_range(0..text.len()));
+            }
+            assert_reader_splits_as_the_scan(dir.path(), &text, &format!("round {round}"));
+        }
     }
 
     #[test]
