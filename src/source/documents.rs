@@ -847,9 +847,13 @@ mod tests {
         assert!(error.to_string().contains("document 1 (byte 8)"), "{error}");
     }
 
+    /// A document as the reader sent it: its file, its bytes as read, whether it parsed, and
+    /// whether it is a well-formed body.
+    type ReadDocument = (usize, String, bool, Option<bool>);
+
     /// Every event of a reader over `files`, as (file, document as read, parsed, well
     /// formed) for each document, then how it ended.
-    fn read_all(files: &[PathBuf]) -> (Vec<(usize, String, bool, Option<bool>)>, String) {
+    fn read_all(files: &[PathBuf]) -> (Vec<ReadDocument>, String) {
         let feed = spawn_document_reader(files.to_vec()).expect("spawn");
         let mut documents = Vec::new();
         loop {
@@ -967,7 +971,7 @@ mod tests {
                     3 => format!("\"s{i}\" {i} null\n"),
                     4 => format!("[{{\"deviceId\":\"a{i}\"}}]\n"),
                     5 => "\n \r\n".to_owned(),
-                    6 => format!("{{\"x\":\"\\\\\"}}\r\n"),
+                    6 => "{\"x\":\"\\\\\"}\r\n".to_owned(),
                     // Unclosed: the rest of the file is one document, cut short.
                     7 if round >= 10 => format!("{{\"open\":{i}\n"),
                     _ => format!(
