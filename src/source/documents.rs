@@ -7,6 +7,11 @@
 //! dead-letters it. What cannot be split (the stream ends inside a value, a value longer than
 //! the limit, bytes between values that are no separator) ends the stream with an error: the
 //! pass is then incomplete.
+//!
+//! A seed pass from files reads through [`spawn_document_reader`]: a thread that splits and
+//! parses blocks of documents ahead of the apply thread (as replay's reader does for lines),
+//! and splits documents one per line at their newlines when its parse confirms each line is
+//! one object, which makes the same documents as the scan (see `Blocks::lines`).
 
 use std::fs::File;
 use std::io::Read;
