@@ -280,10 +280,21 @@ pub fn decode_document<'a>(
     hub: &'a str,
     nodes: Option<&'a [Node<'a>]>,
 ) -> Result<TwinDocument<'a>, DeadLetterReason> {
+    decode_document_checked(hub, nodes, None)
+}
+
+/// [`decode_document`] of a document whose [`body_is_well_formed`] was already checked where
+/// it was parsed (`well_formed`; `None`: not checked, check it here), as the seed reader
+/// thread does so that the apply thread need not walk the tape again.
+pub fn decode_document_checked<'a>(
+    hub: &'a str,
+    nodes: Option<&'a [Node<'a>]>,
+    well_formed: Option<bool>,
+) -> Result<TwinDocument<'a>, DeadLetterReason> {
     let Some(body) = nodes else {
         return Err(DeadLetterReason::BadBody);
     };
-    if !body_is_well_formed(body) {
+    if !well_formed.unwrap_or_else(|| body_is_well_formed(body)) {
         return Err(DeadLetterReason::BadBody);
     }
     let device_id = match tape_find(body, "deviceId").and_then(|v| v.first()) {

@@ -174,7 +174,16 @@ pub fn apply<T: Twins>(event: &TwinEvent<'_>, twins: &mut T) -> Result<Outcome, 
 
 /// Whether a seed pass's document is stale (`docs/semantics.md` §7's table).
 pub fn document_is_stale<T: Twins>(document: &TwinDocument<'_>, as_of: Ticks, twins: &T) -> bool {
-    match twins.slot(document.key) {
+    slot_makes_document_stale(twins.slot(document.key), document, as_of)
+}
+
+/// [`document_is_stale`] given the twin's slot, looked up once by the caller.
+fn slot_makes_document_stale(
+    slot: Option<Slot>,
+    document: &TwinDocument<'_>,
+    as_of: Ticks,
+) -> bool {
+    match slot {
         Some(Slot::Live {
             version,
             created_at,
@@ -193,14 +202,16 @@ pub fn apply_document<T: Twins>(
     twins: &mut T,
 ) -> Result<Outcome, T::Error> {
     let key = document.key;
-    if document_is_stale(document, as_of, twins) {
+    // One directory lookup for the three questions (each was a lookup of its own).
+    let slot = twins.slot(key);
+    if slot_makes_document_stale(slot, document, as_of) {
         return Ok(Outcome::Stale);
     }
-    let created_at = match twins.slot(key) {
+    let created_at = match slot {
         Some(Slot::Live { created_at, .. }) => created_at.unwrap_or(as_of),
         _ => as_of,
     };
-    let appeared = !matches!(twins.slot(key), Some(Slot::Live { .. }));
+    let appeared = !matches!(slot, Some(Slot::Live { .. }));
     twins.put_live(
         key,
         document.version,

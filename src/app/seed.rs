@@ -14,7 +14,7 @@ use super::Failure;
 use crate::cli::SeedArgs;
 use crate::iothub::{ConnectionString, QueryClient, QueryEvent, QueryOptions};
 use crate::pipeline::{Engine, PassEnd, SeedCounters, SeedPass};
-use crate::source::documents::DocumentReader;
+use crate::source::documents::{spawn_document_reader, DocumentEvent, DocumentReader};
 use crate::source::hub::{read_queries, ReadStop};
 use crate::store::Store;
 use crate::time::{Ticks, TICKS_PER_SECOND};
@@ -322,28 +322,35 @@ fn read_hub(
 }
 
 /// Reads every file's documents into the pass; returns why the pass is incomplete, if it is.
+/// A reader thread reads, splits and parses the files ([`spawn_document_reader`]) while this
+/// thread applies: the documents come in the files' order, each once, and a file that cannot
+/// be read whole ends the pass after the documents before the fault.
 fn read_files(
     engine: &mut Engine,
     pass: &mut SeedPass,
     files: &[PathBuf],
     bar: &ProgressBar,
 ) -> anyhow::Result<Option<String>> {
-    for path in files {
-        let file = match std::fs::File::open(path) {
-            Ok(file) => file,
-            Err(e) => return Ok(Some(format!("{}: {e}", path.display()))),
-        };
-        let mut reader = DocumentReader::new(file);
-        loop {
-            match reader.next_document() {
-                Ok(Some(document)) => engine.ingest_document(pass, document)?,
-                Ok(None) => break,
-                Err(e) => return Ok(Some(format!("{}: {e}", path.display()))),
+    let feed = spawn_document_reader(files.to_vec())?;
+    loop {
+        let block = match feed.next() {
+            Some(DocumentEvent::Block(block)) => block,
+            Some(DocumentEvent::End) => return Ok(None),
+            Some(DocumentEvent::Failed { file, error }) => {
+                let path = files.get(file).map(|p| p.display().to_string());
+                return Ok(Some(format!("{}: {error}", path.unwrap_or_default())));
             }
+            None => return Ok(Some("the document reader stopped unexpectedly".to_owned())),
+        };
+        for i in 0..block.len() {
+            let (raw, nodes, well_formed) = block.document(i);
+            engine.ingest_parsed_document(pass, nodes, well_formed, raw)?;
             if pass.counters().documents.is_multiple_of(4096) {
-                show(bar, pass, &path.display().to_string());
+                if let Some(path) = files.get(block.file) {
+                    show(bar, pass, &path.display().to_string());
+                }
             }
         }
+        feed.recycle(block);
     }
-    Ok(None)
 }

@@ -9,7 +9,8 @@
 //! evaluated with the rest at its end; opened for anything else, the data directory first
 //! evaluates what the interrupted pass applied, as an incomplete pass does.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::hash::BuildHasher as _;
 
 use foldhash::fast::RandomState;
 use serde::{Deserialize, Serialize};
@@ -17,7 +18,7 @@ use simd_json::Node;
 
 use super::scan::{evaluate_in_order, Scope};
 use super::{Engine, Origin, PipelineError, State};
-use crate::decode::decode_document;
+use crate::decode::decode_document_checked;
 use crate::model::{DeadLetterReason, Slot, TwinKey};
 use crate::store::keys::{decode_twin_key, twin_key, META_SEEDED_PREFIX, META_SEED_PASS};
 use crate::store::StoreError;
@@ -52,7 +53,7 @@ pub struct SeedPass {
     /// The pass as a source: dead letters are stored under it, by document number.
     source_text: String,
     /// The (device id, module id) of every document read, stale ones included.
-    seen: HashSet<(Box<str>, Box<str>), RandomState>,
+    seen: SeenKeys,
     next_index: u64,
     counters: SeedCounters,
     /// Once the pass is ending ([`Engine::begin_end_seed`]): the touched twins' encoded keys
@@ -92,6 +93,66 @@ impl SeedPass {
             detail: e.to_string(),
         })?;
         Ok(Some((pass.hub, Ticks(pass.as_of))))
+    }
+}
+
+/// The (device id, module id) pairs a pass read, for reconciling: a set that keeps the ids'
+/// bytes back to back in one buffer, so that remembering a document allocates nothing (a set
+/// of `(Box<str>, Box<str>)` cost two allocations per document, and a large pass holds
+/// hundreds of thousands). Membership compares the ids themselves, never only a hash.
+#[derive(Default)]
+struct SeenKeys {
+    /// Every pair's device id then module id.
+    bytes: Vec<u8>,
+    /// Per pair: where it starts in `bytes`, its device id's length and its module id's.
+    table: hashbrown::HashTable<(usize, usize, usize)>,
+    hasher: RandomState,
+}
+
+impl SeenKeys {
+    fn hash(hasher: &RandomState, device_id: &[u8], module_id: &[u8]) -> u64 {
+        hasher.hash_one((device_id, module_id))
+    }
+
+    /// The ids of an entry of `table`.
+    fn ids<'b>(
+        bytes: &'b [u8],
+        &(at, device, module): &(usize, usize, usize),
+    ) -> (&'b [u8], &'b [u8]) {
+        let device_end = at + device;
+        (
+            &bytes[at..device_end],
+            &bytes[device_end..device_end + module],
+        )
+    }
+
+    fn insert(&mut self, device_id: &str, module_id: &str) {
+        let (device_id, module_id) = (device_id.as_bytes(), module_id.as_bytes());
+        let hash = Self::hash(&self.hasher, device_id, module_id);
+        let (bytes, hasher) = (&self.bytes, &self.hasher);
+        let entry = self.table.entry(
+            hash,
+            |entry| Self::ids(bytes, entry) == (device_id, module_id),
+            |entry| {
+                let (device_id, module_id) = Self::ids(bytes, entry);
+                Self::hash(hasher, device_id, module_id)
+            },
+        );
+        if let hashbrown::hash_table::Entry::Vacant(vacant) = entry {
+            vacant.insert((self.bytes.len(), device_id.len(), module_id.len()));
+            self.bytes.extend_from_slice(device_id);
+            self.bytes.extend_from_slice(module_id);
+        }
+    }
+
+    fn contains(&self, device_id: &str, module_id: &str) -> bool {
+        let (device_id, module_id) = (device_id.as_bytes(), module_id.as_bytes());
+        let hash = Self::hash(&self.hasher, device_id, module_id);
+        self.table
+            .find(hash, |entry| {
+                Self::ids(&self.bytes, entry) == (device_id, module_id)
+            })
+            .is_some()
     }
 }
 
@@ -138,7 +199,7 @@ impl Engine {
             hub: hub.into(),
             as_of,
             source_text: alert_prefix(hub, as_of),
-            seen: HashSet::default(),
+            seen: SeenKeys::default(),
             next_index: 0,
             counters: SeedCounters::default(),
             touched: None,
@@ -151,7 +212,24 @@ impl Engine {
         pass: &mut SeedPass,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
-        self.with_parsed(raw, |state, nodes| state.handle_document(pass, nodes, raw))
+        self.with_parsed(raw, |state, nodes| {
+            state.handle_document(pass, nodes, None, raw)
+        })
+    }
+
+    /// One twin document of the pass, already parsed (`nodes` is `None` when it is not JSON;
+    /// `well_formed` is [`crate::decode::body_is_well_formed`] of it when the parser checked
+    /// it), as the reader thread of a seed from files hands them over
+    /// ([`crate::source::documents::spawn_document_reader`]); `raw` is the document as read,
+    /// kept for a dead letter. The same as [`Engine::ingest_document`] of `raw`.
+    pub fn ingest_parsed_document(
+        &mut self,
+        pass: &mut SeedPass,
+        nodes: Option<&[Node<'_>]>,
+        well_formed: Option<bool>,
+        raw: &[u8],
+    ) -> Result<(), PipelineError> {
+        self.state.handle_document(pass, nodes, well_formed, raw)
     }
 
     /// Ends a pass: reconciles it if it is complete and reconciling is asked for, records the
@@ -254,12 +332,13 @@ impl State {
         &mut self,
         pass: &mut SeedPass,
         nodes: Option<&[Node<'_>]>,
+        well_formed: Option<bool>,
         raw: &[u8],
     ) -> Result<(), PipelineError> {
         let index = pass.next_index;
         pass.next_index += 1;
         pass.counters.documents += 1;
-        let document = match decode_document(&pass.hub, nodes) {
+        let document = match decode_document_checked(&pass.hub, nodes, well_formed) {
             Ok(document) => document,
             Err(reason) => {
                 *pass.counters.dead_lettered.entry(reason).or_default() += 1;
@@ -274,8 +353,7 @@ impl State {
             }
         };
         let key = document.key;
-        pass.seen
-            .insert((key.device_id.into(), key.module_id.into()));
+        pass.seen.insert(key.device_id, key.module_id);
         // Timers due by the pass's time fire before its first document is applied.
         if pass.as_of > self.high_water
             && self.deadlines.first().is_some_and(|d| d.0 <= pass.as_of)
@@ -315,9 +393,7 @@ impl State {
                     version,
                     last_change,
                     ..
-                } if last_change < cutoff
-                    && !pass.seen.contains(&(device_id.into(), module_id.into())) =>
-                {
+                } if last_change < cutoff && !pass.seen.contains(device_id, module_id) => {
                     Some((device_id.into(), module_id.into(), version))
                 }
                 _ => None,
@@ -457,5 +533,43 @@ impl State {
         tracing::warn!(hub = %pass.hub, "a seed pass was interrupted: evaluating the twins it applied");
         self.evaluate_touched(&pass.hub, Ticks(pass.as_of))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SeenKeys;
+
+    #[test]
+    fn seen_keys_compare_the_ids_not_their_concatenation() {
+        let mut seen = SeenKeys::default();
+        seen.insert("ab", "c");
+        seen.insert("", "");
+        assert!(seen.contains("ab", "c"));
+        assert!(
+            !seen.contains("a", "bc"),
+            "same bytes back to back, other ids"
+        );
+        assert!(!seen.contains("abc", ""));
+        assert!(seen.contains("", ""));
+        // Many pairs (the table grows and rehashes from the buffer), each kept once.
+        for i in 0..50_000 {
+            seen.insert(
+                &format!("device-{i}"),
+                if i % 3 == 0 { "" } else { "module" },
+            );
+            seen.insert(
+                &format!("device-{i}"),
+                if i % 3 == 0 { "" } else { "module" },
+            );
+        }
+        assert_eq!(seen.table.len(), 50_002);
+        for i in 0..50_000 {
+            let module = if i % 3 == 0 { "" } else { "module" };
+            let other = if i % 3 == 0 { "module" } else { "" };
+            assert!(seen.contains(&format!("device-{i}"), module));
+            assert!(!seen.contains(&format!("device-{i}"), other));
+        }
+        assert!(!seen.contains("device-50000", ""));
     }
 }

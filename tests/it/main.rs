@@ -16,6 +16,7 @@ mod policy_changes;
 mod properties;
 mod quiet_clock;
 mod scenarios;
+mod seed_files;
 mod seed_service;
 // Shared with the reliability suite, which uses parts the integration tests do not.
 #[allow(dead_code)]
