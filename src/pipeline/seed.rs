@@ -450,16 +450,17 @@ impl State {
         let origin = Origin::Seed { prefix: &prefix };
         let store = self.store.clone();
         let policy = self.options.policy.clone();
-        let mut unevaluated = keys.iter();
+        // `keys[deleted..done]` are evaluated (or have no twin) but still stored: a batch
+        // deletes them as one range with its evaluations (the keys between two of them are
+        // all of the pass: nothing else is written while this runs).
+        let (mut deleted, mut done) = (0usize, 0usize);
         let (mut n, mut n_in_batch) = (0u64, 0usize);
         evaluate_in_order(&store, Scope::Keys(keys), &policy, |audited| {
-            // The keys up to this twin's are done with: those before it have no twin.
-            for done in unevaluated.by_ref() {
-                self.store.delete_seed_touched(&mut self.batch, done)?;
-                if *done == audited.encoded {
-                    break;
-                }
-            }
+            // The keys before this twin's have no twin.
+            done += keys[done..]
+                .iter()
+                .position(|k| *k == audited.encoded)
+                .map_or(keys.len() - done, |i| i + 1);
             let key = audited.key.as_key();
             self.transitions.clear();
             self.failing = audited.failing;
@@ -468,14 +469,16 @@ impl State {
             n += 1;
             n_in_batch += 1;
             if n_in_batch >= self.options.batch_messages.max(1) {
+                self.store
+                    .delete_seed_touched_range(&mut self.batch, &keys[deleted..done])?;
+                deleted = done;
                 self.commit()?;
                 n_in_batch = 0;
             }
             Ok(())
         })?;
-        for done in unevaluated {
-            self.store.delete_seed_touched(&mut self.batch, done)?;
-        }
+        self.store
+            .delete_seed_touched_range(&mut self.batch, &keys[deleted..])?;
         self.commit()?;
         Ok(n)
     }

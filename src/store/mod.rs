@@ -520,6 +520,25 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the `seed_touched` entries from the first of `keys` (sorted) to the last, and
+    /// any between them.
+    pub fn delete_seed_touched_range(
+        &self,
+        batch: &mut Batch,
+        keys: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        if let (Some(first), Some(last)) = (keys.first(), keys.last()) {
+            // The key right after `last` in byte order: `last` and a zero byte.
+            let end = [last.as_slice(), &[0]].concat();
+            batch.inner.delete_range_cf(
+                self.cf(CF_SEED_TOUCHED)?,
+                first.as_slice(),
+                end.as_slice(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn delete_seed_touched(&self, batch: &mut Batch, key: &[u8]) -> Result<(), StoreError> {
         batch.inner.delete_cf(self.cf(CF_SEED_TOUCHED)?, key);
         Ok(())
