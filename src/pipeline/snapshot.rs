@@ -262,17 +262,15 @@ pub struct Snapshot {
     pub n_store_reads: u64,
     /// Each seeded hub's latest complete pass's as-of time (`docs/semantics.md` §7).
     pub seeded: FastMap<Box<str>, Ticks>,
-    /// Frees written batches' documents, and a full cache when dropped.
-    free_aside: FreeAside,
 }
 
-/// A cache this large is freed on the freeing thread when the snapshot is dropped.
+/// A cache this large is freed on a thread of its own.
 const FREE_ASIDE_BYTES: usize = 16 << 20;
 
 impl Drop for Snapshot {
     /// Freeing a full cache is a few hundred thousand frees (a quarter of a second for the
-    /// default 256 MiB): the freeing thread does it, so that a pass or a replay that ends
-    /// does not wait for it, and the process may exit before it is done.
+    /// default 256 MiB): another thread does it, so that a pass or a replay that ends does
+    /// not wait for it, and the process may exit before it is done.
     fn drop(&mut self) {
         if self.cache_bytes < FREE_ASIDE_BYTES {
             return;
@@ -281,42 +279,10 @@ impl Drop for Snapshot {
             &mut self.cache,
             LruCache::unbounded_with_hasher(RandomState::default()),
         );
-        self.free_aside.free(Box::new(cache), true);
-    }
-}
-
-/// Something for the freeing thread to drop.
-type Garbage = Box<dyn Send>;
-
-/// A thread that frees what it is given, so that the giver (the apply thread, the
-/// pipeline's limit) does not spend its time on it. Should the thread not start, the giver
-/// frees.
-struct FreeAside {
-    to_free: Option<crossbeam_channel::Sender<Garbage>>,
-}
-
-impl FreeAside {
-    fn new() -> FreeAside {
-        let (to_free, freeing) = crossbeam_channel::bounded::<Garbage>(2);
-        let started = std::thread::Builder::new()
+        // Should the thread not start, the cache is freed here, as it would have been.
+        let _ = std::thread::Builder::new()
             .name("twinwatch-free".into())
-            .spawn(move || freeing.into_iter().for_each(drop));
-        FreeAside {
-            to_free: started.is_ok().then_some(to_free),
-        }
-    }
-
-    /// Frees `garbage` on the freeing thread; when that is two behind, here, unless `wait`.
-    fn free(&self, garbage: Garbage, wait: bool) {
-        let Some(to_free) = &self.to_free else {
-            return;
-        };
-        // Not sent: freed here, on return.
-        let _ = if wait {
-            to_free.send(garbage).map_err(|e| e.into_inner())
-        } else {
-            to_free.try_send(garbage).map_err(|e| e.into_inner())
-        };
+            .spawn(move || drop(cache));
     }
 }
 
@@ -333,7 +299,6 @@ impl Snapshot {
             key_buf: Vec::with_capacity(128),
             n_store_reads: 0,
             seeded: FastMap::default(),
-            free_aside: FreeAside::new(),
         }
     }
 
@@ -373,14 +338,10 @@ impl Snapshot {
     /// The writer committed batch `batch_no` (and every one before it), whose twins were
     /// encoded as `written`: they move from the in-flight list to the cache.
     pub fn committed(&mut self, batch_no: u64, written: Written) {
-        let mut done = Vec::new();
         while self.in_flight.front().is_some_and(|(n, _)| *n <= batch_no) {
-            done.extend(self.in_flight.pop_front());
+            self.in_flight.pop_front();
         }
-        // The documents are freed on the freeing thread: walking a batch's trees to free them
-        // is a twentieth of the apply thread's instructions, and that thread is the limit.
-        self.free_aside
-            .free(Box::new((done, written.documents)), false);
+        drop(written.documents);
         for (key, encoded) in written.encoded {
             match encoded {
                 Some(encoded) => {
