@@ -15,7 +15,6 @@ use super::violations::failing_rules;
 use super::PipelineError;
 use crate::model::OwnedTwinKey;
 use crate::policy::Policy;
-
 use crate::store::keys::{decode_twin_key, device_prefix_len};
 use crate::store::{decode_twin, Store, StoreError};
 
