@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::service::{metric, metric_plain, readyz, wait_metric, Hub, Running};
-use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run};
+use crate::support::{alerts_by_id, baseline_text, generate_fleet, ok, path, run, seed_args};
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
@@ -30,21 +30,6 @@ fn changed_baseline_text() -> String {
         "{}\n  - id: module.owner-tagged\n    severity: low\n    target: {{module: \"*\"}}\n    check: {{path: /tags/owner, op: exists}}\n",
         text.trim_end()
     )
-}
-
-/// `twinwatch seed` into `data` of hub `hub` as of `as_of`, then `more` (the files last).
-fn seed_args<'a>(data: &'a Path, as_of: &'a str, more: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "seed",
-        "--data-dir",
-        path(data),
-        "--hub",
-        "hub",
-        "--as-of",
-        as_of,
-    ];
-    args.extend_from_slice(more);
-    args
 }
 
 #[test]

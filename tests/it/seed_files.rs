@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::support::{dead_letters, export, ok, path, run};
+use crate::support::{dead_letters, export, ok, path, run, seed_args};
 
 /// `n` device documents, one a line (about 2.5 MB for 30,000: several of the reader's
 /// blocks), with a malformed document at every position in `bad`.
@@ -28,19 +28,9 @@ fn documents(n: usize, bad: &[usize]) -> String {
 }
 
 fn seed(data: &Path, summary: &Path, files: &[&Path]) -> std::process::Output {
-    let mut args = vec![
-        "seed",
-        "--data-dir",
-        path(data),
-        "--hub",
-        "hub",
-        "--as-of",
-        "2030-01-01T00:00:00Z",
-        "--summary",
-        path(summary),
-    ];
-    args.extend(files.iter().map(|f| path(f)));
-    run(&args)
+    let mut more = vec!["--summary", path(summary)];
+    more.extend(files.iter().map(|f| path(f)));
+    run(&seed_args(data, "2030-01-01T00:00:00Z", &more))
 }
 
 fn read_summary(summary: &Path) -> Value {

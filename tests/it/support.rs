@@ -193,6 +193,21 @@ pub fn ok(args: &[&str]) -> Output {
     output
 }
 
+/// `twinwatch seed` into `data` of hub `hub` as of `as_of`, then `more` (the files last).
+pub fn seed_args<'a>(data: &'a Path, as_of: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "seed",
+        "--data-dir",
+        path(data),
+        "--hub",
+        "hub",
+        "--as-of",
+        as_of,
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 pub fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
