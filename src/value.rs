@@ -362,48 +362,23 @@ pub fn tape_span(nodes: &[Node<'_>]) -> usize {
     }
 }
 
-/// The container nesting depth of the value at `nodes[0]`: 0 for a scalar, 1 for an object or
-/// array holding only scalars, and so on. Iterative, so any depth is safe.
-pub fn tape_depth(nodes: &[Node<'_>]) -> usize {
-    let end = tape_span(nodes).min(nodes.len());
-    // Each open container and the index at which it ends.
-    let mut open_until: Vec<usize> = Vec::new();
-    let mut max_depth = 0;
-    for (i, node) in nodes[..end].iter().enumerate() {
-        while open_until.last().is_some_and(|&until| i >= until) {
-            open_until.pop();
-        }
-        if let Node::Object { count, .. } | Node::Array { count, .. } = node {
-            open_until.push(i + 1 + count);
-            max_depth = max_depth.max(open_until.len());
-        }
-    }
-    max_depth
-}
-
-/// Whether an object anywhere in the value at `nodes[0]` has a key twice. JSON leaves such an
-/// object's meaning to the reader, and readers differ (first wins, last wins, error): a body
-/// with one is refused rather than given a meaning IoT Hub may not share.
-pub fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
-    !tape_is_well_formed(nodes, usize::MAX)
-}
-
-/// Whether the value at `nodes[0]` nests containers at most `max_depth` deep ([`tape_depth`])
-/// and no object in it has a key twice ([`tape_has_duplicate_key`]): both checks of a body in
-/// one pass over its tape, stopping at the first fault. Iterative, so any depth is safe.
+/// Whether the value at `nodes[0]` nests containers at most `max_depth` deep (a scalar is 0
+/// deep, an object or array holding only scalars 1, and so on) and no object in it has a key
+/// twice: both checks of a body in one pass over its tape, stopping at the first fault. JSON
+/// leaves an object with a repeated key to the reader, and readers differ (first wins, last
+/// wins, error): a body with one is refused rather than given a meaning IoT Hub may not share.
+/// The walk recurses once per level, so `max_depth` counts as at most
+/// [`MAX_RECURSIVE_CHECK`].
 pub fn tape_is_well_formed(nodes: &[Node<'_>], max_depth: usize) -> bool {
     let end = tape_span(nodes).min(nodes.len());
-    // Deeper than this, the walk keeps its own stack rather than recursing.
-    if max_depth > MAX_RECURSIVE_CHECK {
-        return tape_is_well_formed_iterative(&nodes[..end], max_depth);
-    }
+    let max_depth = max_depth.min(MAX_RECURSIVE_CHECK);
     let mut keys = Vec::new();
     end == 0 || well_formed_at(&nodes[..end], 0, max_depth, &mut keys) == Some(end)
 }
 
-/// The deepest `max_depth` that [`tape_is_well_formed`] checks by recursion (a frame per
-/// level: a few KiB of stack at most).
-const MAX_RECURSIVE_CHECK: usize = 128;
+/// The deepest `max_depth` that [`tape_is_well_formed`] checks (it recurses, a small frame per
+/// level; bodies are refused beyond 64).
+pub const MAX_RECURSIVE_CHECK: usize = 128;
 
 /// Checks the value at `nodes[i]`, inside which `room` more containers may nest; returns the
 /// index after it, `None` at the first fault. Scalars in containers are stepped over in the
@@ -459,67 +434,6 @@ fn well_formed_at<'i>(
         }
         _ => Some(i + 1),
     }
-}
-
-/// [`tape_is_well_formed`] for any depth: the same checks, with a stack of its own.
-fn tape_is_well_formed_iterative(nodes: &[Node<'_>], max_depth: usize) -> bool {
-    /// A container the walk is inside.
-    struct Open {
-        /// The index at which it ends.
-        until: usize,
-        /// Where it starts.
-        start: usize,
-        /// The index of its next key (objects; `usize::MAX` for arrays).
-        next_key: usize,
-        /// The buckets its keys so far took.
-        taken: KeyBuckets,
-        /// Its keys were checked at once (a large object, sorted).
-        checked: bool,
-    }
-    let end = tape_span(nodes).min(nodes.len());
-    let mut open: Vec<Open> = Vec::with_capacity(8);
-    let mut keys = Vec::new();
-    for i in 0..end {
-        while open.last().is_some_and(|o| i >= o.until) {
-            open.pop();
-        }
-        if let Some(o) = open.last_mut() {
-            if i == o.next_key {
-                // A key: compared with the object's earlier keys only when its bucket is
-                // taken, which most keys' is not.
-                if let (false, Node::String(key)) = (o.checked, nodes[i]) {
-                    if o.taken.take(key) && has_earlier_key(nodes, o.start, i, key) {
-                        return false;
-                    }
-                }
-                o.next_key = i + 1 + tape_span(&nodes[i + 1..]);
-                continue;
-            }
-        }
-        let (count, is_object, checked) = match nodes[i] {
-            Node::Object { len, count } => {
-                // Large objects are sorted instead.
-                let large = len > 64;
-                if large && object_has_duplicate_key(&nodes[i..], &mut keys) {
-                    return false;
-                }
-                (count, true, large)
-            }
-            Node::Array { count, .. } => (count, false, false),
-            _ => continue,
-        };
-        if open.len() >= max_depth {
-            return false;
-        }
-        open.push(Open {
-            until: i + 1 + count,
-            start: i,
-            next_key: if is_object { i + 1 } else { usize::MAX },
-            taken: KeyBuckets::default(),
-            checked,
-        });
-    }
-    true
 }
 
 /// Whether the object at `nodes[start]` has `key` among its keys before index `at`.
@@ -587,7 +501,7 @@ impl KeyBuckets {
 }
 
 /// Converts the value at `nodes[0]` into a [`Value`], dropping every `$metadata` key at any
-/// depth. The caller bounds the depth first ([`tape_depth`]): this recurses.
+/// depth. The caller bounds the depth first ([`tape_is_well_formed`]): this recurses.
 pub fn from_tape(nodes: &[Node<'_>]) -> Value {
     match nodes.first() {
         Some(Node::Static(s)) => from_static(*s),
@@ -946,6 +860,50 @@ mod tests {
 
     fn json(v: &Value) -> serde_json::Value {
         serde_json::to_value(v).expect("serializable")
+    }
+
+    /// The container nesting depth of the value at `nodes[0]`, the plain way.
+    fn tape_depth(nodes: &[Node<'_>]) -> usize {
+        match nodes.first() {
+            Some(Node::Object { .. }) => {
+                1 + object_entries(nodes)
+                    .map(|(_, v)| tape_depth(v))
+                    .max()
+                    .unwrap_or(0)
+            }
+            Some(Node::Array { len, .. }) => {
+                let mut i = 1;
+                1 + (0..*len)
+                    .map(|_| {
+                        let depth = tape_depth(&nodes[i..]);
+                        i += tape_span(&nodes[i..]);
+                        depth
+                    })
+                    .max()
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Whether an object anywhere in the value at `nodes[0]` has a key twice, the plain way: a
+    /// set of keys per object.
+    fn tape_has_duplicate_key(nodes: &[Node<'_>]) -> bool {
+        match nodes.first() {
+            Some(Node::Object { .. }) => {
+                let mut seen = std::collections::HashSet::new();
+                object_entries(nodes).any(|(k, v)| !seen.insert(k) || tape_has_duplicate_key(v))
+            }
+            Some(Node::Array { len, .. }) => {
+                let mut i = 1;
+                (0..*len).any(|_| {
+                    let value = &nodes[i..];
+                    i += tape_span(value);
+                    tape_has_duplicate_key(value)
+                })
+            }
+            _ => false,
+        }
     }
 
     #[test]

@@ -100,12 +100,7 @@ impl State {
             if resume_after.as_deref() == Some(&encoded[..]) {
                 return Ok(());
             }
-            let key = owned.as_key();
-            self.transitions.clear();
-            // The evaluator's failing set, kept as this twin's (its buffer replaces ours).
-            self.failing = failing;
-            self.update_violations(key, version, time, &origin)?;
-            self.emit(&origin, key, time, 0)?;
+            self.take_evaluation(owned.as_key(), version, failing, time, &origin)?;
             report.twins += 1;
             n_in_batch += 1;
             if n_in_batch >= self.options.batch_messages {

@@ -461,11 +461,8 @@ impl State {
                 .iter()
                 .position(|k| *k == audited.encoded)
                 .map_or(keys.len() - done, |i| i + 1);
-            let key = audited.key.as_key();
-            self.transitions.clear();
-            self.failing = audited.failing;
-            self.update_violations(key, audited.version, as_of, &origin)?;
-            self.emit(&origin, key, as_of, 0)?;
+            let (key, version) = (audited.key.as_key(), audited.version);
+            self.take_evaluation(key, version, audited.failing, as_of, &origin)?;
             n += 1;
             n_in_batch += 1;
             if n_in_batch >= self.options.batch_messages.max(1) {

@@ -43,6 +43,24 @@ impl State {
         self.update_violations(key, version, time, origin)
     }
 
+    /// A twin evaluated elsewhere (a pass's evaluator thread, `scan.rs`): its failing rules
+    /// become its violations and alerts at `time`, as [`State::evaluate`]'s would.
+    pub(super) fn take_evaluation(
+        &mut self,
+        key: TwinKey<'_>,
+        version: i64,
+        failing: Vec<usize>,
+        time: Ticks,
+        origin: &Origin<'_>,
+    ) -> Result<(), PipelineError> {
+        self.transitions.clear();
+        // The evaluator's failing set, kept as this twin's (its buffer replaces ours).
+        self.failing = failing;
+        self.update_violations(key, version, time, origin)?;
+        self.emit(origin, key, time, 0)?;
+        Ok(())
+    }
+
     /// Turns `self.failing` (the rules failing now on the twin at `version`) into transitions
     /// (`self.transitions`) and the stored violations' changes; `origin` names the pending
     /// violations it starts.

@@ -474,22 +474,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Every twin in key order from the encoded key `from` on (inclusive).
-    pub fn twins_from(
-        &self,
-        from: &[u8],
-    ) -> Result<impl Iterator<Item = Result<(Vec<u8>, TwinRecord), StoreError>> + '_, StoreError>
-    {
-        let iter = self.db.iterator_cf(
-            self.cf(CF_TWINS)?,
-            IteratorMode::From(from, rocksdb::Direction::Forward),
-        );
-        Ok(iter.map(|item| {
-            let (k, v) = item?;
-            Ok((k.into_vec(), decode_twin(&v)?))
-        }))
-    }
-
     /// A cursor over the stored twins' raw bytes, in key order: for passes that read on one
     /// thread and decode on others.
     pub fn twin_cursor(&self) -> Result<TwinCursor<'_>, StoreError> {
