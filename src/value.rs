@@ -20,6 +20,11 @@ use simd_json::{Node, StaticNode};
 /// The key that IoT Hub's twin documents use for per-property metadata. It is never stored.
 pub const METADATA_KEY: &str = "$metadata";
 
+/// The strings of values: object keys and string values. Twins' keys and most of their
+/// strings are short, and a string of up to 24 bytes is kept inline, without an allocation
+/// (a twin decoded from the cache, merged and freed costs a few allocations, not dozens).
+pub type Str = compact_str::CompactString;
+
 /// A JSON value.
 #[derive(Clone, Debug, Default)]
 pub enum Value {
@@ -29,7 +34,7 @@ pub enum Value {
     I64(i64),
     U64(u64),
     F64(f64),
-    String(Box<str>),
+    String(Str),
     Array(Vec<Value>),
     Object(Map),
 }
@@ -37,7 +42,7 @@ pub enum Value {
 /// A JSON object, its entries sorted by key bytes, keys unique.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Map {
-    entries: Vec<(Box<str>, Value)>,
+    entries: Vec<(Str, Value)>,
 }
 
 impl Map {
@@ -137,7 +142,7 @@ impl Map {
 
     /// Builds a map from entries in any order; of duplicate keys the last wins, as in most
     /// JSON parsers.
-    pub fn from_entries(mut entries: Vec<(Box<str>, Value)>) -> Self {
+    pub fn from_entries(mut entries: Vec<(Str, Value)>) -> Self {
         if !entries.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
             // A stable sort keeps duplicates in input order; keep the last of each run (the
             // later entry moves into the earlier one's place, which stays).
@@ -801,7 +806,7 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             let key = self.str()?;
             let value = self.value(depth + 1)?;
-            entries.push((Box::<str>::from(key), value));
+            entries.push((Str::from(key), value));
         }
         if !entries.is_sorted_by(|a, b| a.0.as_bytes() < b.0.as_bytes()) {
             return Err(self.error());
