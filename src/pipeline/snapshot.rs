@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use lru::LruCache;
+use smallvec::SmallVec;
 
 use crate::model::Slot;
 use crate::model::TwinKey;
@@ -21,15 +22,18 @@ use crate::store::keys::encode_twin_key;
 use crate::store::{decode_twin_doc, encode_twin, Batch, Store, StoreError};
 use crate::time::Ticks;
 use crate::twin::Twins;
-use crate::value::Map;
+use crate::value::{Map, Str};
 
 type FastMap<K, V> = HashMap<K, V, RandomState>;
 
 /// A device's twins: module id (`""` for the device twin) and slot, sorted by module id.
-type DeviceTwins = Vec<(Box<str>, Slot)>;
+/// Most devices have no module twin: their one slot is kept in place, and ids are inline
+/// strings, so that a lookup reads the table's entry and nothing else (the directory is
+/// the apply thread's largest structure, and every event looks it up).
+type DeviceTwins = SmallVec<[(Str, Slot); 1]>;
 
 /// A hub's devices by id.
-type Devices = FastMap<Box<str>, DeviceTwins>;
+type Devices = FastMap<Str, DeviceTwins>;
 
 /// Every key's slot, by hub, then device, then module id.
 #[derive(Default)]
@@ -98,7 +102,7 @@ impl Directory {
                 twins
                     .iter()
                     .filter(|(m, slot)| !m.is_empty() && matches!(slot, Slot::Live { .. }))
-                    .map(|(m, _)| m.clone())
+                    .map(|(m, _)| Box::from(m.as_str()))
                     .collect()
             })
             .unwrap_or_default()

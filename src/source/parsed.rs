@@ -93,7 +93,8 @@ impl Default for LineParser {
             // Any depth parses (the tape parser is iterative); decoding bounds bodies later.
             buffers: Buffers::with_max_depth(1 << 16, usize::MAX >> 8),
             tape: Some(Tape::null()),
-            spare_nodes: crossbeam_channel::bounded(8),
+            // More than the blocks alive at once (those read ahead, the one applied).
+            spare_nodes: crossbeam_channel::bounded(16),
         }
     }
 }

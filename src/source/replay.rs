@@ -160,9 +160,14 @@ pub struct Reader {
 
 /// Starts the reader thread over `files`; it stops at the end or when the receiver is gone.
 pub fn spawn_reader(files: Vec<FileStart>) -> io::Result<Reader> {
-    let (tx, rx) = crossbeam_channel::bounded(4);
-    let (recycle, recycled) = crossbeam_channel::bounded(8);
-    let (recycle_records, recycled_records) = crossbeam_channel::bounded::<Vec<OwnedMessage>>(4);
+    let (tx, rx) = crossbeam_channel::bounded(CHUNKS_QUEUED);
+    // Room for every buffer that can be alive at once (two a chunk: queued, being applied,
+    // being read), so that none is dropped when the apply thread hands back several while
+    // the reader waits for a core: a dropped buffer is a fresh one later, megabytes of page
+    // faults.
+    let (recycle, recycled) = crossbeam_channel::bounded(2 * (CHUNKS_QUEUED + 2));
+    let (recycle_records, recycled_records) =
+        crossbeam_channel::bounded::<Vec<OwnedMessage>>(CHUNKS_QUEUED + 2);
     let handle = std::thread::Builder::new()
         .name("twinwatch-reader".into())
         .spawn(move || {
@@ -381,9 +386,15 @@ fn parse_copy(
 ) -> ParsedLines {
     let mut work = recycled.try_recv().unwrap_or_default();
     work.clear();
+    // Room for the parser's padding too: growing a block of megabytes afterwards would copy
+    // it into fresh (page-faulting) memory.
+    work.reserve(data.len() + simd_json::INPUT_PADDING);
     work.extend_from_slice(data);
     parser.parse(work, lines, body_at)
 }
+
+/// Chunks read ahead of the apply thread.
+const CHUNKS_QUEUED: usize = 4;
 
 /// Records handed over at a time.
 const BLOCK_RECORDS: usize = 4096;
