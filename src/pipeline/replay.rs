@@ -92,10 +92,11 @@ pub fn replay_observed(
         };
         match event {
             ReadEvent::Chunk(chunk) => {
+                let chunk = *chunk;
                 let handle = handles[chunk.file];
                 if chunk.records.is_empty() {
-                    for (i, &(start, end)) in chunk.lines.iter().enumerate() {
-                        let raw = &chunk.data[start as usize..end as usize];
+                    for i in 0..chunk.lines.len() {
+                        let raw = chunk.raw(i);
                         let next_offset = chunk.base_offset + chunk.line_ends[i];
                         engine.ingest_parsed_line(
                             handle,
@@ -126,12 +127,14 @@ pub fn replay_observed(
                 let seconds = started.elapsed().as_secs_f64().max(1e-9);
                 let messages = engine.counters().messages;
                 observe(ReplayProgress::Read {
-                    bytes: chunk.data.len() as u64,
+                    bytes: chunk.n_bytes,
                     messages,
                     rate: messages as f64 / seconds,
                 });
                 // The reader may have stopped already; then the buffers are simply dropped.
-                let _ = reader.recycle.try_send(chunk.data);
+                if chunk.data.capacity() > 0 {
+                    let _ = reader.recycle.try_send(chunk.data);
+                }
                 if chunk.records.capacity() > 0 {
                     // Not cleared: the reader decodes into these records again.
                     let _ = reader.recycle_records.try_send(chunk.records);

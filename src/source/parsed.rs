@@ -20,9 +20,13 @@ pub struct ParsedLines {
     spans: Vec<Option<(u32, u32)>>,
     /// Per line, what the reader checked of it.
     verdicts: Vec<LineVerdict>,
-    /// The parsed (partly unescaped) bytes: never read or written directly after parsing.
-    #[allow(dead_code)]
+    /// The parsed bytes. Parsing unescapes strings in place, so only a line with no
+    /// backslash is left as it was read ([`ParsedLines::raw`]); never written after parsing.
     buffer: Vec<u8>,
+    /// Of a block parsed in place ([`LineParser::parse_in_place`]), the lines that held a
+    /// backslash, as read: each line's index and where its bytes start in `originals`.
+    original_at: Vec<(u32, u32)>,
+    originals: Vec<u8>,
     /// Where the emptied tape goes when the block is dropped: back to its parser.
     recycle: Sender<Vec<Node<'static>>>,
 }
@@ -100,6 +104,33 @@ impl Default for LineParser {
 }
 
 impl LineParser {
+    /// [`LineParser::parse`], keeping the raw bytes of the lines for [`ParsedLines::raw`]:
+    /// a line with a backslash is copied first (unescaping rewrites it); any other is left
+    /// exactly as it was, since simd-json writes into its input only to unescape a string.
+    /// Spares a copy of the whole block for the rare dead letter.
+    pub fn parse_in_place(
+        &mut self,
+        buffer: Vec<u8>,
+        lines: &[(u32, u32)],
+        body_at: BodyAt,
+    ) -> ParsedLines {
+        let mut original_at = Vec::new();
+        let mut originals = Vec::new();
+        for (i, &(start, end)) in lines.iter().enumerate() {
+            let Some(line) = buffer.get(start as usize..end as usize) else {
+                continue;
+            };
+            if memchr::memchr(b'\\', line).is_some() {
+                original_at.push((i as u32, originals.len() as u32));
+                originals.extend_from_slice(line);
+            }
+        }
+        let mut parsed = self.parse(buffer, lines, body_at);
+        parsed.original_at = original_at;
+        parsed.originals = originals;
+        parsed
+    }
+
     /// Parses each `(start, end)` line of `buffer`, in place, and checks each line's body
     /// (`body_at`), so that the apply thread need not.
     pub fn parse(
@@ -161,6 +192,8 @@ impl LineParser {
             spans,
             verdicts,
             buffer,
+            original_at: Vec::new(),
+            originals: Vec::new(),
             recycle: self.spare_nodes.0.clone(),
         }
     }
@@ -176,6 +209,25 @@ impl ParsedLines {
     /// What the reader checked of line `i` ([`BodyAt`]).
     pub fn verdict(&self, i: usize) -> LineVerdict {
         self.verdicts.get(i).copied().unwrap_or_default()
+    }
+
+    /// Line `i`, at `span` of the block, as it was read; of a block parsed with
+    /// [`LineParser::parse_in_place`] only.
+    pub fn raw(&self, i: usize, span: (u32, u32)) -> &[u8] {
+        if let Ok(k) = self
+            .original_at
+            .binary_search_by_key(&(i as u32), |&(line, _)| line)
+        {
+            let start = self.original_at[k].1 as usize;
+            let end = self
+                .original_at
+                .get(k + 1)
+                .map_or(self.originals.len(), |&(_, next)| next as usize);
+            return &self.originals[start..end];
+        }
+        self.buffer
+            .get(span.0 as usize..span.1 as usize)
+            .unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -217,6 +269,43 @@ not json
         assert!(parsed.line_nodes(1).is_none());
         let third = from_tape(parsed.line_nodes(2).expect("json"));
         assert_eq!(third.to_string(), r#"{"b":[1,2,{"c":"é"}]}"#);
+    }
+
+    /// A block parsed in place gives back every line as it was read, whether its strings
+    /// were unescaped (then from a copy) or not (then from the buffer, untouched), and the
+    /// same values as a block parsed from a copy.
+    #[test]
+    fn a_block_parsed_in_place_keeps_its_lines_as_read() {
+        let lines_text: [&[u8]; 9] = [
+            br#"{"a":"plain","n":-1.5e3,"t":true,"z":null}"#,
+            br#"{"a":"x\ny \"q\" \\ \u00e9 \ud83d\ude00","k\tey":1}"#,
+            br#"not json \n with a backslash"#,
+            br#"{"broken": "x\n", "#,
+            br#"{"broken": "plain", "#,
+            b"",
+            br#"{"b":[1,2,{"c":"d"}],"e":"\/"}"#,
+            br#"["top","level"]"#,
+            br#"{"last":"no newline after me"}"#,
+        ];
+        let text = lines_text.join(&b'\n');
+        let mut lines = Vec::new();
+        let mut start = 0u32;
+        for line in lines_text {
+            lines.push((start, start + line.len() as u32));
+            start += line.len() as u32 + 1;
+        }
+        let mut parser = LineParser::default();
+        let copied = parser.parse(text.clone(), &lines, BodyAt::Line);
+        let in_place = parser.parse_in_place(text.clone(), &lines, BodyAt::Line);
+        assert_eq!(in_place.len(), lines_text.len());
+        for (i, line) in lines_text.iter().enumerate() {
+            assert_eq!(in_place.raw(i, lines[i]), *line, "line {i}");
+            let value = |p: &ParsedLines| p.line_nodes(i).map(|n| from_tape(n).to_string());
+            assert_eq!(value(&in_place), value(&copied), "line {i}");
+            assert_eq!(in_place.verdict(i), copied.verdict(i), "line {i}");
+        }
+        // Unescaped in place: the buffer no longer holds the escaped lines as read.
+        assert_ne!(&in_place.buffer[..text.len()], &text[..]);
     }
 
     /// Spans outside the buffer (or reversed) were guarded by a `debug_assert` only, in front

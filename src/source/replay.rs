@@ -117,24 +117,43 @@ pub struct Chunk {
     pub first_record: u64,
     /// The file offset of `data[0]`.
     pub base_offset: u64,
+    /// The bytes read, where the lines were parsed from a copy (Avro bodies, an oversize
+    /// line's prefix); empty where they were parsed in place, in `parsed` ([`Chunk::raw`]).
     pub data: Vec<u8>,
-    /// Each line as `(start, end)` in `data`, without its line terminator; blank lines are
-    /// not records and are left out.
+    /// The file's bytes this chunk covers (Avro: its bodies' bytes), for progress.
+    pub n_bytes: u64,
+    /// Each line as `(start, end)` in the bytes read, without its line terminator; blank
+    /// lines are not records and are left out.
     pub lines: Vec<(u32, u32)>,
     /// Each line's next-record byte offset (just past its terminator), relative to
     /// `base_offset` (64 bits: a line longer than [`MAX_LINE_BYTES`] is represented by its
     /// prefix, and its end may lie gigabytes further).
     pub line_ends: Vec<u64>,
-    /// The lines parsed (from a copy: `data` stays as read, for dead letters).
+    /// The lines parsed: in place for JSON lines, else from a copy of `data`.
     pub parsed: ParsedLines,
     /// Avro files: the records, whose bodies are `data`'s `lines` (then `line_ends` is
     /// empty and positions are record indexes only).
     pub records: Vec<OwnedMessage>,
 }
 
+impl Chunk {
+    /// Line `i` as it was read, for a dead letter.
+    pub fn raw(&self, i: usize) -> &[u8] {
+        let span = self.lines.get(i).copied().unwrap_or_default();
+        if self.data.is_empty() {
+            self.parsed.raw(i, span)
+        } else {
+            self.data
+                .get(span.0 as usize..span.1 as usize)
+                .unwrap_or_default()
+        }
+    }
+}
+
 /// What the reader thread sends.
 pub enum ReadEvent {
-    Chunk(Chunk),
+    /// Boxed: a chunk is some 300 bytes of vectors, the other events a few words.
+    Chunk(Box<Chunk>),
     /// A file is done: all of it was read (`byte_offset`: its length, for JSON lines).
     FileEnd {
         file: usize,
@@ -142,10 +161,7 @@ pub enum ReadEvent {
         next_record: u64,
     },
     /// A file could not be read; the rest of its content is skipped.
-    FileError {
-        file: usize,
-        error: String,
-    },
+    FileError { file: usize, error: String },
 }
 
 /// The reader thread's channels: chunks come out of `events`; a chunk's `data` sent back on
@@ -231,7 +247,9 @@ fn read_file(
     loop {
         let mut data = recycled.try_recv().unwrap_or_default();
         data.clear();
-        data.reserve(carry.len() + BLOCK_BYTES);
+        // With room for the parser's padding: growing a block of megabytes afterwards
+        // would copy it into fresh (page-faulting) memory.
+        data.reserve(carry.len() + BLOCK_BYTES + simd_json::INPUT_PADDING);
         data.append(&mut carry);
         let before = data.len();
         let n = (&mut f).take(BLOCK_BYTES as u64).read_to_end(&mut data)?;
@@ -248,7 +266,7 @@ fn read_file(
                         oversize_line(file, next_record, base_offset, data, &mut f, parser)?;
                     base_offset += chunk.line_ends[0];
                     next_record += 1;
-                    if tx.send(ReadEvent::Chunk(chunk)).is_err() {
+                    if tx.send(ReadEvent::Chunk(Box::new(chunk))).is_err() {
                         return Ok(false);
                     }
                     if eof {
@@ -282,18 +300,19 @@ fn read_file(
                     *parse = (line.0, line.0);
                 }
             }
-            let parsed = parse_copy(parser, recycled, &data, &to_parse, BodyAt::Envelope);
+            let parsed = parser.parse_in_place(data, &to_parse, BodyAt::Envelope);
             let chunk = Chunk {
                 file,
                 first_record: next_record,
                 base_offset,
-                data,
+                data: Vec::new(),
+                n_bytes: n_data,
                 lines,
                 line_ends,
                 parsed,
                 records: Vec::new(),
             };
-            if tx.send(ReadEvent::Chunk(chunk)).is_err() {
+            if tx.send(ReadEvent::Chunk(Box::new(chunk))).is_err() {
                 return Ok(false);
             }
         }
@@ -349,6 +368,7 @@ fn oversize_line(
         line_ends: vec![length],
         // Nothing parsed: the line is not a record.
         parsed: parser.parse(Vec::new(), &[(0, 0)], BodyAt::Nowhere),
+        n_bytes: data.len() as u64,
         data,
         records: Vec::new(),
     };
@@ -376,7 +396,7 @@ impl<R: Read> Records<R> {
 }
 
 /// Parses `lines` of a copy of `data` (in a recycled buffer), so that `data` stays as read for
-/// dead letters.
+/// dead letters (Avro records: their other fields borrow `data` too).
 fn parse_copy(
     parser: &mut LineParser,
     recycled: &Receiver<Vec<u8>>,
@@ -472,13 +492,14 @@ fn read_avro(
                 file,
                 first_record: next_record,
                 base_offset: 0,
+                n_bytes: data.len() as u64,
                 data,
                 lines,
                 line_ends: Vec::new(),
                 parsed,
                 records,
             };
-            if tx.send(ReadEvent::Chunk(chunk)).is_err() {
+            if tx.send(ReadEvent::Chunk(Box::new(chunk))).is_err() {
                 return Ok(false);
             }
         }
@@ -561,10 +582,10 @@ mod tests {
         for event in reader.events {
             match event {
                 ReadEvent::Chunk(chunk) => {
-                    for (i, &(s, e)) in chunk.lines.iter().enumerate() {
+                    for i in 0..chunk.lines.len() {
                         seen.push((
                             chunk.first_record + i as u64,
-                            chunk.data[s as usize..e as usize].to_vec(),
+                            chunk.raw(i).to_vec(),
                             chunk.parsed.line_nodes(i).is_some(),
                             chunk.base_offset + chunk.line_ends[i],
                         ));
@@ -676,11 +697,10 @@ mod tests {
         for event in reader.events {
             match event {
                 ReadEvent::Chunk(chunk) => {
-                    for (i, &(s, e)) in chunk.lines.iter().enumerate() {
+                    for i in 0..chunk.lines.len() {
                         seen.push((
                             chunk.first_record + i as u64,
-                            String::from_utf8_lossy(&chunk.data[s as usize..e as usize])
-                                .into_owned(),
+                            String::from_utf8_lossy(chunk.raw(i)).into_owned(),
                             chunk.base_offset + chunk.line_ends[i],
                         ));
                     }
