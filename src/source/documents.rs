@@ -265,7 +265,7 @@ const BLOCK_BYTES: usize = 1 << 20;
 /// Blocks read ahead of the apply thread: with [`BLOCK_BYTES`], a few MiB (and their tapes).
 const BLOCKS_AHEAD: usize = 4;
 
-/// The capacity of every buffer of the reader: a block's documents (or their copy to parse)
+/// The capacity of every buffer of the reader: a block's documents (parsed in place)
 /// fit unless the last one is longer than a block. All buffers alike, so that any recycled
 /// one serves: a buffer that grows is a fresh allocation of fresh (page-faulting) memory.
 const BUFFER_BYTES: usize = 2 * BLOCK_BYTES + simd_json::INPUT_PADDING;
@@ -274,10 +274,10 @@ const BUFFER_BYTES: usize = 2 * BLOCK_BYTES + simd_json::INPUT_PADDING;
 pub struct DocumentBlock {
     /// The file's index in the list given to [`spawn_document_reader`].
     pub file: usize,
-    /// The documents as read (kept for dead letters), each at its `(start, end)` of `spans`.
-    data: Vec<u8>,
+    /// Each document's `(start, end)` in the bytes read.
     spans: Vec<(u32, u32)>,
-    /// The documents parsed from a copy of `data` (`data` stays as read), with each one's
+    /// The documents parsed in place (each one's bytes as read stay available for dead
+    /// letters: [`ParsedLines::raw`]), with each one's
     /// [`crate::decode::body_is_well_formed`] checked.
     parsed: ParsedLines,
 }
@@ -297,14 +297,14 @@ impl DocumentBlock {
         let raw = self
             .spans
             .get(i)
-            .and_then(|&(start, end)| self.data.get(start as usize..end as usize))
+            .map(|&span| self.parsed.raw(i, span))
             .unwrap_or_default();
         (raw, self.parsed.line_nodes(i), self.parsed.verdict(i).body)
     }
 
-    /// The block's two buffers, for the reader to reuse.
-    fn into_buffers(self) -> [Vec<u8>; 2] {
-        [self.data, self.parsed.into_buffer()]
+    /// The block's buffer, for the reader to reuse.
+    fn into_buffer(self) -> Vec<u8> {
+        self.parsed.into_buffer()
     }
 }
 
@@ -335,11 +335,9 @@ impl DocumentFeed {
         self.events.recv().ok()
     }
 
-    /// Hands a block's buffers back to the reader: a fresh block per read cost page faults.
+    /// Hands a block's buffer back to the reader: a fresh block per read cost page faults.
     pub fn recycle(&self, block: DocumentBlock) {
-        for buffer in block.into_buffers() {
-            let _ = self.recycle.try_send(buffer);
-        }
+        let _ = self.recycle.try_send(block.into_buffer());
     }
 }
 
@@ -411,14 +409,11 @@ impl Blocks<'_> {
         buffer
     }
 
-    /// Parses `data`'s `spans` (from a copy: `data` stays as read) into a block.
+    /// Parses `data`'s `spans`, in place, into a block.
     fn parse(&mut self, data: Vec<u8>, spans: Vec<(u32, u32)>) -> DocumentBlock {
-        let mut work = self.buffer();
-        work.extend_from_slice(&data);
-        let parsed = self.parser.parse(work, &spans, BodyAt::Line);
+        let parsed = self.parser.parse_in_place(data, &spans, BodyAt::Line);
         DocumentBlock {
             file: self.file,
-            data,
             spans,
             parsed,
         }
@@ -485,8 +480,7 @@ impl Blocks<'_> {
         data.extend_from_slice(lines);
         let block = self.parse(data, spans);
         if (0..block.len()).any(|i| block.parsed.line_nodes(i).is_none()) {
-            let [data, work] = block.into_buffers();
-            self.spare.extend([data, work]);
+            self.spare.push(block.into_buffer());
             return Some(0);
         }
         let n = block.len() as u64;
