@@ -115,7 +115,7 @@ pub struct Chunk {
     pub file: usize,
     /// The record index of the first line.
     pub first_record: u64,
-    /// The file offset of `data[0]`.
+    /// The file offset of the chunk's first byte, where `lines` count from.
     pub base_offset: u64,
     /// The bytes read, where the lines were parsed from a copy (Avro bodies, an oversize
     /// line's prefix); empty where they were parsed in place, in `parsed` ([`Chunk::raw`]).
@@ -396,7 +396,7 @@ impl<R: Read> Records<R> {
 }
 
 /// Parses `lines` of a copy of `data` (in a recycled buffer), so that `data` stays as read for
-/// dead letters (Avro records: their other fields borrow `data` too).
+/// dead letters (an Avro record's raw form is rendered from its body there).
 fn parse_copy(
     parser: &mut LineParser,
     recycled: &Receiver<Vec<u8>>,
