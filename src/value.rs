@@ -22,7 +22,7 @@ pub const METADATA_KEY: &str = "$metadata";
 
 /// The strings of values: object keys and string values. Twins' keys and most of their
 /// strings are short, and a string of up to 24 bytes is kept inline, without an allocation
-/// (a twin decoded from the cache, merged and freed costs a few allocations, not dozens).
+/// (replaying, the apply thread called the allocator half as often as with boxed strings).
 pub type Str = compact_str::CompactString;
 
 /// A JSON value.

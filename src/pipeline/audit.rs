@@ -258,44 +258,42 @@ pub fn plan(
         let Audited {
             encoded, failing, ..
         } = audited;
-        {
-            twins += 1;
-            let failing_now = now.remove(&encoded).unwrap_or_default();
-            let pending_now = pending.remove(&encoded).unwrap_or_default();
-            for &i in &failing {
-                let rule = &rules[i];
-                let plan = by_rule.get_mut(&rule.id).expect("every rule has a plan");
-                plan.failing_after += 1;
-                if failing_now.iter().any(|(id, _)| *id == rule.id) {
-                    continue;
-                }
-                let opens = match rule.grace {
-                    None => true,
-                    // Pending since then (a new failure: since the clock), due by the clock.
-                    Some(grace) => {
-                        let since = pending_now
-                            .iter()
-                            .find(|(id, _)| *id == rule.id)
-                            .map_or(clock, |&(_, since)| since);
-                        since.0.saturating_add(grace.0) <= clock.0
-                    }
-                };
-                if opens {
-                    plan.to_open += 1;
-                }
+        twins += 1;
+        let failing_now = now.remove(&encoded).unwrap_or_default();
+        let pending_now = pending.remove(&encoded).unwrap_or_default();
+        for &i in &failing {
+            let rule = &rules[i];
+            let plan = by_rule.get_mut(&rule.id).expect("every rule has a plan");
+            plan.failing_after += 1;
+            if failing_now.iter().any(|(id, _)| *id == rule.id) {
+                continue;
             }
-            for (rule_id, severity) in failing_now {
-                let plan = by_rule.entry(rule_id.clone()).or_insert_with(|| RulePlan {
-                    rule_id: rule_id.clone(),
-                    in_policy: false,
-                    severity,
-                    ..RulePlan::default()
-                });
-                plan.failing_now += 1;
-                let still = failing.iter().any(|&i| rules[i].id == rule_id);
-                if !still {
-                    plan.to_resolve += 1;
+            let opens = match rule.grace {
+                None => true,
+                // Pending since then (a new failure: since the clock), due by the clock.
+                Some(grace) => {
+                    let since = pending_now
+                        .iter()
+                        .find(|(id, _)| *id == rule.id)
+                        .map_or(clock, |&(_, since)| since);
+                    since.0.saturating_add(grace.0) <= clock.0
                 }
+            };
+            if opens {
+                plan.to_open += 1;
+            }
+        }
+        for (rule_id, severity) in failing_now {
+            let plan = by_rule.entry(rule_id.clone()).or_insert_with(|| RulePlan {
+                rule_id: rule_id.clone(),
+                in_policy: false,
+                severity,
+                ..RulePlan::default()
+            });
+            plan.failing_now += 1;
+            let still = failing.iter().any(|&i| rules[i].id == rule_id);
+            if !still {
+                plan.to_resolve += 1;
             }
         }
         Ok(())

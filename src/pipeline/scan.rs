@@ -186,17 +186,13 @@ fn read_devices(
     mut device_read: impl FnMut(&mut Raw) -> bool,
 ) -> Result<(), PipelineError> {
     let mut cursor = store.twin_cursor()?;
-    let corrupt = |key: &[u8]| StoreError::Corrupt {
-        what: "key",
-        detail: format!("{key:?}"),
-    };
     match scope {
         Scope::From(from) => {
             cursor.seek(from);
             // Where the device being read starts in `batch`.
             let mut device = None;
             while let Some((key, record)) = cursor.current() {
-                let n = device_prefix_len(key).ok_or_else(|| corrupt(key))?;
+                let n = device_prefix_len(key).ok_or_else(|| StoreError::bad_key(key))?;
                 let next_device = device
                     .is_some_and(|first| !batch.key(&batch.twins[first]).starts_with(&key[..n]));
                 if next_device {
@@ -217,7 +213,8 @@ fn read_devices(
         Scope::Keys(keys) => {
             let mut keys = keys.iter().peekable();
             while let Some(first) = keys.peek() {
-                let prefix = &first[..device_prefix_len(first).ok_or_else(|| corrupt(first))?];
+                let prefix =
+                    &first[..device_prefix_len(first).ok_or_else(|| StoreError::bad_key(first))?];
                 // The cursor is past the last device read: a gap is skipped by a seek, and a
                 // device read before this one is right under it.
                 if cursor.current().is_none_or(|(key, _)| key < prefix) {
@@ -272,11 +269,7 @@ fn evaluate_batch(
     device.clear();
     for (i, twin) in batch.twins.iter().enumerate() {
         let Some(key) = decode_twin_key(batch.key(twin)) else {
-            out.push(Err(StoreError::Corrupt {
-                what: "key",
-                detail: format!("{:?}", batch.key(twin)),
-            }
-            .into()));
+            out.push(Err(StoreError::bad_key(batch.key(twin)).into()));
             return out;
         };
         let next_device = device

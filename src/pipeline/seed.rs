@@ -242,14 +242,13 @@ impl Engine {
         self.begin_end_seed(&mut pass, end)?;
         // Nothing else is applied until the pass ends: its twins are evaluated all at once, on
         // every core.
-        let state = &mut self.state;
-        let (opened_before, resolved_before) =
-            (state.counters.alerts_opened, state.counters.alerts_resolved);
         let keys: Vec<Vec<u8>> = pass.touched.take().into_iter().flatten().collect();
-        pass.counters.evaluated += state.evaluate_touched_keys(&pass.hub, pass.as_of, &keys)?;
-        state.forget_seed_pass()?;
-        pass.counters.alerts_opened += state.counters.alerts_opened - opened_before;
-        pass.counters.alerts_resolved += state.counters.alerts_resolved - resolved_before;
+        let (hub, as_of) = (&pass.hub, pass.as_of);
+        pass.counters.evaluated += self.state.counting_alerts(&mut pass.counters, |state| {
+            let n = state.evaluate_touched_keys(hub, as_of, &keys)?;
+            state.forget_seed_pass()?;
+            Ok(n)
+        })?;
         Ok(pass.counters)
     }
 
@@ -307,22 +306,23 @@ impl Engine {
         &mut self,
         pass: &mut SeedPass,
     ) -> Result<Option<SeedCounters>, PipelineError> {
-        let state = &mut self.state;
         let Some(touched) = &mut pass.touched else {
             return Ok(None);
         };
-        let (opened_before, resolved_before) =
-            (state.counters.alerts_opened, state.counters.alerts_resolved);
-        if touched.len() > 0 {
-            pass.counters.evaluated +=
-                state.evaluate_touched_step(&pass.hub, pass.as_of, touched)?;
-        }
-        let done = touched.len() == 0;
-        if done {
-            state.forget_seed_pass()?;
-        }
-        pass.counters.alerts_opened += state.counters.alerts_opened - opened_before;
-        pass.counters.alerts_resolved += state.counters.alerts_resolved - resolved_before;
+        let (hub, as_of) = (&pass.hub, pass.as_of);
+        let (evaluated, done) = self.state.counting_alerts(&mut pass.counters, |state| {
+            let evaluated = if touched.len() > 0 {
+                state.evaluate_touched_step(hub, as_of, touched)?
+            } else {
+                0
+            };
+            let done = touched.len() == 0;
+            if done {
+                state.forget_seed_pass()?;
+            }
+            Ok((evaluated, done))
+        })?;
+        pass.counters.evaluated += evaluated;
         Ok(done.then(|| pass.counters.clone()))
     }
 }
@@ -492,10 +492,7 @@ impl State {
         let origin = Origin::Seed { prefix: &prefix };
         let mut n = 0u64;
         for encoded in keys.by_ref().take(self.options.batch_messages.max(1)) {
-            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
-                what: "key",
-                detail: format!("{encoded:?}"),
-            })?;
+            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::bad_key(&encoded))?;
             let key = owned.as_key();
             self.evaluate(key, as_of, &origin)?;
             self.emit(&origin, key, as_of, 0)?;
@@ -504,6 +501,19 @@ impl State {
         }
         self.commit()?;
         Ok(n)
+    }
+
+    /// Runs `f`, adding the alerts it opened and resolved to a pass's `counters`.
+    fn counting_alerts<T>(
+        &mut self,
+        counters: &mut SeedCounters,
+        f: impl FnOnce(&mut State) -> Result<T, PipelineError>,
+    ) -> Result<T, PipelineError> {
+        let (opened, resolved) = (self.counters.alerts_opened, self.counters.alerts_resolved);
+        let out = f(self)?;
+        counters.alerts_opened += self.counters.alerts_opened - opened;
+        counters.alerts_resolved += self.counters.alerts_resolved - resolved;
+        Ok(out)
     }
 
     /// The pass is over: nothing awaits evaluation any more.

@@ -263,10 +263,7 @@ impl State {
             self.forget_violation(&encoded, &was_pending)?;
             self.record_violation(&encoded, &opened)?;
             self.counters.pending_opened += 1;
-            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::Corrupt {
-                what: "key",
-                detail: format!("{encoded:?}"),
-            })?;
+            let owned = decode_twin_key(&encoded).ok_or_else(|| StoreError::bad_key(&encoded))?;
             self.transitions.clear();
             self.transitions.push(Transition {
                 kind: compliance::AlertKind::Opened,

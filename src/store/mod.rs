@@ -50,6 +50,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A stored key that is not an encoded twin key.
+    pub fn bad_key(key: &[u8]) -> StoreError {
+        StoreError::Corrupt {
+            what: "key",
+            detail: format!("{key:?}"),
+        }
+    }
+
     /// A bounded label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -365,13 +373,9 @@ impl Store {
 
     /// Calls `f` with every key's [`Slot`]: each twin's header and each tombstone.
     pub fn for_each_slot(&self, mut f: impl FnMut(OwnedTwinKey, Slot)) -> Result<(), StoreError> {
-        let bad_key = |k: &[u8]| StoreError::Corrupt {
-            what: "key",
-            detail: format!("{k:?}"),
-        };
         for item in self.db.iterator_cf(self.cf(CF_TWINS)?, IteratorMode::Start) {
             let (k, v) = item?;
-            let key = decode_twin_key(&k).ok_or_else(|| bad_key(&k))?;
+            let key = decode_twin_key(&k).ok_or_else(|| StoreError::bad_key(&k))?;
             let (version, created_at, last_change, _) = twin_header(&v)?;
             f(
                 key,
@@ -387,7 +391,7 @@ impl Store {
             .iterator_cf(self.cf(CF_TOMBSTONES)?, IteratorMode::Start)
         {
             let (k, v) = item?;
-            let key = decode_twin_key(&k).ok_or_else(|| bad_key(&k))?;
+            let key = decode_twin_key(&k).ok_or_else(|| StoreError::bad_key(&k))?;
             let (version, deleted_at) = decode_tombstone(&v)?;
             f(
                 key,
@@ -408,10 +412,7 @@ impl Store {
         let iter = self.db.iterator_cf(self.cf(CF_TWINS)?, IteratorMode::Start);
         Ok(iter.map(|item| {
             let (k, v) = item?;
-            let key = decode_twin_key(&k).ok_or_else(|| StoreError::Corrupt {
-                what: "key",
-                detail: format!("{k:?}"),
-            })?;
+            let key = decode_twin_key(&k).ok_or_else(|| StoreError::bad_key(&k))?;
             Ok((key, decode_twin(&v)?))
         }))
     }
